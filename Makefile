@@ -1,0 +1,45 @@
+# mimkit: `make demo` and `make test` each do the whole set-up first (idempotent, quick when done).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MIMKIT := $(VENV)/bin/mimkit
+READY := $(VENV)/.ready
+FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DEMO_DIR ?= runs/demo
+
+.PHONY: setup data test demo lint bench clean
+
+setup: $(READY)
+
+$(READY): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+		{ echo "mimkit needs Python >= 3.10 (found $$($(PYTHON) --version)); set PYTHON=python3.x"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	@touch $(READY)
+
+# Fashion-MNIST: the Debian package when we may install it, otherwise torchvision's download into mimkit's cache.
+data: $(READY)
+	@if [ ! -f $(FMNIST_SYSTEM) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "Installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+		|| echo "apt-get could not install dataset-fashion-mnist; falling back to a download"; \
+	fi
+	@$(MIMKIT) data fetch fashion-mnist
+
+test: data
+	$(PY) -m pytest -q
+
+demo: data
+	$(MIMKIT) pretrain -c configs/ibot/vit_tiny_fmnist.yaml output_dir=$(DEMO_DIR) resume=auto
+	$(MIMKIT) eval knn $(DEMO_DIR) --baselines
+	$(MIMKIT) viz $(DEMO_DIR)
+
+lint: $(READY)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,5 @@
+import sys
+
+from mimkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets, views and masks."""

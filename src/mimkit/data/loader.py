@@ -1,0 +1,126 @@
+"""From an image source to batches: seeded per-image views, epoch-aware sharded sampling, skipping collate.
+
+Every image's augmentation is seeded by (seed, epoch, index), so a batch does not depend on the number of
+workers or on where a resumed run restarted: a run resumed mid-epoch sees exactly the batches the
+uninterrupted run saw. The sampler hands the epoch to the dataset with each index, which also reaches
+persistent workers (mask schedules need the epoch).
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+
+from mimkit.data.info import DataError, UnreadableImage
+from mimkit.data.sources import ImageSource
+
+
+class Skipped(NamedTuple):
+    where: str
+    reason: str
+
+
+@contextmanager
+def seeded(*keys: int) -> Iterator[None]:
+    """Seed torch's CPU generator and `random` from `keys` inside the block, then restore them."""
+    seed = int(np.random.SeedSequence([k & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+    torch_state, random_state = torch.random.default_generator.get_state(), random.getstate()
+    torch.random.default_generator.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.default_generator.set_state(torch_state)
+        random.setstate(random_state)
+
+
+class ViewDataset(Dataset):
+    """Applies `transform(image, epoch)` to each image of `source` under a per-(epoch, image) seed."""
+
+    def __init__(self, source: ImageSource, transform: Callable[[torch.Tensor, int], Any], seed: int,
+                 strict: bool = False) -> None:
+        self.source, self.transform, self.seed, self.strict = source, transform, seed, strict
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int, int] | Skipped:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        try:
+            image, label = self.source.load(index)
+        except UnreadableImage as error:
+            if self.strict:
+                raise DataError(f"unreadable image {error.where}: {error.reason} "
+                                "(set data.strict=false to skip such files with a warning)") from None
+            warnings.warn(f"skipping unreadable image {error.where}: {error.reason}", stacklevel=1)
+            return Skipped(error.where, error.reason)
+        with seeded(self.seed, epoch, index):
+            return self.transform(image, epoch), label, index
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields (epoch, index): shuffled and sharded across ranks like DistributedSampler; can resume mid-epoch."""
+
+    def __init__(self, num_images: int, *, shuffle: bool, seed: int, num_replicas: int = 1, rank: int = 0,
+                 drop_last: bool = False) -> None:
+        self.inner = DistributedSampler(range(num_images), num_replicas=num_replicas, rank=rank,  # type: ignore[arg-type]
+                                        shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Next iteration covers `epoch`, beginning at its `start`-th sample of this rank."""
+        self.epoch, self.start = epoch, start
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for position, index in enumerate(self.inner):
+            if position >= self.start:
+                yield self.epoch, index
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.start
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return len(self.inner)
+
+
+def collate(samples: list[Any]) -> dict[str, Any]:
+    """Batch what was decoded; report what was skipped (the engine counts and logs it)."""
+    kept = [s for s in samples if not isinstance(s, Skipped)]
+    skipped = [f"{s.where} ({s.reason})" for s in samples if isinstance(s, Skipped)]
+    if not kept:
+        empty = torch.empty(0, dtype=torch.long)
+        return {"views": None, "label": empty, "index": empty, "skipped": skipped}
+    views, labels, indices = zip(*kept, strict=True)
+    return {"views": default_collate(list(views)), "label": torch.tensor(labels), "index": torch.tensor(indices),
+            "skipped": skipped}
+
+
+def train_loader(dataset: ViewDataset, *, batch_size: int, num_workers: int, seed: int,
+                 num_replicas: int = 1, rank: int = 0, pin_memory: bool = False) -> DataLoader:
+    """Shuffled, sharded, full batches only (drop_last), persistent workers."""
+    if len(dataset) < batch_size * num_replicas:
+        raise DataError(f"{len(dataset)} images are fewer than one global batch ({batch_size} x {num_replicas} "
+                        "devices); lower data.batch_size or add images")
+    sampler = EpochSampler(len(dataset), shuffle=True, seed=seed, num_replicas=num_replicas, rank=rank,
+                           drop_last=True)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate, drop_last=True, pin_memory=pin_memory,
+                      persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
+
+
+def eval_loader(dataset: ViewDataset, *, batch_size: int, num_workers: int, num_replicas: int = 1,
+                rank: int = 0) -> DataLoader:
+    """Every image once, in order (padded by DistributedSampler across ranks; callers de-duplicate)."""
+    sampler = EpochSampler(len(dataset), shuffle=False, seed=0, num_replicas=num_replicas, rank=rank)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate, generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,268 @@
+"""Image sources: Fashion-MNIST (IDX files), folders of images, torchvision sets and synthetic shapes.
+
+Every source returns images as uint8 tensors (C, H, W) with the configured channel count, and an integer
+label (-1 when the data has none). Decoding happens per image, so one corrupt file never stops an epoch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mimkit.config import DataConfig
+from mimkit.data import fashion_mnist
+from mimkit.data.info import DataError, DataInfo, UnreadableImage
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)
+
+
+class ImageSource(ABC):
+    info: DataInfo
+
+    def __len__(self) -> int:
+        return self.info.num_images
+
+    @abstractmethod
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        """Image `index` as a uint8 (C, H, W) tensor and its label; raises UnreadableImage."""
+
+    def labels(self) -> torch.Tensor | None:
+        """Every image's label, when known without decoding (for k-NN banks and class balance)."""
+        return None
+
+
+def build_source(cfg: DataConfig, split: str | None = None) -> ImageSource:
+    """The source a data config names, for its training split or for `split` (e.g. cfg.eval_split)."""
+    split = split or cfg.split
+    builders = {
+        "fashion-mnist": lambda: FashionMNISTSource(cfg, split),
+        "imagefolder": lambda: ImageFolderSource(cfg, split),
+        "torchvision": lambda: TorchvisionSource(cfg, split),
+        "synthetic": lambda: SyntheticShapes(cfg, split),
+    }
+    source = builders[cfg.source]()
+    if cfg.limit is not None and cfg.limit < len(source):
+        source = Subset(source, cfg.limit)
+    return source
+
+
+def convert_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 (C, H, W) to 1 or 3 channels: luma for RGB -> gray, repetition for gray -> RGB."""
+    if image.shape[0] == channels:
+        return image
+    if channels == 3:
+        return image[:1].expand(3, -1, -1).contiguous()
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    return (image[:3].float() * weights).sum(0, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+
+
+def _stats(channels: int, source_channels: int, mean: tuple[float, ...], std: tuple[float, ...]
+           ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if channels == source_channels:
+        return mean, std
+    if channels == 3:
+        return mean * 3, std * 3
+    return GRAY_MEAN, GRAY_STD
+
+
+class Subset(ImageSource):
+    """The first `limit` images of a source (quick runs and tests)."""
+
+    def __init__(self, source: ImageSource, limit: int) -> None:
+        self.source = source
+        self.info = DataInfo(**{**source.info.__dict__, "num_images": limit})
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.source.load(index)
+
+    def labels(self) -> torch.Tensor | None:
+        labels = self.source.labels()
+        return None if labels is None else labels[: len(self)]
+
+
+class FashionMNISTSource(ImageSource):
+    MEAN, STD = (0.2860,), (0.3530,)
+    CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+               "Ankle boot")
+
+    def __init__(self, cfg: DataConfig, split: str) -> None:
+        if split not in ("train", "test"):
+            raise DataError(f"Fashion-MNIST has splits 'train' and 'test'; got split={split!r}")
+        self.images, self.targets = fashion_mnist.load(split, cfg.root, cfg.download)
+        self.channels = cfg.channels or 1
+        mean, std = _stats(self.channels, 1, self.MEAN, self.STD)
+        self.info = DataInfo("fashion-mnist", self.channels, len(self.images), (28, 28), 10, mean, std, self.CLASSES)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        return convert_channels(self.images[index][None], self.channels), int(self.targets[index])
+
+    def labels(self) -> torch.Tensor:
+        return self.targets
+
+
+class ImageFolderSource(ImageSource):
+    """Any folder of images. Labels come from first-level sub-folders when every image sits in one."""
+
+    def __init__(self, cfg: DataConfig, split: str) -> None:
+        root = Path(cfg.root or "").expanduser()
+        if not root.is_dir():
+            raise DataError(f"data.root {root} is not a folder; point it at a folder of images")
+        if (root / split).is_dir():
+            root = root / split
+        self.root = root
+        self.files, self.targets, classes = _scan_folder(root)
+        if not self.files:
+            raise DataError(f"no images found under {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        self.mode_channels = cfg.channels or self._guess_channels()
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.mode_channels == 3 else (GRAY_MEAN, GRAY_STD)
+        self.info = DataInfo(f"imagefolder:{root}", self.mode_channels, len(self.files), None,
+                             len(classes) if classes else None, mean, std, tuple(classes))
+
+    def _guess_channels(self) -> int:
+        for path in self.files[:16]:
+            try:
+                with Image.open(path) as image:
+                    return 1 if image.mode in ("1", "L", "I", "I;16", "F") else 3
+            except (OSError, UnidentifiedImageError):
+                continue
+        return 3
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("L" if self.mode_channels == 1 else "RGB")
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+            raise UnreadableImage(str(path), f"{type(error).__name__}: {error}") from None
+        return _pil_to_tensor(image), self.targets[index]
+
+    def labels(self) -> torch.Tensor | None:
+        return torch.tensor(self.targets) if self.info.num_classes else None
+
+
+def _scan_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    top_images = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    per_class = [(d.name, _images_below(d)) for d in class_dirs]
+    per_class = [(name, files) for name, files in per_class if files]
+    if top_images or not per_class:
+        files = top_images + [f for _, class_files in per_class for f in class_files]
+        return files, [-1] * len(files), []
+    files, targets = [], []
+    for label, (_, class_files) in enumerate(per_class):
+        files += class_files
+        targets += [label] * len(class_files)
+    return files, targets, [name for name, _ in per_class]
+
+
+def _images_below(folder: Path) -> list[Path]:
+    found = []
+    for directory, subdirs, names in os.walk(folder, followlinks=True):
+        subdirs.sort()
+        found += [Path(directory) / n for n in sorted(names) if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+    return found
+
+
+def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    tensor = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return tensor.view(image.height, image.width, len(image.getbands())).permute(2, 0, 1).contiguous()
+
+
+class TorchvisionSource(ImageSource):
+    """A torchvision dataset class by name (CIFAR10, STL10, ...) with a root folder."""
+
+    def __init__(self, cfg: DataConfig, split: str) -> None:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, cfg.name or "", None)
+        if not (inspect.isclass(cls) and issubclass(cls, tvd.VisionDataset)):
+            known = sorted(n for n, c in vars(tvd).items() if inspect.isclass(c) and issubclass(c, tvd.VisionDataset))
+            raise DataError(f"data.name: unknown torchvision dataset {cfg.name!r}; available: {', '.join(known)}")
+        params = inspect.signature(cls).parameters
+        kwargs: dict[str, object] = {"download": cfg.download} if "download" in params else {}
+        if "train" in params:
+            kwargs["train"] = split == "train"
+        elif "split" in params:
+            kwargs["split"] = split
+        root = Path(cfg.root or fashion_mnist.cache_dir() / "torchvision").expanduser()
+        try:
+            self.dataset = cls(str(root), **kwargs)
+        except (RuntimeError, OSError, ValueError) as error:
+            raise DataError(f"torchvision {cfg.name} (split {split!r}) could not be opened from {root}: {error}. "
+                            "Set data.root to where it is, or data.download=true.") from None
+        first, _ = self._raw(0)
+        self.channels = cfg.channels or first.shape[0]
+        classes = tuple(getattr(self.dataset, "classes", ()) or ())
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.channels == 3 else (GRAY_MEAN, GRAY_STD)
+        self.info = DataInfo(f"torchvision:{cfg.name}", self.channels, len(self.dataset),
+                             tuple(first.shape[1:]), len(classes) or None, mean, std, classes)  # type: ignore[arg-type]
+
+    def _raw(self, index: int) -> tuple[torch.Tensor, int]:
+        try:
+            image, label = self.dataset[index]
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            raise UnreadableImage(f"{self.info.name}[{index}]", str(error)) from None
+        if isinstance(image, Image.Image):
+            image = _pil_to_tensor(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
+        return image, int(label) if label is not None else -1
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self._raw(index)
+        return convert_channels(image, self.channels), label
+
+
+class SyntheticShapes(ImageSource):
+    """Seeded random shapes on noise, one shape kind per class: labelled data for tests, no files needed."""
+
+    KINDS = ("square", "disk", "bars", "cross", "ring", "triangle")
+
+    def __init__(self, cfg: DataConfig, split: str) -> None:
+        if cfg.synthetic_classes > len(self.KINDS):
+            raise DataError(f"data.synthetic_classes: at most {len(self.KINDS)} shape classes; "
+                            f"got {cfg.synthetic_classes}")
+        self.size, self.num_classes = cfg.synthetic_size, cfg.synthetic_classes
+        self.channels = cfg.channels or 1
+        self.split_offset = 0 if split == "train" else 10_000_019
+        self.info = DataInfo("synthetic", self.channels, cfg.synthetic_images, (self.size, self.size),
+                             self.num_classes, (0.5,) * self.channels, (0.25,) * self.channels,
+                             self.KINDS[: self.num_classes])
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        label = index % self.num_classes
+        g = torch.Generator().manual_seed(self.split_offset + index)
+        s = self.size
+        y, x = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+        cy, cx = (torch.rand(2, generator=g) * 0.4 + 0.3) * s
+        r = (torch.rand(1, generator=g).item() * 0.15 + 0.15) * s
+        dy, dx = y - cy, x - cx
+        kind = self.KINDS[label]
+        shape = {
+            "square": (dy.abs() < r) & (dx.abs() < r),
+            "disk": dy**2 + dx**2 < r**2,
+            "bars": ((y // max(int(r / 2), 1)) % 2 == 0) & (dx.abs() < 1.5 * r),
+            "cross": ((dy.abs() < r / 3) & (dx.abs() < r)) | ((dx.abs() < r / 3) & (dy.abs() < r)),
+            "ring": ((dy**2 + dx**2).sqrt() - r).abs() < max(r / 4, 1.0),
+            "triangle": (dy < r) & (dy > -r) & (dx.abs() < (dy + r) / 2),
+        }[kind]
+        noise = torch.rand(self.channels, s, s, generator=g) * 60
+        tint = torch.rand(self.channels, 1, 1, generator=g) * 100 + 155
+        image = noise + shape.float() * tint
+        return image.clamp(0, 255).to(torch.uint8), label
+
+    def labels(self) -> torch.Tensor:
+        return torch.arange(len(self)) % self.num_classes
+
+
+def describe(source: ImageSource) -> str:
+    info = source.info
+    size = "x".join(map(str, info.image_size)) if info.image_size else "various sizes"
+    labels = f"{info.num_classes} classes" if info.num_classes else "no labels"
+    return f"{info.name}: {info.num_images:,} images, {info.channels} channel(s), {size}, {labels}"
+

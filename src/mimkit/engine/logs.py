@@ -1,0 +1,140 @@
+"""Logs of a run: the console/file logger, metrics.csv (what plots read) and the live progress display."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.loggers import Logger
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+log = logging.getLogger("mimkit")
+METRICS_FILE = "metrics.csv"
+
+
+def setup_logging(run_dir: Path | None, rank: int = 0) -> None:
+    """Rich console output on rank 0 (warnings only elsewhere) and `train.log` in the run folder."""
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    console = RichHandler(console=Console(stderr=True), show_path=False, markup=False, rich_tracebacks=False)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log.addHandler(console)
+    if run_dir is not None and rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(run_dir / "train.log")
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(file)
+
+
+class MetricsCSV(Logger):
+    """`metrics.csv` in the run folder: one row per logged step, one column per metric, appended as it goes.
+
+    A resumed run first drops the rows the interrupted run wrote after its checkpoint, so the file reads as
+    one uninterrupted run.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__()
+        self.path = Path(run_dir) / METRICS_FILE
+        self.columns: list[str] = []
+        self.rows: list[dict[str, Any]] = []
+
+    def start_at(self, resume_step: int | None) -> None:
+        """Fresh run (None): the file is replaced at the first row. Resumed: keep rows before `resume_step`."""
+        if resume_step is None or not self.path.exists():
+            return
+        with open(self.path, newline="") as f:
+            reader = csv.DictReader(f)
+            self.columns = list(reader.fieldnames or [])
+            self.rows = [r for r in reader if r.get("step", "") != "" and float(r["step"]) < resume_step]
+        self._rewrite()
+
+    @property
+    def name(self) -> str:
+        return "csv"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """The resolved config is saved as config.yaml beside this file."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.rows.append(row)
+        new = [k for k in row if k not in self.columns]
+        if new:
+            self.columns += new
+            self._rewrite()
+            return
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.columns).writerow(row)
+
+    def _rewrite(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(self.path)
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
+    """metrics.csv as a list of rows, numbers parsed, empty cells left out."""
+    rows = []
+    with open(Path(run_dir) / METRICS_FILE, newline="") as f:
+        for raw in csv.DictReader(f):
+            rows.append({k: float(v) for k, v in raw.items() if v not in ("", None)})
+    return rows
+
+
+class ProgressDisplay:
+    """A rich progress bar (loss, lr, images/s, ETA) on a terminal; a log line every few steps otherwise."""
+
+    def __init__(self, total_steps: int, done_steps: int, *, enabled: bool, log_every: int) -> None:
+        self.total, self.log_every = total_steps, log_every
+        console = Console(stderr=True)
+        self.bar: Progress | None = None
+        if enabled and console.is_terminal:
+            self.bar = Progress(
+                TextColumn("[bold blue]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+            self.task = self.bar.add_task("pretrain", total=total_steps, completed=done_steps, epoch=0,
+                                          loss=math.nan, lr=0.0, ips=0.0)
+            self.bar.start()
+        self.started, self.start_step = time.perf_counter(), done_steps
+
+    def update(self, step: int, epoch: int, loss: float, lr: float, images_per_second: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, epoch=epoch, loss=loss, lr=lr, ips=images_per_second)
+        elif step % self.log_every == 0 or step == self.total:
+            elapsed = time.perf_counter() - self.started
+            rate = (step - self.start_step) / max(elapsed, 1e-9)
+            eta = (self.total - step) / max(rate, 1e-9)
+            log.info("epoch %d step %d/%d loss %.4f lr %.2e %.0f img/s ETA %s", epoch, step, self.total, loss, lr,
+                     images_per_second, _duration(eta))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            sys.stderr.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,74 @@
+"""Hardware set-up: the Fabric object for a train config, and a record of the machine a run used."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric import Fabric
+from lightning.fabric.loggers import Logger, TensorBoardLogger
+
+from mimkit.config import ConfigError, TrainConfig
+from mimkit.engine.checkpoint import package_versions
+from mimkit.engine.logs import MetricsCSV
+
+
+def make_fabric(cfg: TrainConfig, run_dir: Path) -> Fabric:
+    """Fabric for the configured accelerator, devices, nodes, strategy and precision, with the run's loggers."""
+    accelerator = cfg.accelerator
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if cfg.precision == "16-mixed" and on_cpu:
+        raise ConfigError("train.precision: 16-mixed needs a GPU (its gradient scaler is CUDA-only); "
+                          "use bf16-mixed or 32-true on a CPU")
+    return Fabric(accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                  strategy=_strategy(cfg.strategy), precision=cfg.precision, loggers=_loggers(cfg, run_dir))
+
+
+def _strategy(name: str) -> Any:
+    if name != "fsdp":
+        return name
+    from lightning.fabric.strategies import FSDPStrategy
+    from timm.models.vision_transformer import Block
+
+    # Shard per transformer block; full state dicts keep checkpoints single files that eval/export can read.
+    return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", use_orig_params=True)
+
+
+def _loggers(cfg: TrainConfig, run_dir: Path) -> list[Logger]:
+    loggers: list[Logger] = []
+    for name in cfg.loggers:
+        if name == "csv":
+            loggers.append(MetricsCSV(run_dir))
+        elif name == "tensorboard":
+            loggers.append(TensorBoardLogger(root_dir=str(run_dir), name="tensorboard", version=""))
+        else:
+            try:
+                from lightning.pytorch.loggers import WandbLogger
+            except ImportError as error:
+                raise ConfigError("train.loggers: wandb needs `pip install wandb` (or drop it from the list)") from error
+            loggers.append(WandbLogger(save_dir=str(run_dir), project="mimkit", name=run_dir.name))
+    return loggers
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, threads and GPUs of this process's machine, for run records and benchmark tables."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpus": gpus,
+            "platform": platform.platform()}
+
+
+def environment(fabric: Fabric) -> dict[str, Any]:
+    return {"versions": package_versions(), "machine": machine(), "world_size": fabric.world_size,
+            "num_nodes": fabric.num_nodes, "device": str(fabric.device),
+            "precision": str(type(fabric.strategy.precision).__name__)}

@@ -1,0 +1,279 @@
+"""The pretraining loop on Lightning Fabric. It knows the Method interface and nothing about any method."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from lightning.fabric import Fabric
+
+from mimkit.config import ConfigError, RunConfig, dump_yaml
+from mimkit.data.loader import ViewDataset, train_loader
+from mimkit.data.sources import build_source, describe
+from mimkit.engine import checkpoint as ckpt
+from mimkit.engine.clipping import clip
+from mimkit.engine.logs import MetricsCSV, ProgressDisplay, log, setup_logging
+from mimkit.engine.runtime import environment, make_fabric
+from mimkit.engine.schedules import CosineSchedule, scaled_lr
+from mimkit.methods.base import Method, Progress, method_class
+from mimkit.models.vit import MaskableViT
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good state was saved before stopping."""
+
+
+@dataclass
+class Position:
+    """Where the loop stands: the epoch, optimizer steps done, and batches of the epoch already consumed."""
+
+    epoch: int = 0
+    step: int = 0
+    batch_in_epoch: int = 0
+    skipped_steps: int = 0
+    skipped_images: int = 0
+
+
+def resolve_resume(cfg: RunConfig) -> Path | None:
+    """The checkpoint to continue from, or None; refuses to overwrite a run that has checkpoints."""
+    run_dir = Path(cfg.output_dir)
+    last = ckpt.last_checkpoint(run_dir)
+    if cfg.resume is None:
+        if last is not None:
+            raise ConfigError(f"resume: {run_dir} already holds checkpoints; pass --resume (or resume=auto) to "
+                              "continue that run, or choose another output_dir")
+        return None
+    if cfg.resume == "auto":
+        return last
+    path = Path(cfg.resume)
+    if path.is_dir():  # a run folder
+        path = ckpt.checkpoint_dir(path) / ckpt.LAST
+    if not path.exists():
+        raise ConfigError(f"resume: no checkpoint at {path}")
+    return path
+
+
+def pretrain(cfg: RunConfig) -> Path:
+    """Train `cfg.method` on `cfg.data`; returns the run folder (checkpoints, metrics.csv, logs, config)."""
+    resume_path = resolve_resume(cfg)
+    run_dir = Path(cfg.output_dir)
+    fabric = make_fabric(cfg.train, run_dir)
+    fabric.launch()
+    setup_logging(run_dir, fabric.global_rank)
+    if fabric.global_rank == 0:
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        (run_dir / "environment.yaml").write_text(yaml.safe_dump(environment(fabric), sort_keys=False))
+    return Trainer(cfg, fabric, resume_path).fit()
+
+
+class Trainer:
+    """One run: builds data, method and optimizer, restores a checkpoint, then loops over epochs."""
+
+    def __init__(self, cfg: RunConfig, fabric: Fabric, resume_path: Path | None) -> None:
+        self.cfg, self.fabric, self.run_dir = cfg, fabric, Path(cfg.output_dir)
+        fabric.seed_everything(cfg.seed, verbose=False)  # identical initial weights on every rank
+        with fabric.rank_zero_first():
+            source = build_source(cfg.data)
+        log.info("data  %s", describe(source))
+        self.method: Method = method_class(cfg.method.name)(cfg.method, source.info)
+        self.loader = train_loader(
+            ViewDataset(source, self.method.views(), seed=cfg.seed, strict=cfg.data.strict),
+            batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
+            num_replicas=fabric.world_size, rank=fabric.global_rank, pin_memory=fabric.device.type == "cuda")
+        self.sampler = self.loader.sampler
+        self.accumulate = cfg.optim.accumulate_grad_batches
+        self.steps_per_epoch = len(self.loader) // self.accumulate
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"optim.accumulate_grad_batches: {self.accumulate} exceeds the {len(self.loader)} "
+                              "batches of an epoch")
+        self.global_batch = cfg.data.batch_size * fabric.world_size * self.accumulate
+        lr = scaled_lr(cfg.optim.lr, self.global_batch, cfg.optim.lr_reference_batch, cfg.optim.lr_scaling)
+        self.lr_schedule = CosineSchedule(lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.optim.warmup_start_lr)
+        wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
+        self.wd_schedule = CosineSchedule(cfg.optim.weight_decay, wd_end)
+        log.info("method %s: %.2fM trainable parameters; global batch %d, lr %.3g, %d steps/epoch x %d epochs",
+                 cfg.method.name, _count(self.method) / 1e6, self.global_batch, lr, self.steps_per_epoch,
+                 cfg.train.epochs)
+        groups = self.method.param_groups()
+        optimizer = torch.optim.AdamW(
+            [{"params": g.params, "name": g.name, "lr_scale": g.lr_scale, "wd_scale": g.weight_decay_scale}
+             for g in groups], lr=0.0, weight_decay=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps)
+        self.module, self.optimizer = fabric.setup(self.method, optimizer)
+        self.module.mark_forward_method("training_step")
+        if cfg.train.compile:
+            for network in self.method.modules():
+                if isinstance(network, MaskableViT):
+                    network.compile()
+        self.fabric_loader = fabric.setup_dataloaders(self.loader, use_distributed_sampler=False)
+        self.position = Position()
+        if resume_path is not None:
+            self._restore(resume_path)
+        else:
+            fabric.seed_everything(cfg.seed + fabric.global_rank, verbose=False)  # each rank its own stream
+        for logger in fabric.loggers:
+            if isinstance(logger, MetricsCSV):
+                logger.start_at(self.position.step if resume_path is not None else None)
+        self.method.on_train_start()
+
+    # ------------------------------------------------------------------------------------------------
+    def fit(self) -> Path:
+        cfg, pos = self.cfg, self.position
+        if pos.epoch >= cfg.train.epochs:
+            log.info("run %s is already complete (%d epochs)", self.run_dir, cfg.train.epochs)
+            return self.run_dir
+        total = self.steps_per_epoch * cfg.train.epochs
+        display = ProgressDisplay(total, pos.step, enabled=cfg.train.progress_bar and self.fabric.global_rank == 0,
+                                  log_every=cfg.train.log_every_steps)
+        try:
+            while pos.epoch < cfg.train.epochs:
+                self._epoch(display)
+                self._end_of_epoch()
+        finally:
+            display.close()
+        log.info("finished %d epochs; checkpoints in %s", cfg.train.epochs, ckpt.checkpoint_dir(self.run_dir))
+        return self.run_dir
+
+    def _epoch(self, display: ProgressDisplay) -> None:
+        pos, fabric = self.position, self.fabric
+        self.sampler.set_epoch(pos.epoch, start=pos.batch_in_epoch * self.cfg.data.batch_size)
+        losses: list[torch.Tensor] = []
+        metrics: dict[str, Any] = {}
+        window_start, window_images = time.perf_counter(), 0
+        batches = iter(self.fabric_loader)
+        while pos.batch_in_epoch < self.steps_per_epoch * self.accumulate:
+            progress = Progress(pos.epoch, pos.step, self.steps_per_epoch, self.cfg.train.epochs)
+            self._set_hyperparameters(progress)
+            for micro in range(self.accumulate):
+                batch = next(batches)
+                pos.batch_in_epoch += 1
+                if batch["skipped"]:
+                    pos.skipped_images += len(batch["skipped"])
+                if batch["views"] is None:
+                    continue
+                window_images += len(batch["label"]) * fabric.world_size
+                sync = micro == self.accumulate - 1 or fabric.world_size == 1
+                with fabric.no_backward_sync(self.module, enabled=not sync), fabric.autocast():
+                    out = self.module.training_step(batch, progress)
+                fabric.backward(out.loss / self.accumulate)
+                losses.append(out.loss.detach())
+                metrics = out.metrics
+            step_loss = torch.stack(losses).mean() if losses else torch.tensor(math.nan)
+            losses.clear()
+            if not self._finite(step_loss):
+                self._on_nonfinite(step_loss, progress)
+                continue
+            self.fabric.strategy.precision.unscale_gradients(self.optimizer)
+            norms = clip(self.method.clip_policy(), self.method)
+            self.method.before_optimizer_step(progress)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.method.after_step(progress)
+            pos.step += 1
+            elapsed = time.perf_counter() - window_start
+            images_per_second = window_images / max(elapsed, 1e-9)
+            if pos.step % self.cfg.train.log_every_steps == 0 or pos.step == progress.total_steps:
+                self._log_step(step_loss, metrics, norms, images_per_second)
+                window_start, window_images = time.perf_counter(), 0
+            display.update(pos.step, pos.epoch, float(step_loss), self._current_lr(), images_per_second)
+            every = self.cfg.train.checkpoint_every_steps
+            if every and pos.step % every == 0 and pos.batch_in_epoch < self.steps_per_epoch * self.accumulate:
+                self.save(ckpt.last_path(self.run_dir))
+
+    def _end_of_epoch(self) -> None:
+        pos, cfg = self.position, self.cfg
+        if pos.skipped_images:
+            log.warning("epoch %d: skipped %d unreadable image(s) so far (names in train.log warnings; "
+                        "data.strict=true makes them fatal)", pos.epoch, pos.skipped_images)
+        finished = pos.epoch
+        pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+        self.fabric.log_dict({"epoch": finished, "skipped_images": pos.skipped_images,
+                              "skipped_steps": pos.skipped_steps}, step=pos.step)
+        self.save(ckpt.last_path(self.run_dir))
+        every = cfg.train.checkpoint_every_epochs
+        if every and (finished + 1) % every == 0:
+            self.save(ckpt.epoch_checkpoint(self.run_dir, finished))
+
+    # ------------------------------------------------------------------------------------------------
+    def _set_hyperparameters(self, progress: Progress) -> None:
+        lr, wd = self.lr_schedule(progress), self.wd_schedule(progress)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+            group["weight_decay"] = wd * group["wd_scale"]
+
+    def _current_lr(self) -> float:
+        return max(g["lr"] for g in self.optimizer.param_groups)
+
+    def _finite(self, loss: torch.Tensor) -> bool:
+        flag = torch.isfinite(loss).float()
+        if self.fabric.world_size > 1:
+            flag = self.fabric.all_reduce(flag, reduce_op="min")
+        return bool(flag.item())
+
+    def _on_nonfinite(self, loss: torch.Tensor, progress: Progress) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        pos = self.position
+        if self.cfg.train.on_nonfinite == "skip":
+            pos.skipped_steps += 1
+            pos.step += 1
+            log.warning("non-finite loss (%s) at epoch %d step %d: step skipped (%d so far)", float(loss),
+                        pos.epoch, pos.step, pos.skipped_steps)
+            return
+        pos.batch_in_epoch -= self.accumulate  # the saved state re-runs this step when resumed
+        path = ckpt.last_path(self.run_dir)
+        self.save(path)
+        raise NonFiniteLossError(
+            f"loss is {float(loss)} at epoch {progress.epoch}, step {progress.step}. The last good state is saved "
+            f"in {path}. Lower optim.lr, clip harder (method.clip_grad) or use train.precision=32-true, then "
+            "continue with --resume; or set train.on_nonfinite=skip to skip such steps.")
+
+    def _log_step(self, loss: torch.Tensor, metrics: dict[str, Any], norms: dict[str, torch.Tensor],
+                  images_per_second: float) -> None:
+        values = {"loss": loss, **metrics, **norms}
+        if self.fabric.world_size > 1:
+            values = {k: self.fabric.all_reduce(torch.as_tensor(v, device=self.fabric.device, dtype=torch.float32))
+                      for k, v in values.items()}
+        row = {k: float(v) for k, v in values.items()}
+        row.update(epoch=self.position.epoch, lr=self._current_lr(), images_per_second=images_per_second,
+                   weight_decay=max(g["weight_decay"] for g in self.optimizer.param_groups))
+        self.fabric.log_dict(row, step=self.position.step)
+
+    # ------------------------------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        pos = self.position
+        state = {
+            "method": self.module,
+            "optimizer": self.optimizer,
+            "precision": self.fabric.strategy.precision,
+            "position": dict(pos.__dict__),
+            "rng": ckpt.all_rng_states(),
+            "config": _plain_config(self.cfg),
+            "versions": ckpt.package_versions(),
+            "world_size": self.fabric.world_size,
+        }
+        ckpt.atomic_save(self.fabric, path, state)
+
+    def _restore(self, path: Path) -> None:
+        state = {"method": self.module, "optimizer": self.optimizer, "precision": self.fabric.strategy.precision}
+        rest = self.fabric.load(path, state, strict=False)
+        self.position = Position(**rest["position"])
+        rng = rest["rng"]
+        if len(rng) == self.fabric.world_size:
+            ckpt.set_rng_state(rng[self.fabric.global_rank])
+        else:
+            log.warning("checkpoint was written by %d process(es), this run has %d: random streams restart",
+                        len(rng), self.fabric.world_size)
+            self.fabric.seed_everything(self.cfg.seed + self.position.step + self.fabric.global_rank, verbose=False)
+        log.info("resumed from %s at epoch %d, step %d", path, self.position.epoch, self.position.step)
+
+
+def _plain_config(cfg: RunConfig) -> dict[str, Any]:
+    return yaml.safe_load(dump_yaml(cfg))
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

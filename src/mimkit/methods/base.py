@@ -1,0 +1,177 @@
+"""The Method interface: the only contract the training engine knows.
+
+A method reads like its paper's algorithm box: `views()` makes the inputs from one image,
+`training_step()` runs the networks and returns the loss, `after_step()` does the EMA/center updates.
+Everything generic (devices, precision, schedules, clipping, checkpoints, logs) lives in the engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from mimkit.config import ConfigError, check
+from mimkit.data.info import DataInfo
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands; every schedule (lr, wd, momentum, temperatures) is a function of it."""
+
+    epoch: int
+    step: int
+    """Optimizer steps completed before this one (0-based index of the current step)."""
+    steps_per_epoch: int
+    epochs: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    @property
+    def fraction(self) -> float:
+        return self.step / max(self.total_steps, 1)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ParamGroup:
+    """Optimizer group: the engine sets lr = scheduled_lr * lr_scale, wd = scheduled_wd * weight_decay_scale."""
+
+    name: str
+    params: list[nn.Parameter]
+    weight_decay_scale: float = 1.0
+    lr_scale: float = 1.0
+
+
+@dataclass
+class ClipPolicy:
+    """How gradients are clipped: one global norm, each parameter tensor on its own, or each module."""
+
+    mode: Literal["none", "global", "per_tensor", "per_module"] = "none"
+    max_norm: float = 0.0
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method has; each method's config extends it."""
+
+    name: str = ""
+    clip_mode: Literal["none", "global", "per_tensor", "per_module"] = "global"
+    clip_grad: float = 3.0
+
+    def validate(self, prefix: str = "method") -> None:
+        check(self.clip_mode == "none" or self.clip_grad > 0, f"{prefix}.clip_grad",
+              f"must be positive when clipping ({self.clip_mode}); got {self.clip_grad}")
+
+
+ViewTransform = Callable[[torch.Tensor, int], Any]
+"""One image (C, H, W uint8) and the epoch -> whatever the method's training_step reads for that image."""
+
+
+class Method(nn.Module):
+    """Base class of pretraining methods. Subclasses set `Config` and implement the abstract parts."""
+
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, cfg: MethodConfig, data: DataInfo) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.data = data
+
+    def views(self) -> ViewTransform:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Any], progress: Progress) -> StepOutput:
+        raise NotImplementedError
+
+    def encoder(self) -> nn.Module:
+        """The backbone that evaluation and export use."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Any], progress: Progress) -> StepOutput:
+        return self.training_step(batch, progress)
+
+    def param_groups(self) -> list[ParamGroup]:
+        """Trainable parameters split into decayed weights and undecayed biases / 1-D parameters."""
+        return split_weight_decay(self.named_parameters())
+
+    def clip_policy(self) -> ClipPolicy:
+        return ClipPolicy(self.cfg.clip_mode, self.cfg.clip_grad, self.clip_modules())
+
+    def clip_modules(self) -> dict[str, nn.Module]:
+        """Modules clipped separately under `clip_mode: per_module` (default: each trainable child)."""
+        return {name: child for name, child in self.named_children()
+                if any(p.requires_grad for p in child.parameters())}
+
+    def before_optimizer_step(self, progress: Progress) -> None:
+        """After clipping, before the update (e.g. cancel the gradients of a frozen layer)."""
+
+    @torch.no_grad()
+    def after_step(self, progress: Progress) -> None:
+        """After the optimizer update (EMA teachers, centers)."""
+
+    def on_train_start(self) -> None:
+        """Once, after the method is on its device and before the first step (e.g. sync teachers)."""
+
+
+def split_weight_decay(named: Iterator[tuple[str, nn.Parameter]], prefix: str = "") -> list[ParamGroup]:
+    """Biases and 1-D parameters (norms, tokens' gains) get no weight decay, as in DINO/iBOT/MAE."""
+    decay, no_decay = [], []
+    for name, param in named:
+        if not param.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or param.ndim <= 1 else decay).append(param)
+    groups = [ParamGroup(f"{prefix}decay", decay), ParamGroup(f"{prefix}no_decay", no_decay, weight_decay_scale=0.0)]
+    return [g for g in groups if g.params]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Registry
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make a method available to recipes as `method.name: <name>`."""
+
+    def add(cls: type[Method]) -> type[Method]:
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise ValueError(f"method name {name!r} is already registered by {_METHODS[name].__qualname__}")
+        _METHODS[name] = cls
+        return cls
+
+    return add
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def method_class(name: str) -> type[Method]:
+    """A registered method, or `package.module:Class` for a method defined outside mimkit."""
+    if name in _METHODS:
+        return _METHODS[name]
+    if ":" in name:
+        module_name, _, class_name = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as error:
+            raise ConfigError(f"method.name: cannot import {name!r} ({error})") from None
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise ConfigError(f"method.name: {name!r} is not a mimkit Method subclass")
+        return cls
+    raise ConfigError(
+        f"method.name: unknown method {name!r}; choose one of {', '.join(method_names())} "
+        "(or give package.module:Class for your own)")

@@ -1,0 +1,36 @@
+"""Shared test set-up: CPU only, few threads, and the reference-fixture cases as parameters."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = Path(os.environ.get("MIMKIT_REFERENCE_DIR", ROOT.parent / "shared" / "fixtures" / "reference"))
+REFERENCE_CASES = {"ibot_case": "ibot_loss", "dtm_case": "dtm_morph"}
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests taking `ibot_case` / `dtm_case` run once per case file found, so new cases need no code."""
+    for argument, folder in REFERENCE_CASES.items():
+        if argument in metafunc.fixturenames:
+            files = sorted((REFERENCE_DIR / folder).glob("case_*.pt"))
+            if not files:
+                files = [REFERENCE_DIR / folder / "NO_CASES_FOUND"]  # the test fails, naming the folder
+            metafunc.parametrize(argument, files, ids=[f.stem for f in files])
+
+
+def load_case(path: Path) -> dict:
+    if not path.is_file():
+        pytest.fail(f"no reference cases in {path.parent}; set MIMKIT_REFERENCE_DIR to the fixtures folder")
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture
+def reference_dir() -> Path:
+    return REFERENCE_DIR
