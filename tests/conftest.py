@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = Path(os.environ.get("MIMKIT_REFERENCE_DIR", ROOT.parent / "shared" / "fixtures" / "reference"))
+from support import REFERENCE_DIR
+
 REFERENCE_CASES = {"ibot_case": "ibot_loss", "dtm_case": "dtm_morph"}
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -23,12 +22,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             if not files:
                 files = [REFERENCE_DIR / folder / "NO_CASES_FOUND"]  # the test fails, naming the folder
             metafunc.parametrize(argument, files, ids=[f.stem for f in files])
-
-
-def load_case(path: Path) -> dict:
-    if not path.is_file():
-        pytest.fail(f"no reference cases in {path.parent}; set MIMKIT_REFERENCE_DIR to the fixtures folder")
-    return torch.load(path, weights_only=True)
 
 
 @pytest.fixture

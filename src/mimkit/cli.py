@@ -34,8 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mimkit", description="Masked-image-modeling pretraining of vision backbones (iBOT, DTM, CIM, SymMIM).",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+        prog="mimkit",
+        description="Masked-image-modeling pretraining of vision backbones (iBOT, DTM, CIM, SymMIM).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
     parser.add_argument("--version", action="version", version=f"mimkit {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add in COMMANDS:
@@ -46,15 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------
 # pretrain
 
+
 def add_pretrain(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
-        "pretrain", help="pretrain a backbone with a recipe", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "pretrain",
+        help="pretrain a backbone with a recipe",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Pretrain with a YAML recipe; any field can be overridden as dotted.key=value.",
-        epilog=EPILOG + "\nSee every config field with: mimkit pretrain --fields ibot")
+        epilog=EPILOG + "\nSee every config field with: mimkit pretrain --fields ibot",
+    )
     p.add_argument("-c", "--config", help="recipe YAML (configs/<method>/<backbone>_<data>.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-3")
-    p.add_argument("--resume", nargs="?", const="", metavar="RUN_OR_CKPT",
-                   help="continue the run in output_dir (or the given run folder / checkpoint) where it stopped")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        metavar="RUN_OR_CKPT",
+        help="continue the run in output_dir (or the given run folder / checkpoint) where it stopped",
+    )
     p.add_argument("--output-dir", help="run folder (same as output_dir=...)")
     p.add_argument("--devices", help="devices per node: a number or auto (train.devices)")
     p.add_argument("--num-nodes", type=int, help="number of nodes (train.num_nodes)")
@@ -67,9 +79,14 @@ def add_pretrain(commands: argparse._SubParsersAction) -> None:
 
 
 def pretrain_overrides(args: argparse.Namespace) -> list[str]:
-    flags = {"output_dir": args.output_dir, "train.devices": args.devices, "train.num_nodes": args.num_nodes,
-             "train.strategy": args.strategy, "train.precision": args.precision,
-             "train.accelerator": args.accelerator}
+    flags = {
+        "output_dir": args.output_dir,
+        "train.devices": args.devices,
+        "train.num_nodes": args.num_nodes,
+        "train.strategy": args.strategy,
+        "train.precision": args.precision,
+        "train.accelerator": args.accelerator,
+    }
     return list(args.overrides) + [f"{key}={value}" for key, value in flags.items() if value is not None]
 
 
@@ -85,8 +102,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume {args.resume}: no config.yaml there; pass the recipe with -c as well")
         cfg = load_run_config(None, overrides, base=read_yaml(saved))
     else:
-        raise ConfigError("pretrain needs a recipe: mimkit pretrain -c configs/<method>/<recipe>.yaml "
-                          "(or --resume RUN_FOLDER)")
+        raise ConfigError(
+            "pretrain needs a recipe: mimkit pretrain -c configs/<method>/<recipe>.yaml (or --resume RUN_FOLDER)"
+        )
     if args.resume is not None:
         cfg.resume = args.resume or cfg.output_dir
     if args.print_config:
@@ -113,6 +131,7 @@ def print_fields(method_name: str) -> int:
 
 # ---------------------------------------------------------------------------------------------------
 # data
+
 
 def add_data(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("data", help="get and inspect datasets")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -60,16 +61,25 @@ class DataConfig:
     synthetic_classes: int = 4
 
     def validate(self, prefix: str = "data") -> None:
-        check(self.source != "torchvision" or bool(self.name), f"{prefix}.name",
-              "source=torchvision needs the dataset class name, e.g. data.name=CIFAR10")
-        check(self.source != "imagefolder" or bool(self.root), f"{prefix}.root",
-              "source=imagefolder needs the folder of images, e.g. data.root=/data/imagenet")
+        check(
+            self.source != "torchvision" or bool(self.name),
+            f"{prefix}.name",
+            "source=torchvision needs the dataset class name, e.g. data.name=CIFAR10",
+        )
+        check(
+            self.source != "imagefolder" or bool(self.root),
+            f"{prefix}.root",
+            "source=imagefolder needs the folder of images, e.g. data.root=/data/imagenet",
+        )
         check(self.channels in (None, 1, 3), f"{prefix}.channels", f"must be 1, 3 or null; got {self.channels}")
         check(self.limit is None or self.limit > 0, f"{prefix}.limit", f"must be positive; got {self.limit}")
         check(self.batch_size > 0, f"{prefix}.batch_size", f"must be positive; got {self.batch_size}")
         check(self.num_workers >= 0, f"{prefix}.num_workers", f"must be >= 0; got {self.num_workers}")
-        check(self.synthetic_classes > 0 and self.synthetic_images > 0 and self.synthetic_size >= 8,
-              f"{prefix}.synthetic_*", "need positive counts and a size of at least 8 pixels")
+        check(
+            self.synthetic_classes > 0 and self.synthetic_images > 0 and self.synthetic_size >= 8,
+            f"{prefix}.synthetic_*",
+            "need positive counts and a size of at least 8 pixels",
+        )
 
 
 @dataclass
@@ -92,13 +102,16 @@ class OptimConfig:
 
     def validate(self, prefix: str = "optim") -> None:
         check(self.lr > 0, f"{prefix}.lr", f"must be positive; got {self.lr}")
-        check(0 <= self.min_lr, f"{prefix}.min_lr", f"must be >= 0; got {self.min_lr}")
+        check(self.min_lr >= 0, f"{prefix}.min_lr", f"must be >= 0; got {self.min_lr}")
         check(self.warmup_epochs >= 0, f"{prefix}.warmup_epochs", f"must be >= 0; got {self.warmup_epochs}")
         check(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0; got {self.weight_decay}")
         check(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", f"must lie in [0, 1); got {self.betas}")
         check(self.lr_reference_batch > 0, f"{prefix}.lr_reference_batch", "must be positive")
-        check(self.accumulate_grad_batches >= 1, f"{prefix}.accumulate_grad_batches",
-              f"must be >= 1; got {self.accumulate_grad_batches}")
+        check(
+            self.accumulate_grad_batches >= 1,
+            f"{prefix}.accumulate_grad_batches",
+            f"must be >= 1; got {self.accumulate_grad_batches}",
+        )
 
 
 @dataclass
@@ -289,8 +302,9 @@ def dump_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
-def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), base: Mapping[str, Any] | None = None
-                    ) -> RunConfig:
+def load_run_config(
+    path: str | Path | None, overrides: Sequence[str] = (), base: Mapping[str, Any] | None = None
+) -> RunConfig:
     """Read a recipe (or start from `base`, e.g. a run's saved config), apply overrides, validate."""
     from mimkit.methods import method_class  # the registry imports the methods, which import this module
 
@@ -319,8 +333,11 @@ def describe_fields(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, s
         if dataclasses.is_dataclass(annotation):
             yield from describe_fields(annotation, name)  # type: ignore[arg-type]
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
         yield name, _type_name(annotation), default, docs.get(f.name, "")
 
 
@@ -330,7 +347,8 @@ def _type_name(annotation: Any) -> str:
         return "|".join(str(a) for a in args)
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in args if a is not type(None)) + (
-            " or null" if type(None) in args else "")
+            " or null" if type(None) in args else ""
+        )
     if origin in (list, tuple):
         return f"{origin.__name__}[{', '.join(_type_name(a) for a in args if a is not Ellipsis)}]"
     return getattr(annotation, "__name__", str(annotation))
@@ -351,9 +369,13 @@ def _field_docs(cls: type) -> dict[str, str]:
         except (OSError, TypeError, SyntaxError):
             continue
         body = tree.body[0].body  # type: ignore[attr-defined]
-        for node, following in zip(body, body[1:], strict=False):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-                    and isinstance(following.value.value, str)):
+        for node, following in itertools.pairwise(body):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
                 docs[node.target.id] = " ".join(following.value.value.split())
     return docs

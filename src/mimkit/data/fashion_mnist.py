@@ -56,13 +56,15 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path} is not an IDX file (bad magic number); delete it and fetch it again")
     ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     offset = 4 + 4 * ndim
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - offset != expected:
-        raise DataError(f"{path} is truncated or damaged ({len(raw) - offset} data bytes, expected {expected}); "
-                        "delete it and fetch it again")
+        raise DataError(
+            f"{path} is truncated or damaged ({len(raw) - offset} data bytes, expected {expected}); "
+            "delete it and fetch it again"
+        )
     return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(shape)
 
 
@@ -103,6 +105,8 @@ def load(split: str, root: str | None, allow_download: bool) -> tuple[torch.Tens
 
 def _missing_message(root: str | None) -> str:
     where = ", ".join(str(p) for p in candidate_dirs(root))
-    return (f"Fashion-MNIST IDX files not found (looked in {where}). Install the Debian package "
-            "dataset-fashion-mnist (`make data` does it as root), run `mimkit data fetch fashion-mnist`, "
-            "or set data.root to a folder holding train-images-idx3-ubyte.gz and friends.")
+    return (
+        f"Fashion-MNIST IDX files not found (looked in {where}). Install the Debian package "
+        "dataset-fashion-mnist (`make data` does it as root), run `mimkit data fetch fashion-mnist`, "
+        "or set data.root to a folder holding train-images-idx3-ubyte.gz and friends."
+    )

@@ -44,8 +44,9 @@ def seeded(*keys: int) -> Iterator[None]:
 class ViewDataset(Dataset):
     """Applies `transform(image, epoch)` to each image of `source` under a per-(epoch, image) seed."""
 
-    def __init__(self, source: ImageSource, transform: Callable[[torch.Tensor, int], Any], seed: int,
-                 strict: bool = False) -> None:
+    def __init__(
+        self, source: ImageSource, transform: Callable[[torch.Tensor, int], Any], seed: int, strict: bool = False
+    ) -> None:
         self.source, self.transform, self.seed, self.strict = source, transform, seed, strict
 
     def __len__(self) -> int:
@@ -57,8 +58,10 @@ class ViewDataset(Dataset):
             image, label = self.source.load(index)
         except UnreadableImage as error:
             if self.strict:
-                raise DataError(f"unreadable image {error.where}: {error.reason} "
-                                "(set data.strict=false to skip such files with a warning)") from None
+                raise DataError(
+                    f"unreadable image {error.where}: {error.reason} "
+                    "(set data.strict=false to skip such files with a warning)"
+                ) from None
             warnings.warn(f"skipping unreadable image {error.where}: {error.reason}", stacklevel=1)
             return Skipped(error.where, error.reason)
         with seeded(self.seed, epoch, index):
@@ -68,10 +71,24 @@ class ViewDataset(Dataset):
 class EpochSampler(Sampler[tuple[int, int]]):
     """Yields (epoch, index): shuffled and sharded across ranks like DistributedSampler; can resume mid-epoch."""
 
-    def __init__(self, num_images: int, *, shuffle: bool, seed: int, num_replicas: int = 1, rank: int = 0,
-                 drop_last: bool = False) -> None:
-        self.inner = DistributedSampler(range(num_images), num_replicas=num_replicas, rank=rank,  # type: ignore[arg-type]
-                                        shuffle=shuffle, seed=seed, drop_last=drop_last)
+    def __init__(
+        self,
+        num_images: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        self.inner = DistributedSampler(
+            range(num_images),
+            num_replicas=num_replicas,
+            rank=rank,  # type: ignore[arg-type]
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+        )
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -100,27 +117,54 @@ def collate(samples: list[Any]) -> dict[str, Any]:
         empty = torch.empty(0, dtype=torch.long)
         return {"views": None, "label": empty, "index": empty, "skipped": skipped}
     views, labels, indices = zip(*kept, strict=True)
-    return {"views": default_collate(list(views)), "label": torch.tensor(labels), "index": torch.tensor(indices),
-            "skipped": skipped}
+    return {
+        "views": default_collate(list(views)),
+        "label": torch.tensor(labels),
+        "index": torch.tensor(indices),
+        "skipped": skipped,
+    }
 
 
-def train_loader(dataset: ViewDataset, *, batch_size: int, num_workers: int, seed: int,
-                 num_replicas: int = 1, rank: int = 0, pin_memory: bool = False) -> DataLoader:
+def train_loader(
+    dataset: ViewDataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    num_replicas: int = 1,
+    rank: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
     """Shuffled, sharded, full batches only (drop_last), persistent workers."""
     if len(dataset) < batch_size * num_replicas:
-        raise DataError(f"{len(dataset)} images are fewer than one global batch ({batch_size} x {num_replicas} "
-                        "devices); lower data.batch_size or add images")
-    sampler = EpochSampler(len(dataset), shuffle=True, seed=seed, num_replicas=num_replicas, rank=rank,
-                           drop_last=True)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate, drop_last=True, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0,
-                      generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
+        raise DataError(
+            f"{len(dataset)} images are fewer than one global batch ({batch_size} x {num_replicas} "
+            "devices); lower data.batch_size or add images"
+        )
+    sampler = EpochSampler(len(dataset), shuffle=True, seed=seed, num_replicas=num_replicas, rank=rank, drop_last=True)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=True,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )  # keeps the global RNG untouched
 
 
-def eval_loader(dataset: ViewDataset, *, batch_size: int, num_workers: int, num_replicas: int = 1,
-                rank: int = 0) -> DataLoader:
+def eval_loader(
+    dataset: ViewDataset, *, batch_size: int, num_workers: int, num_replicas: int = 1, rank: int = 0
+) -> DataLoader:
     """Every image once, in order (padded by DistributedSampler across ranks; callers de-duplicate)."""
     sampler = EpochSampler(len(dataset), shuffle=False, seed=0, num_replicas=num_replicas, rank=rank)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate, generator=torch.Generator().manual_seed(0))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(0),
+    )

@@ -63,8 +63,9 @@ def convert_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
     return (image[:3].float() * weights).sum(0, keepdim=True).round().clamp(0, 255).to(torch.uint8)
 
 
-def _stats(channels: int, source_channels: int, mean: tuple[float, ...], std: tuple[float, ...]
-           ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _stats(
+    channels: int, source_channels: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if channels == source_channels:
         return mean, std
     if channels == 3:
@@ -89,8 +90,7 @@ class Subset(ImageSource):
 
 class FashionMNISTSource(ImageSource):
     MEAN, STD = (0.2860,), (0.3530,)
-    CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-               "Ankle boot")
+    CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
     def __init__(self, cfg: DataConfig, split: str) -> None:
         if split not in ("train", "test"):
@@ -122,8 +122,16 @@ class ImageFolderSource(ImageSource):
             raise DataError(f"no images found under {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
         self.mode_channels = cfg.channels or self._guess_channels()
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.mode_channels == 3 else (GRAY_MEAN, GRAY_STD)
-        self.info = DataInfo(f"imagefolder:{root}", self.mode_channels, len(self.files), None,
-                             len(classes) if classes else None, mean, std, tuple(classes))
+        self.info = DataInfo(
+            f"imagefolder:{root}",
+            self.mode_channels,
+            len(self.files),
+            None,
+            len(classes) if classes else None,
+            mean,
+            std,
+            tuple(classes),
+        )
 
     def _guess_channels(self) -> int:
         for path in self.files[:16]:
@@ -195,14 +203,24 @@ class TorchvisionSource(ImageSource):
         try:
             self.dataset = cls(str(root), **kwargs)
         except (RuntimeError, OSError, ValueError) as error:
-            raise DataError(f"torchvision {cfg.name} (split {split!r}) could not be opened from {root}: {error}. "
-                            "Set data.root to where it is, or data.download=true.") from None
+            raise DataError(
+                f"torchvision {cfg.name} (split {split!r}) could not be opened from {root}: {error}. "
+                "Set data.root to where it is, or data.download=true."
+            ) from None
         first, _ = self._raw(0)
         self.channels = cfg.channels or first.shape[0]
         classes = tuple(getattr(self.dataset, "classes", ()) or ())
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.channels == 3 else (GRAY_MEAN, GRAY_STD)
-        self.info = DataInfo(f"torchvision:{cfg.name}", self.channels, len(self.dataset),
-                             tuple(first.shape[1:]), len(classes) or None, mean, std, classes)  # type: ignore[arg-type]
+        self.info = DataInfo(
+            f"torchvision:{cfg.name}",
+            self.channels,
+            len(self.dataset),
+            tuple(first.shape[1:]),
+            len(classes) or None,
+            mean,
+            std,
+            classes,
+        )  # type: ignore[arg-type]
 
     def _raw(self, index: int) -> tuple[torch.Tensor, int]:
         try:
@@ -225,14 +243,22 @@ class SyntheticShapes(ImageSource):
 
     def __init__(self, cfg: DataConfig, split: str) -> None:
         if cfg.synthetic_classes > len(self.KINDS):
-            raise DataError(f"data.synthetic_classes: at most {len(self.KINDS)} shape classes; "
-                            f"got {cfg.synthetic_classes}")
+            raise DataError(
+                f"data.synthetic_classes: at most {len(self.KINDS)} shape classes; got {cfg.synthetic_classes}"
+            )
         self.size, self.num_classes = cfg.synthetic_size, cfg.synthetic_classes
         self.channels = cfg.channels or 1
         self.split_offset = 0 if split == "train" else 10_000_019
-        self.info = DataInfo("synthetic", self.channels, cfg.synthetic_images, (self.size, self.size),
-                             self.num_classes, (0.5,) * self.channels, (0.25,) * self.channels,
-                             self.KINDS[: self.num_classes])
+        self.info = DataInfo(
+            "synthetic",
+            self.channels,
+            cfg.synthetic_images,
+            (self.size, self.size),
+            self.num_classes,
+            (0.5,) * self.channels,
+            (0.25,) * self.channels,
+            self.KINDS[: self.num_classes],
+        )
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         label = index % self.num_classes
@@ -265,4 +291,3 @@ def describe(source: ImageSource) -> str:
     size = "x".join(map(str, info.image_size)) if info.image_size else "various sizes"
     labels = f"{info.num_classes} classes" if info.num_classes else "no labels"
     return f"{info.name}: {info.num_images:,} images, {info.channels} channel(s), {size}, {labels}"
-

@@ -125,8 +125,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not file.exists():
         raise FileNotFoundError(f"checkpoint {file} does not exist")
     if file.is_dir():
-        raise ValueError(f"{file} is a sharded (FSDP) checkpoint folder; consolidate it first "
-                         "(lightning.fabric.utilities.consolidate_checkpoint)")
+        raise ValueError(
+            f"{file} is a sharded (FSDP) checkpoint folder; consolidate it first "
+            "(lightning.fabric.utilities.consolidate_checkpoint)"
+        )
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and torch errors all mean the same: unusable file

@@ -31,8 +31,10 @@ def clip(policy: ClipPolicy, model: nn.Module) -> dict[str, torch.Tensor]:
     if policy.mode == "none":
         return {}
     if policy.mode == "per_module":
-        return {f"grad_norm/{name}": clip_global(_trainable(module), policy.max_norm)
-                for name, module in policy.modules.items()}
+        return {
+            f"grad_norm/{name}": clip_global(_trainable(module), policy.max_norm)
+            for name, module in policy.modules.items()
+        }
     params = _trainable(model)
     fn = clip_per_tensor if policy.mode == "per_tensor" else clip_global
     return {"grad_norm": fn(params, policy.max_norm)}

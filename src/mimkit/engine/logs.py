@@ -13,7 +13,14 @@ from typing import Any
 from lightning.fabric.loggers import Logger
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 log = logging.getLogger("mimkit")
 METRICS_FILE = "metrics.csv"
@@ -111,11 +118,18 @@ class ProgressDisplay:
         self.bar: Progress | None = None
         if enabled and console.is_terminal:
             self.bar = Progress(
-                TextColumn("[bold blue]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("[bold blue]epoch {task.fields[epoch]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
-            self.task = self.bar.add_task("pretrain", total=total_steps, completed=done_steps, epoch=0,
-                                          loss=math.nan, lr=0.0, ips=0.0)
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=console,
+            )
+            self.task = self.bar.add_task(
+                "pretrain", total=total_steps, completed=done_steps, epoch=0, loss=math.nan, lr=0.0, ips=0.0
+            )
             self.bar.start()
         self.started, self.start_step = time.perf_counter(), done_steps
 
@@ -126,8 +140,16 @@ class ProgressDisplay:
             elapsed = time.perf_counter() - self.started
             rate = (step - self.start_step) / max(elapsed, 1e-9)
             eta = (self.total - step) / max(rate, 1e-9)
-            log.info("epoch %d step %d/%d loss %.4f lr %.2e %.0f img/s ETA %s", epoch, step, self.total, loss, lr,
-                     images_per_second, _duration(eta))
+            log.info(
+                "epoch %d step %d/%d loss %.4f lr %.2e %.0f img/s ETA %s",
+                epoch,
+                step,
+                self.total,
+                loss,
+                lr,
+                images_per_second,
+                _duration(eta),
+            )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -21,10 +21,18 @@ def make_fabric(cfg: TrainConfig, run_dir: Path) -> Fabric:
     accelerator = cfg.accelerator
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     if cfg.precision == "16-mixed" and on_cpu:
-        raise ConfigError("train.precision: 16-mixed needs a GPU (its gradient scaler is CUDA-only); "
-                          "use bf16-mixed or 32-true on a CPU")
-    return Fabric(accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-                  strategy=_strategy(cfg.strategy), precision=cfg.precision, loggers=_loggers(cfg, run_dir))
+        raise ConfigError(
+            "train.precision: 16-mixed needs a GPU (its gradient scaler is CUDA-only); "
+            "use bf16-mixed or 32-true on a CPU"
+        )
+    return Fabric(
+        accelerator=accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=_strategy(cfg.strategy),
+        precision=cfg.precision,
+        loggers=_loggers(cfg, run_dir),
+    )
 
 
 def _strategy(name: str) -> Any:
@@ -48,7 +56,9 @@ def _loggers(cfg: TrainConfig, run_dir: Path) -> list[Logger]:
             try:
                 from lightning.pytorch.loggers import WandbLogger
             except ImportError as error:
-                raise ConfigError("train.loggers: wandb needs `pip install wandb` (or drop it from the list)") from error
+                raise ConfigError(
+                    "train.loggers: wandb needs `pip install wandb` (or drop it from the list)"
+                ) from error
             loggers.append(WandbLogger(save_dir=str(run_dir), project="mimkit", name=run_dir.name))
     return loggers
 
@@ -64,11 +74,21 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpus": gpus,
-            "platform": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpus": gpus,
+        "platform": platform.platform(),
+    }
 
 
 def environment(fabric: Fabric) -> dict[str, Any]:
-    return {"versions": package_versions(), "machine": machine(), "world_size": fabric.world_size,
-            "num_nodes": fabric.num_nodes, "device": str(fabric.device),
-            "precision": str(type(fabric.strategy.precision).__name__)}
+    return {
+        "versions": package_versions(),
+        "machine": machine(),
+        "world_size": fabric.world_size,
+        "num_nodes": fabric.num_nodes,
+        "device": str(fabric.device),
+        "precision": str(type(fabric.strategy.precision).__name__),
+    }

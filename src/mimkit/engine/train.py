@@ -45,8 +45,10 @@ def resolve_resume(cfg: RunConfig) -> Path | None:
     last = ckpt.last_checkpoint(run_dir)
     if cfg.resume is None:
         if last is not None:
-            raise ConfigError(f"resume: {run_dir} already holds checkpoints; pass --resume (or resume=auto) to "
-                              "continue that run, or choose another output_dir")
+            raise ConfigError(
+                f"resume: {run_dir} already holds checkpoints; pass --resume (or resume=auto) to "
+                "continue that run, or choose another output_dir"
+            )
         return None
     if cfg.resume == "auto":
         return last
@@ -83,26 +85,45 @@ class Trainer:
         self.method: Method = method_class(cfg.method.name)(cfg.method, source.info)
         self.loader = train_loader(
             ViewDataset(source, self.method.views(), seed=cfg.seed, strict=cfg.data.strict),
-            batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
-            num_replicas=fabric.world_size, rank=fabric.global_rank, pin_memory=fabric.device.type == "cuda")
+            batch_size=cfg.data.batch_size,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.seed,
+            num_replicas=fabric.world_size,
+            rank=fabric.global_rank,
+            pin_memory=fabric.device.type == "cuda",
+        )
         self.sampler = self.loader.sampler
         self.accumulate = cfg.optim.accumulate_grad_batches
         self.steps_per_epoch = len(self.loader) // self.accumulate
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"optim.accumulate_grad_batches: {self.accumulate} exceeds the {len(self.loader)} "
-                              "batches of an epoch")
+            raise ConfigError(
+                f"optim.accumulate_grad_batches: {self.accumulate} exceeds the {len(self.loader)} batches of an epoch"
+            )
         self.global_batch = cfg.data.batch_size * fabric.world_size * self.accumulate
         lr = scaled_lr(cfg.optim.lr, self.global_batch, cfg.optim.lr_reference_batch, cfg.optim.lr_scaling)
         self.lr_schedule = CosineSchedule(lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.optim.warmup_start_lr)
         wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
         self.wd_schedule = CosineSchedule(cfg.optim.weight_decay, wd_end)
-        log.info("method %s: %.2fM trainable parameters; global batch %d, lr %.3g, %d steps/epoch x %d epochs",
-                 cfg.method.name, _count(self.method) / 1e6, self.global_batch, lr, self.steps_per_epoch,
-                 cfg.train.epochs)
+        log.info(
+            "method %s: %.2fM trainable parameters; global batch %d, lr %.3g, %d steps/epoch x %d epochs",
+            cfg.method.name,
+            _count(self.method) / 1e6,
+            self.global_batch,
+            lr,
+            self.steps_per_epoch,
+            cfg.train.epochs,
+        )
         groups = self.method.param_groups()
         optimizer = torch.optim.AdamW(
-            [{"params": g.params, "name": g.name, "lr_scale": g.lr_scale, "wd_scale": g.weight_decay_scale}
-             for g in groups], lr=0.0, weight_decay=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps)
+            [
+                {"params": g.params, "name": g.name, "lr_scale": g.lr_scale, "wd_scale": g.weight_decay_scale}
+                for g in groups
+            ],
+            lr=0.0,
+            weight_decay=0.0,
+            betas=cfg.optim.betas,
+            eps=cfg.optim.eps,
+        )
         self.module, self.optimizer = fabric.setup(self.method, optimizer)
         self.module.mark_forward_method("training_step")
         if cfg.train.compile:
@@ -127,8 +148,12 @@ class Trainer:
             log.info("run %s is already complete (%d epochs)", self.run_dir, cfg.train.epochs)
             return self.run_dir
         total = self.steps_per_epoch * cfg.train.epochs
-        display = ProgressDisplay(total, pos.step, enabled=cfg.train.progress_bar and self.fabric.global_rank == 0,
-                                  log_every=cfg.train.log_every_steps)
+        display = ProgressDisplay(
+            total,
+            pos.step,
+            enabled=cfg.train.progress_bar and self.fabric.global_rank == 0,
+            log_every=cfg.train.log_every_steps,
+        )
         try:
             while pos.epoch < cfg.train.epochs:
                 self._epoch(display)
@@ -187,12 +212,17 @@ class Trainer:
     def _end_of_epoch(self) -> None:
         pos, cfg = self.position, self.cfg
         if pos.skipped_images:
-            log.warning("epoch %d: skipped %d unreadable image(s) so far (names in train.log warnings; "
-                        "data.strict=true makes them fatal)", pos.epoch, pos.skipped_images)
+            log.warning(
+                "epoch %d: skipped %d unreadable image(s) so far (names in train.log warnings; "
+                "data.strict=true makes them fatal)",
+                pos.epoch,
+                pos.skipped_images,
+            )
         finished = pos.epoch
         pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-        self.fabric.log_dict({"epoch": finished, "skipped_images": pos.skipped_images,
-                              "skipped_steps": pos.skipped_steps}, step=pos.step)
+        self.fabric.log_dict(
+            {"epoch": finished, "skipped_images": pos.skipped_images, "skipped_steps": pos.skipped_steps}, step=pos.step
+        )
         self.save(ckpt.last_path(self.run_dir))
         every = cfg.train.checkpoint_every_epochs
         if every and (finished + 1) % every == 0:
@@ -220,8 +250,13 @@ class Trainer:
         if self.cfg.train.on_nonfinite == "skip":
             pos.skipped_steps += 1
             pos.step += 1
-            log.warning("non-finite loss (%s) at epoch %d step %d: step skipped (%d so far)", float(loss),
-                        pos.epoch, pos.step, pos.skipped_steps)
+            log.warning(
+                "non-finite loss (%s) at epoch %d step %d: step skipped (%d so far)",
+                float(loss),
+                pos.epoch,
+                pos.step,
+                pos.skipped_steps,
+            )
             return
         pos.batch_in_epoch -= self.accumulate  # the saved state re-runs this step when resumed
         path = ckpt.last_path(self.run_dir)
@@ -229,17 +264,25 @@ class Trainer:
         raise NonFiniteLossError(
             f"loss is {float(loss)} at epoch {progress.epoch}, step {progress.step}. The last good state is saved "
             f"in {path}. Lower optim.lr, clip harder (method.clip_grad) or use train.precision=32-true, then "
-            "continue with --resume; or set train.on_nonfinite=skip to skip such steps.")
+            "continue with --resume; or set train.on_nonfinite=skip to skip such steps."
+        )
 
-    def _log_step(self, loss: torch.Tensor, metrics: dict[str, Any], norms: dict[str, torch.Tensor],
-                  images_per_second: float) -> None:
+    def _log_step(
+        self, loss: torch.Tensor, metrics: dict[str, Any], norms: dict[str, torch.Tensor], images_per_second: float
+    ) -> None:
         values = {"loss": loss, **metrics, **norms}
         if self.fabric.world_size > 1:
-            values = {k: self.fabric.all_reduce(torch.as_tensor(v, device=self.fabric.device, dtype=torch.float32))
-                      for k, v in values.items()}
+            values = {
+                k: self.fabric.all_reduce(torch.as_tensor(v, device=self.fabric.device, dtype=torch.float32))
+                for k, v in values.items()
+            }
         row = {k: float(v) for k, v in values.items()}
-        row.update(epoch=self.position.epoch, lr=self._current_lr(), images_per_second=images_per_second,
-                   weight_decay=max(g["weight_decay"] for g in self.optimizer.param_groups))
+        row.update(
+            epoch=self.position.epoch,
+            lr=self._current_lr(),
+            images_per_second=images_per_second,
+            weight_decay=max(g["weight_decay"] for g in self.optimizer.param_groups),
+        )
         self.fabric.log_dict(row, step=self.position.step)
 
     # ------------------------------------------------------------------------------------------------
@@ -265,8 +308,11 @@ class Trainer:
         if len(rng) == self.fabric.world_size:
             ckpt.set_rng_state(rng[self.fabric.global_rank])
         else:
-            log.warning("checkpoint was written by %d process(es), this run has %d: random streams restart",
-                        len(rng), self.fabric.world_size)
+            log.warning(
+                "checkpoint was written by %d process(es), this run has %d: random streams restart",
+                len(rng),
+                self.fabric.world_size,
+            )
             self.fabric.seed_everything(self.cfg.seed + self.position.step + self.fabric.global_rank, verbose=False)
         log.info("resumed from %s at epoch %d, step %d", path, self.position.epoch, self.position.step)
 

@@ -72,8 +72,11 @@ class MethodConfig:
     clip_grad: float = 3.0
 
     def validate(self, prefix: str = "method") -> None:
-        check(self.clip_mode == "none" or self.clip_grad > 0, f"{prefix}.clip_grad",
-              f"must be positive when clipping ({self.clip_mode}); got {self.clip_grad}")
+        check(
+            self.clip_mode == "none" or self.clip_grad > 0,
+            f"{prefix}.clip_grad",
+            f"must be positive when clipping ({self.clip_mode}); got {self.clip_grad}",
+        )
 
 
 ViewTransform = Callable[[torch.Tensor, int], Any]
@@ -112,8 +115,9 @@ class Method(nn.Module):
 
     def clip_modules(self) -> dict[str, nn.Module]:
         """Modules clipped separately under `clip_mode: per_module` (default: each trainable child)."""
-        return {name: child for name, child in self.named_children()
-                if any(p.requires_grad for p in child.parameters())}
+        return {
+            name: child for name, child in self.named_children() if any(p.requires_grad for p in child.parameters())
+        }
 
     def before_optimizer_step(self, progress: Progress) -> None:
         """After clipping, before the update (e.g. cancel the gradients of a frozen layer)."""
@@ -174,4 +178,5 @@ def method_class(name: str) -> type[Method]:
         return cls
     raise ConfigError(
         f"method.name: unknown method {name!r}; choose one of {', '.join(method_names())} "
-        "(or give package.module:Class for your own)")
+        "(or give package.module:Class for your own)"
+    )

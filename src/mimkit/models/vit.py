@@ -36,31 +36,52 @@ class BackboneConfig:
 
     def validate(self, prefix: str) -> None:
         check(self.img_size > 0, f"{prefix}.img_size", f"must be positive; got {self.img_size}")
-        check(0 <= self.drop_path_rate < 1, f"{prefix}.drop_path_rate", f"must lie in [0, 1); got {self.drop_path_rate}")
+        check(
+            0 <= self.drop_path_rate < 1, f"{prefix}.drop_path_rate", f"must lie in [0, 1); got {self.drop_path_rate}"
+        )
         if self.patch_size is not None:
-            check(self.patch_size > 0 and self.img_size % self.patch_size == 0, f"{prefix}.img_size",
-                  f"image size {self.img_size} is not divisible by patch size {self.patch_size}; "
-                  f"use a multiple of {self.patch_size}")
+            check(
+                self.patch_size > 0 and self.img_size % self.patch_size == 0,
+                f"{prefix}.img_size",
+                f"image size {self.img_size} is not divisible by patch size {self.patch_size}; "
+                f"use a multiple of {self.patch_size}",
+            )
 
 
 def create_vit(cfg: BackboneConfig, in_chans: int, drop_path_rate: float | None = None) -> VisionTransformer:
     """A randomly initialised timm ViT (no download ever) accepting any image size, optionally loaded from a file."""
-    overrides = {k: getattr(cfg, k) for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
-                 if getattr(cfg, k) is not None}
+    overrides = {
+        k: getattr(cfg, k)
+        for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+        if getattr(cfg, k) is not None
+    }
     if cfg.name not in timm.list_models():
         close = difflib.get_close_matches(cfg.name, timm.list_models("vit_*"), n=3)
-        raise ConfigError(f"backbone: unknown timm model {cfg.name!r}" +
-                          (f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('vit_*')"))
+        raise ConfigError(
+            f"backbone: unknown timm model {cfg.name!r}"
+            + (f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('vit_*')")
+        )
     model = timm.create_model(
-        cfg.name, pretrained=False, num_classes=0, in_chans=in_chans, img_size=cfg.img_size,
-        dynamic_img_size=True, drop_path_rate=cfg.drop_path_rate if drop_path_rate is None else drop_path_rate,
-        **overrides)
+        cfg.name,
+        pretrained=False,
+        num_classes=0,
+        in_chans=in_chans,
+        img_size=cfg.img_size,
+        dynamic_img_size=True,
+        drop_path_rate=cfg.drop_path_rate if drop_path_rate is None else drop_path_rate,
+        **overrides,
+    )
     if not isinstance(model, VisionTransformer):
-        raise ConfigError(f"backbone: {cfg.name!r} is a {type(model).__name__}, not a timm VisionTransformer; "
-                          "masked-token methods need a ViT (e.g. vit_small_patch16_224)")
+        raise ConfigError(
+            f"backbone: {cfg.name!r} is a {type(model).__name__}, not a timm VisionTransformer; "
+            "masked-token methods need a ViT (e.g. vit_small_patch16_224)"
+        )
     patch = model.patch_embed.patch_size[0]
-    check(cfg.img_size % patch == 0, "backbone.img_size",
-          f"image size {cfg.img_size} is not divisible by patch size {patch}; use a multiple of {patch}")
+    check(
+        cfg.img_size % patch == 0,
+        "backbone.img_size",
+        f"image size {cfg.img_size} is not divisible by patch size {patch}; use a multiple of {patch}",
+    )
     if cfg.weights:
         load_weights(model, cfg.weights)
     return model
@@ -70,8 +91,10 @@ def load_weights(model: nn.Module, path: str) -> None:
     """Load a timm state dict from a local file; a missing file or mismatched keys is a clear error."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise ConfigError(f"weights file {file} does not exist (mimkit never downloads weights; "
-                          "give the path of a .safetensors or .pth file)")
+        raise ConfigError(
+            f"weights file {file} does not exist (mimkit never downloads weights; "
+            "give the path of a .safetensors or .pth file)"
+        )
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -83,9 +106,12 @@ def load_weights(model: nn.Module, path: str) -> None:
     wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state]
     if wrong_shape or missing:
-        detail = (f"{len(missing)} missing keys (e.g. {missing[:3]})" if missing else
-                  f"shape mismatches (e.g. {wrong_shape[0]}: file {tuple(state[wrong_shape[0]].shape)} vs model "
-                  f"{tuple(own[wrong_shape[0]].shape)})")
+        detail = (
+            f"{len(missing)} missing keys (e.g. {missing[:3]})"
+            if missing
+            else f"shape mismatches (e.g. {wrong_shape[0]}: file {tuple(state[wrong_shape[0]].shape)} vs model "
+            f"{tuple(own[wrong_shape[0]].shape)})"
+        )
         raise ConfigError(f"weights file {file} does not match the backbone: {detail}")
     model.load_state_dict({k: v for k, v in state.items() if k in own})
 
@@ -108,8 +134,9 @@ class MaskableViT(nn.Module):
             if self.mask_token is None:
                 raise ValueError("this network has no mask token (teachers see unmasked images)")
             if mask.shape != tokens.shape[:3]:
-                raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the patch grid "
-                                 f"{tuple(tokens.shape[:3])}")
+                raise ValueError(
+                    f"mask of shape {tuple(mask.shape)} does not match the patch grid {tuple(tokens.shape[:3])}"
+                )
             tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype).view(1, 1, 1, -1), tokens)
         tokens = vit._pos_embed(tokens)
         tokens = vit.patch_drop(tokens)
@@ -117,8 +144,7 @@ class MaskableViT(nn.Module):
         tokens = vit.blocks(tokens)
         return vit.norm(tokens)
 
-    def forward_crops(self, crops: list[torch.Tensor], masks: list[torch.Tensor] | None = None
-                      ) -> list[torch.Tensor]:
+    def forward_crops(self, crops: list[torch.Tensor], masks: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Run a list of crops, concatenating consecutive crops of equal size into one call each."""
         outputs: list[torch.Tensor] = []
         start = 0
@@ -136,6 +162,7 @@ class MaskableViT(nn.Module):
         return height // self.patch_size, width // self.patch_size
 
 
-def build_backbone(cfg: BackboneConfig, in_chans: int, *, mask_token: bool, drop_path_rate: float | None = None
-                   ) -> MaskableViT:
+def build_backbone(
+    cfg: BackboneConfig, in_chans: int, *, mask_token: bool, drop_path_rate: float | None = None
+) -> MaskableViT:
     return MaskableViT(create_vit(cfg, in_chans, drop_path_rate), mask_token=mask_token)
