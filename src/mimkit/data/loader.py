@@ -91,8 +91,10 @@ class EpochSampler(Sampler[tuple[int, int]]):
         )
         self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Next iteration covers `epoch`, beginning at its `start`-th sample of this rank."""
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        """Next iteration covers `epoch`, beginning at its `start`-th sample of this rank.
+
+        (Deliberately not named `set_epoch`: wrappers such as Fabric's call that with their own counters.)"""
         self.epoch, self.start = epoch, start
         self.inner.set_epoch(epoch)
 

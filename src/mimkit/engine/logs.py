@@ -31,7 +31,12 @@ def setup_logging(run_dir: Path | None, rank: int = 0) -> None:
     log.handlers.clear()
     log.propagate = False
     log.setLevel(logging.INFO)
-    console = RichHandler(console=Console(stderr=True), show_path=False, markup=False, rich_tracebacks=False)
+    stderr = Console(stderr=True)
+    if stderr.is_terminal:
+        console: logging.Handler = RichHandler(console=stderr, show_path=False, markup=False, rich_tracebacks=False)
+    else:  # CI logs, SLURM output files: plain lines, no wrapping
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     log.addHandler(console)
     if run_dir is not None and rank == 0:
@@ -55,13 +60,13 @@ class MetricsCSV(Logger):
         self.rows: list[dict[str, Any]] = []
 
     def start_at(self, resume_step: int | None) -> None:
-        """Fresh run (None): the file is replaced at the first row. Resumed: keep rows before `resume_step`."""
+        """Fresh run (None): the file is replaced at the first row. Resumed: keep rows up to the checkpoint's step."""
         if resume_step is None or not self.path.exists():
             return
         with open(self.path, newline="") as f:
             reader = csv.DictReader(f)
             self.columns = list(reader.fieldnames or [])
-            self.rows = [r for r in reader if r.get("step", "") != "" and float(r["step"]) < resume_step]
+            self.rows = [r for r in reader if r.get("step", "") != "" and float(r["step"]) <= resume_step]
         self._rewrite()
 
     @property

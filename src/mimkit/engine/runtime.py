@@ -88,7 +88,6 @@ def environment(fabric: Fabric) -> dict[str, Any]:
         "versions": package_versions(),
         "machine": machine(),
         "world_size": fabric.world_size,
-        "num_nodes": fabric.num_nodes,
         "device": str(fabric.device),
         "precision": str(type(fabric.strategy.precision).__name__),
     }

@@ -130,7 +130,6 @@ class Trainer:
             for network in self.method.modules():
                 if isinstance(network, MaskableViT):
                     network.compile()
-        self.fabric_loader = fabric.setup_dataloaders(self.loader, use_distributed_sampler=False)
         self.position = Position()
         if resume_path is not None:
             self._restore(resume_path)
@@ -165,16 +164,16 @@ class Trainer:
 
     def _epoch(self, display: ProgressDisplay) -> None:
         pos, fabric = self.position, self.fabric
-        self.sampler.set_epoch(pos.epoch, start=pos.batch_in_epoch * self.cfg.data.batch_size)
+        self.sampler.set_position(pos.epoch, start=pos.batch_in_epoch * self.cfg.data.batch_size)
         losses: list[torch.Tensor] = []
         metrics: dict[str, Any] = {}
         window_start, window_images = time.perf_counter(), 0
-        batches = iter(self.fabric_loader)
+        batches = iter(self.loader)
         while pos.batch_in_epoch < self.steps_per_epoch * self.accumulate:
             progress = Progress(pos.epoch, pos.step, self.steps_per_epoch, self.cfg.train.epochs)
             self._set_hyperparameters(progress)
             for micro in range(self.accumulate):
-                batch = next(batches)
+                batch = fabric.to_device(next(batches))
                 pos.batch_in_epoch += 1
                 if batch["skipped"]:
                     pos.skipped_images += len(batch["skipped"])

@@ -1,0 +1,126 @@
+"""The training loop with the toy method: checkpoints, exact resume, non-finite losses, accumulation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from support import ROOT
+
+from mimkit.config import ConfigError, load_run_config
+from mimkit.engine.checkpoint import read_checkpoint
+from mimkit.engine.logs import read_metrics
+from mimkit.engine.train import NonFiniteLossError, pretrain
+
+TOY = ROOT / "tests" / "recipes" / "toy.yaml"
+
+
+def toy_config(run_dir: Path, *overrides: str):
+    return load_run_config(TOY, [f"output_dir={run_dir}", *overrides])
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {int(r["step"]): r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def test_run_folder_holds_checkpoints_logs_and_config(tmp_path: Path) -> None:
+    run = pretrain(toy_config(tmp_path / "run"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "epoch_0000.ckpt",
+        "epoch_0001.ckpt",
+        "last.ckpt",
+    ]
+    assert sorted(losses(run)) == list(range(1, 17))
+    saved = load_run_config(run / "config.yaml")
+    assert saved.seed == 3 and saved.method.name == "toy_method:ToyMethod"
+    state = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert state["position"]["epoch"] == 2 and state["position"]["step"] == 16
+    assert state["method"]["steps_seen"].item() == 16
+    assert {"torch", "timm", "lightning"} <= set(state["versions"])
+    assert (run / "environment.yaml").is_file() and (run / "train.log").is_file()
+
+
+def test_crash_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    reference = pretrain(toy_config(tmp_path / "reference"))
+    crashed = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain(toy_config(crashed, "train.checkpoint_every_steps=3", "method.fail_at_step=11"))
+    assert read_checkpoint(crashed / "checkpoints" / "last.ckpt")["position"]["step"] == 9  # mid-epoch 2
+    pretrain(toy_config(crashed, "resume=auto", "method.fail_at_step=null"))
+    expected, got = losses(reference), losses(crashed)
+    assert sorted(got) == sorted(expected)
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path: Path) -> None:
+    pretrain(toy_config(tmp_path / "run", "train.epochs=1"))
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        pretrain(toy_config(tmp_path / "run", "train.epochs=1"))
+    assert pretrain(toy_config(tmp_path / "run", "train.epochs=1", "resume=auto")) == tmp_path / "run"
+
+
+def test_nonfinite_loss_stops_with_last_good_state(tmp_path: Path) -> None:
+    with pytest.raises(NonFiniteLossError, match="last good state is saved"):
+        pretrain(toy_config(tmp_path / "run", "method.nan_at_step=5"))
+    state = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert state["position"]["step"] == 5 and state["method"]["steps_seen"].item() == 5
+    assert all(torch.isfinite(v).all() for v in state["method"].values() if v.is_floating_point())
+
+
+def test_nonfinite_loss_can_be_skipped_and_counted(tmp_path: Path) -> None:
+    run = pretrain(toy_config(tmp_path / "run", "method.nan_at_step=5", "train.on_nonfinite=skip"))
+    state = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert state["position"]["skipped_steps"] == 1
+    assert state["method"]["steps_seen"].item() == 15
+    assert max(r.get("skipped_steps", 0) for r in read_metrics(run)) == 1
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path: Path) -> None:
+    common = ["method.dropout=0.0", "train.epochs=1", "optim.warmup_epochs=0", "method.clip_mode=none"]
+    big = pretrain(toy_config(tmp_path / "big", "data.batch_size=8", *common))
+    small = pretrain(toy_config(tmp_path / "small", "data.batch_size=4", "optim.accumulate_grad_batches=2", *common))
+    a = read_checkpoint(big / "checkpoints" / "last.ckpt")["method"]
+    b = read_checkpoint(small / "checkpoints" / "last.ckpt")["method"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path: Path) -> None:
+    run = pretrain(toy_config(tmp_path / "run", "train.precision=bf16-mixed", "train.epochs=1"))
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses(run).values())
+
+
+def test_sigkill_during_an_epoch_then_resume_matches(tmp_path: Path) -> None:
+    """A real process killed with SIGKILL mid-epoch continues from its last checkpoint with identical losses."""
+    common = ["train.checkpoint_every_steps=2", "data.synthetic_images=96", "train.epochs=2"]
+    reference = pretrain(toy_config(tmp_path / "reference", *common))
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    command = [sys.executable, "-m", "mimkit", "pretrain", "-c", str(TOY), f"output_dir={run}", *common]
+    process = subprocess.Popen([*command, "method.step_delay=0.15"], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not _logged_step(run, at_least=7):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    step = read_checkpoint(run / "checkpoints" / "last.ckpt")["position"]["step"]
+    assert 0 < step < 24 and step % 12 != 0, "the kill should land inside an epoch"
+    subprocess.run([*command, "--resume"], env=env, check=True, stderr=subprocess.DEVNULL)
+    expected, got = losses(reference), losses(run)
+    assert sorted(got) == sorted(expected)
+    for s in expected:
+        assert got[s] == pytest.approx(expected[s], rel=1e-6, abs=1e-7), s
+
+
+def _logged_step(run: Path, at_least: int) -> bool:
+    try:
+        return max(losses(run), default=0) >= at_least
+    except (FileNotFoundError, ValueError, KeyError):
+        return False
