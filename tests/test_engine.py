@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import ROOT
 
 from mimkit.config import ConfigError, load_run_config
 from mimkit.engine.checkpoint import read_checkpoint
 from mimkit.engine.logs import read_metrics
 from mimkit.engine.train import NonFiniteLossError, pretrain
+from support import ROOT
 
 TOY = ROOT / "tests" / "recipes" / "toy.yaml"
 
