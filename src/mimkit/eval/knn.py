@@ -29,6 +29,11 @@ def _check_features(features: Tensor, name: str) -> None:
         raise ValueError(f"{name}: expected a floating-point tensor; got {features.dtype}")
 
 
+def _chunk_topk(bank: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k of `queries` (any float dtype) against an already normalised float32 `bank`; one chunk."""
+    return (F.normalize(queries.to(bank.device, torch.float32), dim=1) @ bank.T).topk(k, dim=1)
+
+
 def topk_neighbours(
     bank: Tensor, queries: Tensor, k: int, chunk_size: int = 512, *, index_offset: int = 0
 ) -> tuple[Tensor, Tensor]:
@@ -48,11 +53,9 @@ def topk_neighbours(
         raise ValueError(f"k and chunk_size must be >= 1; got k={k}, chunk_size={chunk_size}")
     k = min(k, bank.shape[0])
     bank = F.normalize(bank.float(), dim=1)
-    queries = queries.to(bank.device)
     similarities, indices = [], []
     for start in range(0, queries.shape[0], chunk_size):
-        chunk = F.normalize(queries[start : start + chunk_size].float(), dim=1)
-        sim, idx = (chunk @ bank.T).topk(k, dim=1)
+        sim, idx = _chunk_topk(bank, queries[start : start + chunk_size], k)
         similarities.append(sim)
         indices.append(idx + index_offset)
     if not similarities:
@@ -98,21 +101,29 @@ def knn_predict(
         raise ValueError(f"temperature: must be > 0; got {temperature}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size: must be >= 1; got {chunk_size}")
+    if train_features.shape[0] == 0:
+        raise ValueError("train_features: empty")
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"feature dimensions differ: train {train_features.shape[1]}, test {test_features.shape[1]}")
+    if int(train_labels.min()) < 0 or int(train_labels.max()) >= num_classes:
+        raise ValueError(
+            f"train_labels: must lie in [0, {num_classes}); got [{train_labels.min()}, {train_labels.max()}]"
+        )
     device = train_features.device
     labels = train_labels.to(device=device, dtype=torch.long)
     bank = F.normalize(train_features.float(), dim=1)
     ascending = sorted(set(ks))
+    kmax = min(ascending[-1], bank.shape[0])
     predictions: dict[int, list[Tensor]] = {k: [] for k in ascending}
     for start in range(0, test_features.shape[0], chunk_size):
-        chunk = test_features[start : start + chunk_size]
-        sim, idx = topk_neighbours(bank, chunk, max(ascending), chunk_size)
+        sim, idx = _chunk_topk(bank, test_features[start : start + chunk_size], kmax)
         weights = ((sim - sim[:, :1]) / temperature).exp()
         neighbour_labels = labels[idx]
-        votes = torch.zeros(chunk.shape[0], num_classes, device=device)
+        votes = torch.zeros(sim.shape[0], num_classes, device=device)
         done = 0
         for k in ascending:
             # ks ascend, so each k adds only the neighbours between the previous k and itself to the votes.
-            upto = min(k, sim.shape[1])
+            upto = min(k, kmax)
             votes.scatter_add_(1, neighbour_labels[:, done:upto], weights[:, done:upto])
             done = upto
             predictions[k].append(votes.argmax(dim=1))
