@@ -11,3 +11,5 @@ from mimkit.methods.base import (
 )
 
 __all__ = ["Method", "MethodConfig", "Progress", "StepOutput", "method_class", "method_names", "register"]
+
+from mimkit.methods import ibot  # noqa: F401  (registers the built-in methods)

@@ -54,11 +54,14 @@ class ParamGroup:
     lr_scale: float = 1.0
 
 
+ClipMode = Literal["none", "global", "per_tensor", "per_module"]
+
+
 @dataclass
 class ClipPolicy:
     """How gradients are clipped: one global norm, each parameter tensor on its own, or each module."""
 
-    mode: Literal["none", "global", "per_tensor", "per_module"] = "none"
+    mode: ClipMode = "none"
     max_norm: float = 0.0
     modules: dict[str, nn.Module] = field(default_factory=dict)
 
@@ -68,7 +71,7 @@ class MethodConfig:
     """Fields every method has; each method's config extends it."""
 
     name: str = ""
-    clip_mode: Literal["none", "global", "per_tensor", "per_module"] = "global"
+    clip_mode: ClipMode = "global"
     clip_grad: float = 3.0
 
     def validate(self, prefix: str = "method") -> None:

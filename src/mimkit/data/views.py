@@ -1,0 +1,113 @@
+"""View pipelines: iBOT's multi-crop with masks, and the deterministic view used by evaluation.
+
+Images arrive as uint8 tensors (C, H, W); views leave as normalised float tensors. Colour operations only
+apply to RGB data: on 1-channel data they are skipped (never a crash).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+
+from mimkit.config import check
+from mimkit.data.info import DataInfo
+from mimkit.data.masking import MaskGenerator
+
+BICUBIC = v2.InterpolationMode.BICUBIC
+
+
+@dataclass
+class MultiCropConfig:
+    """Global and local crops with the DINO/iBOT augmentations (defaults: iBOT ViT-S/16 on ImageNet)."""
+
+    global_size: int = 224
+    local_size: int = 96
+    num_local: int = 10
+    global_scale: tuple[float, float] = (0.25, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.25)
+    flip_p: float = 0.5
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    """Brightness, contrast, saturation, hue (RGB data only)."""
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    """Gaussian blur sigma range in pixels of the crop."""
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
+    """Blur probability of global view 1, global view 2 and local views."""
+    solarize_p: float = 0.2
+    """Solarization probability of global view 2."""
+
+    def validate(self, prefix: str = "method.views") -> None:
+        check(self.global_size > 0 and self.local_size > 0, f"{prefix}.global_size", "crop sizes must be positive")
+        check(self.num_local >= 0, f"{prefix}.num_local", f"must be >= 0; got {self.num_local}")
+        for name in ("global_scale", "local_scale"):
+            low, high = getattr(self, name)
+            check(0 < low <= high <= 1, f"{prefix}.{name}", f"needs 0 < min <= max <= 1; got {(low, high)}")
+        check(0 < self.blur_sigma[0] <= self.blur_sigma[1], f"{prefix}.blur_sigma", "needs 0 < min <= max")
+        probabilities = (self.flip_p, self.color_jitter_p, self.grayscale_p, self.solarize_p, *self.blur_p)
+        check(all(0 <= p <= 1 for p in probabilities), f"{prefix}", "probabilities must lie in [0, 1]")
+
+
+def _crop_pipeline(
+    cfg: MultiCropConfig, data: DataInfo, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float
+) -> v2.Compose:
+    steps: list[Any] = [
+        v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(cfg.flip_p),
+    ]
+    if data.channels == 3:
+        steps += [
+            v2.RandomApply([v2.ColorJitter(*cfg.color_jitter)], p=cfg.color_jitter_p),
+            v2.RandomGrayscale(cfg.grayscale_p),
+        ]
+    if blur_p > 0:
+        kernel = min(2 * math.ceil(3 * cfg.blur_sigma[1]) + 1, size - 1 + size % 2)
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=cfg.blur_sigma)], p=blur_p))
+    if solarize_p > 0:
+        steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.mean, data.std)]
+    return v2.Compose(steps)
+
+
+class MultiCropViews:
+    """Two masked global crops and `num_local` local crops of one image (iBOT's data pipeline)."""
+
+    def __init__(self, cfg: MultiCropConfig, data: DataInfo, patch_size: int, masks: MaskGenerator) -> None:
+        self.global_views = [
+            _crop_pipeline(cfg, data, cfg.global_size, cfg.global_scale, cfg.blur_p[0], 0.0),
+            _crop_pipeline(cfg, data, cfg.global_size, cfg.global_scale, cfg.blur_p[1], cfg.solarize_p),
+        ]
+        self.local_view = _crop_pipeline(cfg, data, cfg.local_size, cfg.local_scale, cfg.blur_p[2], 0.0)
+        self.num_local = cfg.num_local
+        self.grid = cfg.global_size // patch_size
+        self.masks = masks
+
+    def __call__(self, image: torch.Tensor, epoch: int) -> dict[str, list[torch.Tensor]]:
+        return {
+            "global": [view(image) for view in self.global_views],
+            "masks": [self.masks(self.grid, self.grid, epoch) for _ in self.global_views],
+            "local": [self.local_view(image) for _ in range(self.num_local)],
+        }
+
+
+class EvalView:
+    """Deterministic view for features: resize (shorter side to size / 0.875) and centre-crop larger images,
+    resize smaller ones, then normalise."""
+
+    def __init__(self, data: DataInfo, size: int, crop_ratio: float = 0.875) -> None:
+        self.size = size
+        self.resize_large = v2.Resize(round(size / crop_ratio), interpolation=BICUBIC, antialias=True)
+        self.resize_small = v2.Resize(size, interpolation=BICUBIC, antialias=True)
+        self.crop = v2.CenterCrop(size)
+        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.mean, data.std)])
+
+    def __call__(self, image: torch.Tensor, epoch: int = 0) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        if (height, width) != (self.size, self.size):
+            resize = self.resize_large if min(height, width) > self.size else self.resize_small
+            image = self.crop(resize(image))
+        return self.normalize(image)

@@ -1,0 +1,87 @@
+"""Features of an encoder over a dataset: [CLS], average-pooled patches, or both, for k-NN and linear probes.
+
+Any `Method.encoder()` works: it maps images (B, C, H, W) to tokens (B, prefix + N, D) and says how many
+prefix tokens it has (`num_prefix_tokens`, 1 for a ViT's [CLS]; 0 for encoders without one, whose
+[CLS] feature is then the patch average).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mimkit.data.loader import ViewDataset, eval_loader
+from mimkit.data.sources import ImageSource
+from mimkit.data.views import EvalView
+from mimkit.distributed import all_gather_cat, world_size
+
+Pooling = Literal["cls", "avg", "cls+avg"]
+
+
+@dataclass
+class Features:
+    features: torch.Tensor
+    """(N, D) float32, in dataset order."""
+    labels: torch.Tensor
+    """(N,) int64, -1 where unknown."""
+
+
+def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, pooling: Pooling) -> torch.Tensor:
+    """[CLS] (first token), the mean of the patch tokens, or both concatenated."""
+    patches = tokens[:, num_prefix_tokens:].mean(1)
+    cls = tokens[:, 0] if num_prefix_tokens > 0 else patches
+    return {"cls": cls, "avg": patches, "cls+avg": torch.cat([cls, patches], dim=-1)}[pooling]
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module,
+    source: ImageSource,
+    image_size: int,
+    pooling: Pooling = "cls",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+) -> Features:
+    """Run `encoder` over every image of `source` (sharded across processes when distributed)."""
+    was_training = encoder.training
+    encoder.eval()
+    dataset = ViewDataset(source, EvalView(source.info, image_size), seed=0)
+    loader = eval_loader(dataset, batch_size=batch_size, num_workers=num_workers, num_replicas=world_size(), rank=rank)
+    prefix = getattr(encoder, "num_prefix_tokens", 1)
+    features, labels, indices = [], [], []
+    for batch in loader:
+        if batch["views"] is None:
+            continue
+        tokens = encoder(batch["views"].to(device, non_blocking=True))
+        features.append(pool_tokens(tokens, prefix, pooling).float())
+        labels.append(batch["label"].to(device))
+        indices.append(batch["index"].to(device))
+    encoder.train(was_training)
+    return _in_dataset_order(torch.cat(features), torch.cat(labels), torch.cat(indices), len(source))
+
+
+def _in_dataset_order(features: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, total: int) -> Features:
+    """Gather the shards of all processes and drop the duplicates DistributedSampler pads with."""
+    if world_size() > 1:
+        features, labels, indices = (_gather_uneven(t) for t in (features, labels, indices))
+    order = torch.full((total,), -1, dtype=torch.long, device=indices.device)
+    order[indices] = torch.arange(len(indices), device=indices.device)
+    kept = order[order >= 0]
+    return Features(features[kept].cpu(), labels[kept].cpu())
+
+
+def _gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
+    """all_gather for tensors whose first dimension differs by rank (unreadable images are skipped)."""
+    length = torch.tensor([len(tensor)], device=tensor.device)
+    longest = int(all_gather_cat(length).max())
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: len(tensor)] = tensor
+    lengths = all_gather_cat(length)
+    return torch.cat(
+        [part[: int(n)] for part, n in zip(all_gather_cat(padded).chunk(len(lengths)), lengths, strict=True)]
+    )

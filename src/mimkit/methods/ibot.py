@@ -1,0 +1,184 @@
+"""iBOT: masked image modeling with an online tokenizer (Zhou et al., ICLR 2022).
+
+Algorithm, per batch:
+  views   two global crops (each with a block mask) and several local crops of every image
+  teacher EMA of the student, sees the unmasked global crops -> [CLS] and patch prototype logits
+  student sees the masked global crops and the local crops -> [CLS] logits of every crop, patch logits
+          at the masked positions only
+  loss    [CLS] self-distillation across views + masked patch distillation within a view (IBOTLoss)
+  after   EMA update of the teacher (cosine momentum), centers updated inside the loss
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mimkit.config import check
+from mimkit.data.info import DataInfo
+from mimkit.data.masking import MaskConfig, MaskGenerator
+from mimkit.data.views import MultiCropConfig, MultiCropViews
+from mimkit.engine.schedules import CosineSchedule, EpochWarmup
+from mimkit.losses.ibot import IBOTLoss
+from mimkit.methods.base import ClipMode, Method, MethodConfig, Progress, StepOutput, register
+from mimkit.models.heads import PrototypeHead
+from mimkit.models.teachers import EMA, frozen_copy
+from mimkit.models.vit import BackboneConfig, MaskableViT, build_backbone
+
+
+@dataclass
+class IBOTConfig(MethodConfig):
+    """iBOT defaults of the reference ViT-S/16 recipe (METHODS.md section 1)."""
+
+    name: str = "ibot"
+    clip_mode: ClipMode = "per_tensor"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    views: MultiCropConfig = field(default_factory=MultiCropConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    out_dim: int = 8192
+    """Prototypes K for [CLS]."""
+    patch_out_dim: int = 8192
+    """Prototypes for patch tokens (must equal out_dim when shared_head)."""
+    shared_head: bool = True
+    """Patch tokens use the [CLS] prototype layer too (every reference recipe)."""
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    norm_last_layer: bool = False
+    """Fix the prototype norms to 1 (reference: False for ViT-S, True for ViT-B/L)."""
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    teacher_patch_temp: float = 0.07
+    warmup_teacher_patch_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 30
+    center_momentum: float = 0.9
+    center_momentum_patch: float = 0.9
+    lambda_cls: float = 1.0
+    lambda_patch: float = 1.0
+    momentum_teacher: float = 0.996
+    """EMA momentum at the start; it follows a cosine to 1 over training."""
+    freeze_last_layer_epochs: int = 1
+    """The prototype layer gets no updates during the first epochs (1 for S, 3 for B/L)."""
+
+    def validate(self, prefix: str = "method") -> None:
+        super().validate(prefix)
+        self.backbone.validate(f"{prefix}.backbone")
+        self.views.validate(f"{prefix}.views")
+        self.mask.validate(f"{prefix}.mask")
+        check(
+            not self.shared_head or self.patch_out_dim == self.out_dim,
+            f"{prefix}.patch_out_dim",
+            f"must equal out_dim ({self.out_dim}) when shared_head is true; got {self.patch_out_dim}",
+        )
+        check(0 <= self.momentum_teacher <= 1, f"{prefix}.momentum_teacher", "must lie in [0, 1]")
+        for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "teacher_patch_temp"):
+            check(getattr(self, name) > 0, f"{prefix}.{name}", "temperatures must be positive")
+        check(self.out_dim > 0 and self.patch_out_dim > 0, f"{prefix}.out_dim", "must be positive")
+
+
+@register("ibot")
+class IBOT(Method):
+    Config = IBOTConfig
+    cfg: IBOTConfig
+
+    def __init__(self, cfg: IBOTConfig, data: DataInfo) -> None:
+        super().__init__(cfg, data)
+        self.student = build_backbone(cfg.backbone, data.channels, mask_token=True)
+        self.teacher = build_backbone(cfg.backbone, data.channels, mask_token=False, drop_path_rate=0.0)
+        self.teacher.requires_grad_(False)
+        for size, name in ((cfg.views.global_size, "global_size"), (cfg.views.local_size, "local_size")):
+            check(
+                size % self.student.patch_size == 0,
+                f"method.views.{name}",
+                f"crop size {size} is not divisible by the patch size {self.student.patch_size}",
+            )
+        dim = self.student.embed_dim
+        self.student_head = PrototypeHead(
+            dim,
+            cfg.out_dim,
+            cfg.patch_out_dim,
+            cfg.head_hidden_dim,
+            cfg.head_bottleneck_dim,
+            norm_last_layer=cfg.norm_last_layer,
+            shared_prototypes=cfg.shared_head,
+        )
+        self.teacher_head = frozen_copy(self.student_head)
+        self.ema = EMA(
+            nn.ModuleList([self.student, self.student_head]), nn.ModuleList([self.teacher, self.teacher_head])
+        )
+        self.ema.copy_student()
+        self.loss = IBOTLoss(
+            cfg.out_dim,
+            cfg.patch_out_dim,
+            teacher_temp=EpochWarmup(cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs),
+            teacher_patch_temp=EpochWarmup(
+                cfg.warmup_teacher_patch_temp,
+                cfg.teacher_patch_temp,
+                cfg.warmup_teacher_temp_epochs,
+                delay_epochs=cfg.mask.start_epoch,
+            ),
+            student_temp=cfg.student_temp,
+            center_momentum=cfg.center_momentum,
+            center_momentum_patch=cfg.center_momentum_patch,
+            lambda_cls=cfg.lambda_cls,
+            lambda_patch=cfg.lambda_patch,
+        )
+        self.momentum = CosineSchedule(cfg.momentum_teacher, 1.0)
+
+    def views(self) -> MultiCropViews:
+        return MultiCropViews(self.cfg.views, self.data, self.student.patch_size, MaskGenerator(self.cfg.mask))
+
+    def training_step(self, batch: dict[str, Any], progress: Progress) -> StepOutput:
+        views = batch["views"]
+        global_crops, local_crops = views["global"], views["local"]
+        masks = torch.stack(views["masks"])  # (G, B, h, w)
+        num_global, batch_size = masks.shape[:2]
+        flat_masks = masks.flatten(0, 1).flatten(1)  # (G*B, N)
+
+        with torch.no_grad():
+            teacher_tokens = self.teacher(torch.cat(global_crops))
+            teacher_cls = self.teacher_head.cls_logits(self.teacher_head.embed(teacher_tokens[:, 0]))
+            teacher_patch_embed = self.teacher_head.embed(teacher_tokens[:, 1:])
+            teacher_patch = self.teacher_head.patch_logits(teacher_patch_embed[flat_masks])
+            # the prototype layer is linear, so the mean of its outputs is its output at the mean embedding
+            teacher_patch_mean = self.teacher_head.patch_logits(teacher_patch_embed.mean(1))
+
+        student_tokens = self.student(torch.cat(global_crops), mask=masks.flatten(0, 1))
+        local_cls = [tokens[:, 0] for tokens in self.student.forward_crops(local_crops)] if local_crops else []
+        cls_tokens = torch.cat([student_tokens[:, 0], *local_cls])
+        embedded = self.student_head.embed(torch.cat([cls_tokens, student_tokens[:, 1:][flat_masks]]))
+        student_cls = self.student_head.cls_logits(embedded[: len(cls_tokens)])
+        student_patch = self.student_head.patch_logits(embedded[len(cls_tokens) :])
+
+        out = self.loss(
+            student_cls.view(-1, batch_size, student_cls.shape[-1]),
+            teacher_cls.view(num_global, batch_size, -1),
+            student_patch,
+            teacher_patch,
+            masks.flatten(2),
+            teacher_patch_mean,
+            progress.epoch,
+        )
+        metrics = {
+            "loss_cls": out.cls.detach(),
+            "loss_patch": out.patch.detach(),
+            "mask_ratio": flat_masks.float().mean(),
+            "teacher_temp": self.loss.teacher_temp.at_epoch(progress.epoch),
+        }
+        return StepOutput(out.total, metrics)
+
+    def before_optimizer_step(self, progress: Progress) -> None:
+        if progress.epoch < self.cfg.freeze_last_layer_epochs:
+            for layer in self.student_head.last_layers():
+                for param in layer.parameters():
+                    param.grad = None
+
+    @torch.no_grad()
+    def after_step(self, progress: Progress) -> None:
+        self.ema.update(self.momentum(progress))
+
+    def encoder(self) -> MaskableViT:
+        return self.teacher

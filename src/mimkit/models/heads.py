@@ -1,0 +1,83 @@
+"""Projection heads: the DINO/iBOT prototype head (MLP -> L2 norm -> weight-normalised prototypes)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class WeightNormLinear(nn.Module):
+    """Linear map without bias whose rows are `magnitude * direction / ||direction||` (weight normalisation).
+
+    With `fixed_norm` the magnitudes stay 1 and are not trained (DINO's `norm_last_layer`), which keeps the
+    prototypes on the unit sphere and stabilises training of large models.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fixed_norm: bool) -> None:
+        super().__init__()
+        self.direction = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.direction, a=math.sqrt(5))  # nn.Linear's default
+        self.magnitude = nn.Parameter(torch.ones(out_features, 1), requires_grad=not fixed_norm)
+
+    def weight(self) -> torch.Tensor:
+        return self.magnitude * F.normalize(self.direction, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight())
+
+
+class PrototypeHead(nn.Module):
+    """MLP (in -> hidden -> hidden -> bottleneck, GELU, no norm) -> L2 normalise -> prototype logits.
+
+    The MLP is always shared between [CLS] and patch tokens; the prototype layer is shared too unless
+    `shared_prototypes` is False, in which case patch tokens get their own (iBOT's `shared_head`).
+    Callers run `embed` once on every token they need, then the prototype layer(s) only where needed.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        patch_out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_layers: int = 3,
+        norm_last_layer: bool = True,
+        shared_prototypes: bool = True,
+    ) -> None:
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(itertools.pairwise(dims)):
+            layers.append(nn.Linear(a, b))
+            if i < len(dims) - 2:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        self.mlp.apply(_init_linear)
+        self.prototypes = WeightNormLinear(bottleneck_dim, out_dim, fixed_norm=norm_last_layer)
+        self.patch_prototypes = (
+            None if shared_prototypes else WeightNormLinear(bottleneck_dim, patch_out_dim, fixed_norm=norm_last_layer)
+        )
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(tokens), dim=-1)
+
+    def cls_logits(self, embedded: torch.Tensor) -> torch.Tensor:
+        return self.prototypes(embedded)
+
+    def patch_logits(self, embedded: torch.Tensor) -> torch.Tensor:
+        return (self.patch_prototypes or self.prototypes)(embedded)
+
+    def last_layers(self) -> list[nn.Module]:
+        """The prototype layers, which iBOT freezes during the first epoch(s)."""
+        return [m for m in (self.prototypes, self.patch_prototypes) if m is not None]
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)
