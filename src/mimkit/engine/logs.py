@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.fabric.loggers import Logger
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import (
@@ -59,6 +60,7 @@ class MetricsCSV(Logger):
         self.columns: list[str] = []
         self.rows: list[dict[str, Any]] = []
 
+    @rank_zero_only
     def start_at(self, resume_step: int | None) -> None:
         """Fresh run (None): the file is replaced at the first row. Resumed: keep rows up to the checkpoint's step."""
         if resume_step is None or not self.path.exists():
@@ -80,6 +82,7 @@ class MetricsCSV(Logger):
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
         """The resolved config is saved as config.yaml beside this file."""
 
+    @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.rows.append(row)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from rich.progress import track
 from torch import nn
 
 from mimkit.data.loader import ViewDataset, eval_loader
@@ -27,6 +28,15 @@ class Features:
     """(N, D) float32, in dataset order."""
     labels: torch.Tensor
     """(N,) int64, -1 where unknown."""
+
+
+class RawPixels(nn.Module):
+    """The identity "encoder": the normalised pixels as one token (the raw-pixel k-NN baseline)."""
+
+    num_prefix_tokens = 1
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.flatten(1).unsqueeze(1)
 
 
 def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, pooling: Pooling) -> torch.Tensor:
@@ -46,15 +56,20 @@ def extract_features(
     num_workers: int = 0,
     device: torch.device | str = "cpu",
     rank: int = 0,
+    description: str | None = None,
 ) -> Features:
-    """Run `encoder` over every image of `source` (sharded across processes when distributed)."""
+    """Run `encoder` over every image of `source` (sharded across processes when distributed).
+
+    `description` shows a progress bar with that label.
+    """
     was_training = encoder.training
     encoder.eval()
     dataset = ViewDataset(source, EvalView(source.info, image_size), seed=0)
     loader = eval_loader(dataset, batch_size=batch_size, num_workers=num_workers, num_replicas=world_size(), rank=rank)
     prefix = getattr(encoder, "num_prefix_tokens", 1)
     features, labels, indices = [], [], []
-    for batch in loader:
+    batches = track(loader, description=description, transient=True) if description else loader
+    for batch in batches:
         if batch["views"] is None:
             continue
         tokens = encoder(batch["views"].to(device, non_blocking=True))

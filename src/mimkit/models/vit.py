@@ -61,6 +61,12 @@ def create_vit(cfg: BackboneConfig, in_chans: int, drop_path_rate: float | None 
             f"backbone: unknown timm model {cfg.name!r}"
             + (f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('vit_*')")
         )
+    if not timm.models.is_model_in_modules(cfg.name, ["vision_transformer"]):
+        family = timm.models.model_entrypoint(cfg.name).__module__.rsplit(".", 1)[-1]
+        raise ConfigError(
+            f"backbone: {cfg.name!r} is a {family} model, not a timm VisionTransformer; "
+            "masked-token methods need a ViT (e.g. vit_small_patch16_224)"
+        )
     model = timm.create_model(
         cfg.name,
         pretrained=False,
@@ -71,11 +77,6 @@ def create_vit(cfg: BackboneConfig, in_chans: int, drop_path_rate: float | None 
         drop_path_rate=cfg.drop_path_rate if drop_path_rate is None else drop_path_rate,
         **overrides,
     )
-    if not isinstance(model, VisionTransformer):
-        raise ConfigError(
-            f"backbone: {cfg.name!r} is a {type(model).__name__}, not a timm VisionTransformer; "
-            "masked-token methods need a ViT (e.g. vit_small_patch16_224)"
-        )
     patch = model.patch_embed.patch_size[0]
     check(
         cfg.img_size % patch == 0,
@@ -124,6 +125,7 @@ class MaskableViT(nn.Module):
         self.vit = vit
         self.embed_dim: int = vit.embed_dim
         self.patch_size: int = vit.patch_embed.patch_size[0]
+        self.image_size: int = vit.patch_embed.img_size[0]
         self.num_prefix_tokens: int = vit.num_prefix_tokens
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim)) if mask_token else None
 
