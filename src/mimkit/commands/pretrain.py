@@ -58,6 +58,9 @@ def pretrain_overrides(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     if args.fields:
         return print_fields(args.fields)
+    if args.resume and "=" in args.resume:  # `--resume key=value`: a bare --resume followed by an override
+        args.overrides.append(args.resume)
+        args.resume = ""
     overrides = pretrain_overrides(args)
     if args.config:
         cfg = load_run_config(args.config, overrides)
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         saved = Path(args.resume) / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"--resume {args.resume}: no config.yaml there; pass the recipe with -c as well")
-        cfg = load_run_config(None, overrides, base=read_yaml(saved))
+        # the run continues where it lies now, even if it was moved since it started
+        cfg = load_run_config(None, [f"output_dir={args.resume}", *overrides], base=read_yaml(saved))
     else:
         raise ConfigError(
             "pretrain needs a recipe: mimkit pretrain -c configs/<method>/<recipe>.yaml (or --resume RUN_FOLDER)"

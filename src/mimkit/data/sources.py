@@ -114,8 +114,7 @@ class ImageFolderSource(ImageSource):
         root = Path(cfg.root or "").expanduser()
         if not root.is_dir():
             raise DataError(f"data.root {root} is not a folder; point it at a folder of images")
-        if (root / split).is_dir():
-            root = root / split
+        root = _split_folder(root, split, {cfg.split, cfg.eval_split, "train", "val", "test"})
         self.root = root
         self.files, self.targets, classes = _scan_folder(root)
         if not self.files:
@@ -153,6 +152,19 @@ class ImageFolderSource(ImageSource):
 
     def labels(self) -> torch.Tensor | None:
         return torch.tensor(self.targets) if self.info.num_classes else None
+
+
+def _split_folder(root: Path, split: str, split_names: set[str]) -> Path:
+    """`root/split` when it exists; `root` itself when it has no split folders at all (one unsplit folder)."""
+    if (root / split).is_dir():
+        return root / split
+    present = sorted(name for name in split_names if (root / name).is_dir())
+    if present:
+        raise DataError(
+            f"{root} has split folders ({', '.join(present)}) but no '{split}'; "
+            "set data.split / data.eval_split to one of them"
+        )
+    return root
 
 
 def _scan_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
@@ -200,19 +212,25 @@ class TorchvisionSource(ImageSource):
         elif "split" in params:
             kwargs["split"] = split
         root = Path(cfg.root or fashion_mnist.cache_dir() / "torchvision").expanduser()
+        if "root" in params:
+            kwargs["root"] = str(root)
+        self.name = f"torchvision:{cfg.name}"
         try:
-            self.dataset = cls(str(root), **kwargs)
-        except (RuntimeError, OSError, ValueError) as error:
+            self.dataset = cls(**kwargs)
+        except (RuntimeError, OSError, ValueError, TypeError) as error:
             raise DataError(
                 f"torchvision {cfg.name} (split {split!r}) could not be opened from {root}: {error}. "
                 "Set data.root to where it is, or data.download=true."
             ) from None
-        first, _ = self._raw(0)
+        try:
+            first, _ = self._raw(0)
+        except UnreadableImage as error:
+            raise DataError(f"{self.name}: the first image cannot be read ({error.reason})") from None
         self.channels = cfg.channels or first.shape[0]
         classes = tuple(getattr(self.dataset, "classes", ()) or ())
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.channels == 3 else (GRAY_MEAN, GRAY_STD)
         self.info = DataInfo(
-            f"torchvision:{cfg.name}",
+            self.name,
             self.channels,
             len(self.dataset),
             tuple(first.shape[1:]),
@@ -226,7 +244,7 @@ class TorchvisionSource(ImageSource):
         try:
             image, label = self.dataset[index]
         except (OSError, UnidentifiedImageError, ValueError) as error:
-            raise UnreadableImage(f"{self.info.name}[{index}]", str(error)) from None
+            raise UnreadableImage(f"{self.name}[{index}]", str(error)) from None
         if isinstance(image, Image.Image):
             image = _pil_to_tensor(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
         return image, int(label) if label is not None else -1

@@ -92,6 +92,8 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "numpy_key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
         "numpy_pos": int(numpy_state["state"]["pos"]),
+        "numpy_has_gauss": int(numpy_state["has_gauss"]),
+        "numpy_gauss": float(numpy_state["gauss"]),
         "python": torch.tensor(internal, dtype=torch.int64),
         "python_version": version,
         "python_gauss": gauss,
@@ -103,7 +105,15 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy_key"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy_key"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_has_gauss"],
+            state["numpy_gauss"],
+        )
+    )
     random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

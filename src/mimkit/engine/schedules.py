@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from mimkit.methods.base import Progress
+if TYPE_CHECKING:  # only an annotation here; importing mimkit.methods would load every method
+    from mimkit.methods.base import Progress
 
 
 @dataclass(frozen=True)

@@ -175,8 +175,9 @@ class Trainer:
             for micro in range(self.accumulate):
                 batch = fabric.to_device(next(batches))
                 pos.batch_in_epoch += 1
-                if batch["skipped"]:
-                    pos.skipped_images += len(batch["skipped"])
+                for where in batch["skipped"]:
+                    pos.skipped_images += 1
+                    log.warning("skipped unreadable image %s", where)
                 if batch["views"] is None:
                     continue
                 window_images += len(batch["label"]) * fabric.world_size
