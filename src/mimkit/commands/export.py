@@ -1,0 +1,61 @@
+"""`mimkit export RUN --format timm`: ship a run's backbone as weights any timm user can load.
+
+Choices are checked by the run function, not argparse, so a wrong value is a ConfigError like every other
+mimkit input error (a one-line message, exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+FORMATS = ("timm",)
+
+
+def add(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "export",
+        help="export a run's backbone (timm safetensors + config.json)",
+        description="Write the backbone of a run as model.safetensors and config.json, loadable by timm.create_model.",
+    )
+    # dest is not "run": that attribute holds the function the CLI calls
+    p.add_argument("checkpoint", metavar="RUN", help="run folder (its checkpoints/last.ckpt) or checkpoint file")
+    p.add_argument("--format", required=True, metavar="{timm}", help="export format")
+    p.add_argument(
+        "--network",
+        default="encoder",
+        metavar="{encoder,student,teacher}",
+        help="which network: the method's encoder (iBOT: the EMA teacher), or its student or teacher by name",
+    )
+    p.add_argument(
+        "--image-size", type=int, metavar="N", help="input size of the export (resamples the positional embeddings)"
+    )
+    p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/export/<format>)")
+    p.set_defaults(run=run_export)
+
+
+def load_snippet(folder: Path) -> str:
+    """One line of Python that loads the export (repr quotes any path safely)."""
+    return f"from mimkit.export import load_exported; model = load_exported({str(folder)!r}).eval()"
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import json
+
+    from mimkit.config import ConfigError
+    from mimkit.export import CONFIG_FILE, WEIGHTS_FILE, export_timm
+
+    if args.format not in FORMATS:
+        raise ConfigError(f"--format: unsupported format {args.format!r}; choose one of {', '.join(FORMATS)}")
+    out = export_timm(args.checkpoint, args.out, network=args.network, image_size=args.image_size)
+    config = json.loads((out / CONFIG_FILE).read_text())
+    weights = out / WEIGHTS_FILE
+    source = config["mimkit"]
+    print(
+        f"exported the {source['network']} of {source['method']} ({config['architecture']}, "
+        f"input {'x'.join(map(str, config['pretrained_cfg']['input_size']))}) from {source['checkpoint']}"
+    )
+    print(f"  {weights} ({weights.stat().st_size / 2**20:.1f} MiB)")
+    print(f"  {out / CONFIG_FILE}")
+    print(f"load it with: {load_snippet(out)}")
+    return 0
