@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 
 class DataError(RuntimeError):
@@ -30,3 +31,14 @@ class DataInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for checkpoints (so a run can be rebuilt without its data at hand)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DataInfo:
+        def restore(value: Any) -> Any:
+            return tuple(value) if isinstance(value, list) else value
+
+        return cls(**{key: restore(value) for key, value in values.items()})

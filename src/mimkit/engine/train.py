@@ -295,6 +295,7 @@ class Trainer:
             "position": dict(pos.__dict__),
             "rng": ckpt.all_rng_states(),
             "config": _plain_config(self.cfg),
+            "data_info": self.method.data.to_dict(),
             "versions": ckpt.package_versions(),
             "world_size": self.fabric.world_size,
         }

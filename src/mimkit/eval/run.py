@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mimkit.config import ConfigError, RunConfig, load_run_config
+from mimkit.data.info import DataInfo
 from mimkit.data.sources import ImageSource, build_source
 from mimkit.engine.checkpoint import LAST, checkpoint_dir, read_checkpoint
 from mimkit.methods.base import Method, method_class
@@ -57,7 +58,7 @@ def load_run(
     if "config" not in state or "method" not in state:
         raise ConfigError(f"{path} is not a mimkit pretraining checkpoint (no config/method entries)")
     cfg = load_run_config(None, overrides or [], base=state["config"])
-    info = build_source(cfg.data).info
+    info = DataInfo.from_dict(state["data_info"]) if "data_info" in state else build_source(cfg.data).info
     torch.manual_seed(cfg.seed)  # the random-init baseline gets the run's own initialisation
     method = method_class(cfg.method.name)(cfg.method, info)
     if not random_init:
