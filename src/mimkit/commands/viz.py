@@ -1,0 +1,183 @@
+"""`mimkit viz`: figures of a run (attention, masks, patch PCA, training curves) and its HTML report."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from matplotlib.figure import Figure
+
+    from mimkit.eval.run import LoadedRun
+    from mimkit.models.vit import MaskableViT
+
+FIGURES = ("attention", "masks", "pca", "curves", "report")
+"""What `--what` can name, in the order they are made (the report last: it shows the figures made before)."""
+
+EPILOG = """examples:
+  mimkit viz runs/ibot_vit_tiny_fmnist                  every figure and runs/ibot_vit_tiny_fmnist/report/index.html
+  mimkit viz runs/try --what attention --images 8       one figure, more images
+  mimkit viz runs/try/checkpoints/epoch_0009.ckpt --out runs/try/report_epoch9
+"""
+
+
+def add(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "viz",
+        help="figures of a run and an HTML report",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Draw [CLS] attention maps, masked views, patch-feature PCA and training curves of a run as "
+        "PNGs, and an index.html that gathers them with the config and the evaluation results.",
+        epilog=EPILOG,
+    )
+    p.add_argument("run_path", metavar="RUN", help="run folder or checkpoint file")  # `run` is the function
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data overrides, e.g. data.root=/data")
+    p.add_argument("--images", type=int, default=4, metavar="N", help="images per figure (default 4)")
+    p.add_argument("--split", help="split the images come from (default: the run's data.eval_split)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/report)")
+    p.add_argument(
+        "--what",
+        nargs="+",
+        choices=FIGURES,
+        default=list(FIGURES),
+        metavar="WHAT",
+        help=f"any of {', '.join(FIGURES)} (default: all; the report always comes last)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.6,
+        metavar="F",
+        help="attention mass the thresholded maps keep (default 0.6)",
+    )
+    p.add_argument(
+        "--smooth", type=float, default=0.0, metavar="W", help="EMA weight in [0, 1) for the curves (0: raw)"
+    )
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mimkit.config import ConfigError
+
+    if args.images < 1 or not 0 < args.threshold <= 1 or not 0 <= args.smooth < 1:
+        raise ConfigError("viz: needs --images >= 1, 0 < --threshold <= 1 and 0 <= --smooth < 1")
+    from mimkit.eval.run import load_run
+
+    loaded = load_run(args.run_path, args.overrides)
+    out = Path(args.out) if args.out else loaded.run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    makers = {"attention": _attention, "masks": _masks, "pca": _pca, "curves": _curves}
+    for name in FIGURES:
+        if name not in args.what:
+            continue
+        if name == "report":
+            path = _report(loaded, out)
+        else:
+            figure = makers[name](loaded, args)
+            if figure is None:
+                continue
+            path = out / f"{name}.png"
+            figure.savefig(path, dpi=110)
+        print(f"saved {path}")
+    return 0
+
+
+def _encoder_and_images(loaded: LoadedRun, args: argparse.Namespace) -> tuple[MaskableViT, torch.Tensor]:
+    """The run's encoder (a MaskableViT) and `--images` evenly spaced images of the split through EvalView."""
+    import torch
+
+    from mimkit.config import ConfigError
+    from mimkit.data.views import EvalView
+    from mimkit.models.vit import MaskableViT
+
+    encoder = loaded.encoder()
+    if not isinstance(encoder, MaskableViT):
+        raise ConfigError(
+            f"viz: attention and PCA need a ViT encoder; {loaded.cfg.method.name} gives a {type(encoder).__name__}"
+        )
+    images = [view for view, _, _ in _samples(loaded, args, EvalView(loaded.method.data, encoder.image_size))]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return encoder.to(device).eval(), torch.stack(images).to(device)
+
+
+def _samples(
+    loaded: LoadedRun, args: argparse.Namespace, transform: Callable[[torch.Tensor, int], Any]
+) -> list[tuple[Any, int, int]]:
+    """Views of evenly spaced images (sorted folders would otherwise give one class); unreadable ones skipped."""
+    from mimkit.data.info import DataError
+    from mimkit.data.loader import Skipped, ViewDataset
+
+    source = loaded.source(args.split or loaded.cfg.data.eval_split)
+    count = min(args.images, len(source))
+    dataset = ViewDataset(source, transform, seed=loaded.cfg.seed)
+    epoch = max(loaded.cfg.train.epochs - 1, 0)  # mask schedules (start_epoch) as at the end of training
+    samples = [dataset[(epoch, i * len(source) // count)] for i in range(count)]
+    samples = [s for s in samples if not isinstance(s, Skipped)]
+    if not samples:
+        raise DataError(f"viz: none of the chosen images of {source.info.name} could be read")
+    return samples
+
+
+def _attention(loaded: LoadedRun, args: argparse.Namespace) -> Figure:
+    from mimkit.viz.attention import attention_figure, attention_maps
+
+    encoder, images = _encoder_and_images(loaded, args)
+    info = loaded.method.data
+    return attention_figure(images, attention_maps(encoder, images, args.threshold), info.mean, info.std)
+
+
+def _pca(loaded: LoadedRun, args: argparse.Namespace) -> Figure:
+    import torch
+
+    from mimkit.viz.pca import patch_pca_rgb, pca_figure
+
+    encoder, images = _encoder_and_images(loaded, args)
+    with torch.no_grad():
+        patches = encoder(images)[:, encoder.num_prefix_tokens :]
+    rgb = patch_pca_rgb(patches, encoder.grid(*images.shape[-2:]))
+    return pca_figure(images, rgb, loaded.method.data.mean, loaded.method.data.std)
+
+
+def _masks(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:
+    import torch
+
+    from mimkit.viz.masks import mask_overlay_figure, masked_crops
+
+    pairs = [masked_crops(views) for views, _, _ in _samples(loaded, args, loaded.method.views())]
+    if not pairs[0][0]:
+        print(f"masks: the views of {loaded.cfg.method.name} carry no patch masks; skipped")
+        return None
+    crops = torch.stack([torch.stack(c) for c, _ in pairs])
+    masks = torch.stack([torch.stack(m) for _, m in pairs])
+    return mask_overlay_figure(crops, masks, loaded.method.data.mean, loaded.method.data.std)
+
+
+def _curves(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:
+    from mimkit.engine.logs import METRICS_FILE, read_metrics
+    from mimkit.viz.curves import curves_figure
+
+    if not (loaded.run_dir / METRICS_FILE).is_file():
+        print(f"curves: no {METRICS_FILE} in {loaded.run_dir}; skipped")
+        return None
+    return curves_figure(read_metrics(loaded.run_dir), args.smooth)
+
+
+def _report(loaded: LoadedRun, out: Path) -> Path:
+    from datetime import datetime
+
+    from mimkit import __version__
+    from mimkit.config import dump_yaml
+    from mimkit.data.sources import describe
+    from mimkit.viz.report import write_report
+
+    summary = {
+        "run folder": str(loaded.run_dir),
+        "checkpoint": str(loaded.checkpoint),
+        "method": loaded.cfg.method.name,
+        "data": describe(loaded.source(loaded.cfg.data.split)),
+        "generated": f"{datetime.now():%Y-%m-%d %H:%M} by mimkit {__version__}",
+    }
+    return write_report(out, loaded.run_dir, dump_yaml(loaded.cfg), summary)
