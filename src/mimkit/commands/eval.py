@@ -1,72 +1,193 @@
-"""`mimkit eval ...`: judge the encoder of a pretraining run.
+"""`mimkit eval ...`: judge the encoder of a pretraining run by k-NN, linear probe or full fine-tuning.
 
-Parsers are built without importing torch or timm (fast `--help`); each command imports what it runs.
+Parsers are built without importing torch or timm (fast `--help`); each command imports what it runs. Results
+go to `RUN/eval/<evaluation>.json`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
+    from mimkit.data.sources import ImageSource
     from mimkit.eval.features import Features
     from mimkit.eval.run import LoadedRun
 
 DEFAULT_KS = (10, 20, 100, 200)
+DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+"""Same as `mimkit.eval.linear.DEFAULT_LRS` (repeated here to keep torch out of the parser; a test checks)."""
 
 
 def add(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("eval", help="evaluate a run's encoder: k-NN, linear probe, fine-tuning")
     sub = p.add_subparsers(title="evaluations", metavar="EVAL", required=True)
-    knn = sub.add_parser("knn", help="weighted k-NN accuracy of frozen features (cosine, exp(sim/T) votes)")
-    knn.add_argument("run", help="run folder or checkpoint file")
-    knn.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data overrides, e.g. data.root=/data")
-    knn.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS), help="neighbour counts (one pass)")
-    knn.add_argument("--temperature", type=float, default=0.07)
-    knn.add_argument("--pooling", choices=["cls", "avg", "cls+avg"], default="cls")
+
+    knn = _command(sub, "knn", "weighted k-NN accuracy of frozen features (cosine, exp(sim/T) votes)", run_knn)
+    knn.add_argument(
+        "--k", type=int, nargs="+", default=list(DEFAULT_KS), help="neighbour counts, one pass (%(default)s)"
+    )
+    knn.add_argument("--temperature", type=float, default=0.07, help="T of the exp(sim/T) votes (%(default)s)")
+    knn.add_argument("--pooling", choices=["cls", "avg", "cls+avg"], default="cls", help="features (%(default)s)")
     knn.add_argument("--baselines", action="store_true", help="also the random-init backbone and raw pixels")
-    knn.add_argument("--limit", type=int, help="use only the first N train and test images")
-    knn.add_argument("--batch-size", type=int, default=256)
-    knn.add_argument("--num-workers", type=int, default=0)
-    knn.set_defaults(run=run_knn)
+    _data_options(knn, batch_size=256, workers=0)
+
+    linear = _command(sub, "linear", "linear probes of frozen features, one per lr, trained in one pass", run_linear)
+    linear.add_argument(
+        "--variant",
+        choices=["cls", "last4", "cls+avg"],
+        default="last4",
+        help="last [CLS]; [CLS] of each of the last 4 blocks, concatenated (DINO/iBOT ViT-S); [CLS] + patch mean "
+        "(%(default)s)",
+    )
+    linear.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS), help="lrs to sweep (%(default)s)")
+    linear.add_argument("--epochs", type=int, default=100, help="SGD epochs over the features (%(default)s)")
+    linear.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="hold out this fraction of the train features to select the lr (default 0: select on the test split)",
+    )
+    linear.add_argument("--cache", action="store_true", help="save/reuse features in RUN/eval/features_*.pt")
+    _data_options(linear, batch_size=256, workers=0, what="feature extraction and probe SGD batch")
+
+    ft = _command(sub, "finetune", "full fine-tuning with layer-wise lr decay, mixup/cutmix, drop path", run_finetune)
+    ft.add_argument("--epochs", type=int, default=100, help="passes over the train split (%(default)s)")
+    ft.add_argument("--lr", type=float, default=1e-3, help="peak lr of the head, absolute (%(default)s)")
+    ft.add_argument("--min-lr", type=float, default=1e-6, help="lr at the end of the cosine (%(default)s)")
+    ft.add_argument("--warmup-epochs", type=float, default=5.0, help="linear warm-up from 0 (%(default)s)")
+    ft.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (%(default)s)")
+    ft.add_argument(
+        "--layer-decay", type=float, default=0.75, help="lr factor per layer towards the input (%(default)s)"
+    )
+    ft.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the last block (%(default)s)")
+    ft.add_argument("--mixup", type=float, default=0.8, help="mixup alpha, 0: off (%(default)s)")
+    ft.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha, 0: off (%(default)s)")
+    ft.add_argument("--label-smoothing", type=float, default=0.1, help="of the targets, mixed or not (%(default)s)")
+    ft.add_argument(
+        "--crop-scale",
+        type=float,
+        nargs=2,
+        default=[0.08, 1.0],
+        metavar=("MIN", "MAX"),
+        help="RandomResizedCrop area range (%(default)s)",
+    )
+    ft.add_argument("--seed", type=int, default=0, help="head init, batch order, augmentation (%(default)s)")
+    _data_options(ft, batch_size=128, workers=None)
+
+
+def _command(
+    sub: argparse._SubParsersAction, name: str, help: str, run: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+    parser.add_argument("run_path", metavar="RUN", help="run folder or checkpoint file")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data overrides, e.g. data.root=/data")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _data_options(parser: argparse.ArgumentParser, batch_size: int, workers: int | None, what: str = "batch") -> None:
+    parser.add_argument("--limit", type=int, help="use only the first N train and test images")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"{what} size (%(default)s)")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=workers,
+        help="data loading processes (" + ("%(default)s)" if workers is not None else "default: the run's)"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared helpers
 
 
 def _device() -> torch.device:
+    """The first GPU, else the CPU."""
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _features(encoder: torch.nn.Module, run: LoadedRun, split: str, args: argparse.Namespace, label: str) -> Features:
-    from mimkit.eval.features import extract_features
-
-    source = run.source(split, limit=args.limit)
-    size = getattr(encoder, "image_size", None) or (source.info.image_size or (224, 224))[0]
-    device = _device()
-    return extract_features(
-        encoder.to(device),
-        source,
-        size,
-        args.pooling,
-        args.batch_size,
-        args.num_workers,
-        device,
-        description=f"{label}: {split} features",
-    )
+def _image_size(encoder: torch.nn.Module, source: ImageSource) -> int:
+    """The encoder's training resolution; the data's own size for encoders without one (raw pixels)."""
+    return getattr(encoder, "image_size", None) or (source.info.image_size or (224, 224))[0]
 
 
-def knn_row(encoder: torch.nn.Module, run: LoadedRun, args: argparse.Namespace, label: str) -> dict[int, float]:
+def _labelled_splits(run: LoadedRun, args: argparse.Namespace, evaluation: str) -> list[tuple[str, ImageSource]]:
+    """The run's train and eval splits by name (first `args.limit` images each); an error if unlabelled."""
     from mimkit.config import ConfigError
+
+    data = run.cfg.data
+    splits = [(split, run.source(split, limit=args.limit)) for split in (data.split, data.eval_split)]
+    if not splits[0][1].info.num_classes:
+        raise ConfigError(f"{evaluation} needs labelled data; {data.source} at {data.root} has no labels")
+    return splits
+
+
+def _features(
+    encoder: torch.nn.Module,
+    run: LoadedRun,
+    split: tuple[str, ImageSource],
+    args: argparse.Namespace,
+    label: str,
+    variant: str,
+) -> Features:
+    """Frozen features of a (name, source) split (`variant`: a pooling or last4), cached when `args.cache`."""
+    from dataclasses import asdict
+
+    from mimkit.eval.probe import cached_features, probe_features
+
+    name, source = split
+    size = _image_size(encoder, source)
+    device = _device()
+    path, key = None, {}
+    if getattr(args, "cache", False) and run.checkpoint is not None:
+        path = run.run_dir / "eval" / f"features_{variant}_{name}.pt"
+        modified = run.checkpoint.stat().st_mtime_ns
+        key = {"checkpoint": str(run.checkpoint), "modified": modified, "data": asdict(run.cfg.data), "size": size}
+        key |= {"split": name, "variant": variant, "limit": args.limit}
+
+    def compute() -> Features:
+        return probe_features(
+            encoder.to(device),
+            source,
+            size,
+            variant,  # type: ignore[arg-type]
+            args.batch_size,
+            args.num_workers,
+            device,
+            description=f"{label}: {name} features",
+        )
+
+    return cached_features(path, key, compute)
+
+
+def _save(run: LoadedRun, name: str, result: dict) -> None:
+    out = run.run_dir / "eval" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"saved {out}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# k-NN
+
+
+def _knn_row(
+    encoder: torch.nn.Module,
+    run: LoadedRun,
+    splits: list[tuple[str, ImageSource]],
+    args: argparse.Namespace,
+    label: str,
+) -> dict[int, float]:
     from mimkit.eval.knn import knn_accuracy
 
-    train = _features(encoder, run, run.cfg.data.split, args, label)
-    test = _features(encoder, run, run.cfg.data.eval_split, args, label)
-    classes = run.source(run.cfg.data.split, limit=args.limit).info.num_classes
-    if not classes:
-        raise ConfigError(f"k-NN needs labelled data; {run.cfg.data.source} at {run.cfg.data.root} has no labels")
+    train, test = (_features(encoder, run, split, args, label, args.pooling) for split in splits)
+    classes = splits[0][1].info.num_classes
     return knn_accuracy(train.features, train.labels, test.features, test.labels, classes, args.k, args.temperature)
 
 
@@ -77,12 +198,13 @@ def run_knn(args: argparse.Namespace) -> int:
     from mimkit.eval.features import RawPixels
     from mimkit.eval.run import load_run
 
-    run = load_run(args.run, args.overrides)
-    rows = {"pretrained": knn_row(run.encoder(), run, args, "pretrained")}
+    run = load_run(args.run_path, args.overrides)
+    splits = _labelled_splits(run, args, "k-NN")
+    rows = {"pretrained": _knn_row(run.encoder(), run, splits, args, "pretrained")}
     if args.baselines:
-        random_init = load_run(args.run, args.overrides, random_init=True)
-        rows["random init"] = knn_row(random_init.encoder(), random_init, args, "random init")
-        rows["raw pixels"] = knn_row(RawPixels(), run, args, "raw pixels")
+        random_init = load_run(args.run_path, args.overrides, random_init=True)
+        rows["random init"] = _knn_row(random_init.encoder(), random_init, splits, args, "random init")
+        rows["raw pixels"] = _knn_row(RawPixels(), run, splits, args, "raw pixels")
     table = Table(title=f"k-NN accuracy (T = {args.temperature}, {args.pooling} features) - {run.checkpoint}")
     table.add_column("features")
     for k in args.k:
@@ -90,15 +212,157 @@ def run_knn(args: argparse.Namespace) -> int:
     for name, accuracies in rows.items():
         table.add_row(name, *(f"{100 * accuracies[k]:.2f}" for k in args.k))
     Console().print(table)
-    out = run.run_dir / "eval" / "knn.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {
-        "checkpoint": str(run.checkpoint),
-        "temperature": args.temperature,
-        "pooling": args.pooling,
-        "limit": args.limit,
-        "accuracy": {name: {str(k): v for k, v in acc.items()} for name, acc in rows.items()},
-    }
-    out.write_text(json.dumps(result, indent=2))
-    print(f"saved {out}")
+    _save(
+        run,
+        "knn.json",
+        {
+            "checkpoint": str(run.checkpoint),
+            "temperature": args.temperature,
+            "pooling": args.pooling,
+            "limit": args.limit,
+            "accuracy": {name: {str(k): v for k, v in acc.items()} for name, acc in rows.items()},
+        },
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Linear probe
+
+
+def run_linear(args: argparse.Namespace) -> int:
+    import torch
+
+    from mimkit.config import ConfigError
+    from mimkit.eval.linear import train_linear_probes
+    from mimkit.eval.run import load_run
+
+    if not 0 <= args.val_fraction < 1:
+        raise ConfigError(f"--val-fraction: must lie in [0, 1); got {args.val_fraction}")
+    run = load_run(args.run_path, args.overrides)
+    splits = _labelled_splits(run, args, "the linear probe")
+    classes = splits[0][1].info.num_classes
+    encoder = run.encoder()
+    train, test = (_features(encoder, run, split, args, "pretrained", args.variant) for split in splits)
+    device = _device()
+    train_x, train_y = train.features.to(device), train.labels
+    val: dict[str, torch.Tensor] = {}
+    if args.val_fraction > 0:
+        held_out = round(args.val_fraction * len(train_y))
+        if not 0 < held_out < len(train_y):
+            raise ConfigError(f"--val-fraction {args.val_fraction} of {len(train_y)} train images leaves a split empty")
+        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))
+        val = {"val_x": train_x[order[:held_out]], "val_y": train_y[order[:held_out]]}
+        train_x, train_y = train_x[order[held_out:]], train_y[order[held_out:]]
+    result = train_linear_probes(
+        train_x, train_y, test.features.to(device), test.labels, classes, args.lrs, args.epochs, args.batch_size, **val
+    )
+    selection = (
+        f"lr selected on {len(val['val_y'])} held-out train images; test top-1 unbiased"
+        if val
+        else "lr selected on the test split, as DINO/iBOT report; --val-fraction holds out train images instead"
+    )
+    print(
+        f"Linear probe: {args.variant} features, {args.epochs} epochs, {len(train_y)} train images - {run.checkpoint}"
+    )
+    print(result.to_markdown())
+    print(f"best lr {result.best_lr:g}: top-1 {100 * result.best_top1:.2f}% ({selection})")
+    table = [
+        {"lr": lr, "top1": t1, "top5": t5} for lr, t1, t5 in zip(result.lrs, result.top1, result.top5, strict=True)
+    ]
+    if result.val_top1 is not None:
+        for row, val_top1 in zip(table, result.val_top1, strict=True):
+            row["val_top1"] = val_top1
+    _save(
+        run,
+        "linear.json",
+        {
+            "checkpoint": str(run.checkpoint),
+            "variant": args.variant,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "limit": args.limit,
+            "selection": "val" if val else "test",
+            "val_fraction": args.val_fraction,
+            "table": table,
+            "best_lr": result.best_lr,
+            "best_top1": result.best_top1,
+        },
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fine-tuning
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from rich.console import Console
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    from mimkit.config import ConfigError
+    from mimkit.eval.finetune import FinetuneConfig, finetune
+    from mimkit.eval.run import load_run
+
+    run = load_run(args.run_path, args.overrides)
+    encoder = run.encoder()
+    vit = getattr(encoder, "vit", None)
+    if not isinstance(vit, VisionTransformer):
+        raise ConfigError(f"fine-tuning needs an encoder with a timm ViT at .vit; {run.cfg.method.name} has none")
+    cfg = FinetuneConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        warmup_epochs=args.warmup_epochs,
+        weight_decay=args.weight_decay,
+        layer_decay=args.layer_decay,
+        drop_path=args.drop_path,
+        mixup=args.mixup,
+        cutmix=args.cutmix,
+        label_smoothing=args.label_smoothing,
+        batch_size=args.batch_size,
+        num_workers=run.cfg.data.num_workers if args.num_workers is None else args.num_workers,
+        crop_scale=tuple(args.crop_scale),
+        seed=args.seed,
+    )
+    (_, train_source), (_, eval_source) = _labelled_splits(run, args, "fine-tuning")
+    size = _image_size(encoder, train_source)
+    device = _device()
+    console = Console()
+    console.print(f"fine-tuning {run.checkpoint} at {size}px on {device} for {cfg.epochs} epochs")
+
+    def report(row: dict[str, float]) -> None:
+        console.print(
+            f"epoch {row['epoch']:>3}  loss {row['loss']:.4f}  top-1 {100 * row['top1']:.2f}%  "
+            f"top-5 {100 * row['top5']:.2f}%"
+        )
+
+    result = finetune(vit, train_source, eval_source, size, cfg, device, report)
+    best = result.best
+    console.print(
+        f"final top-1 {100 * result.top1:.2f}%, top-5 {100 * result.top5:.2f}% "
+        f"(best top-1 {100 * best['top1']:.2f}% at epoch {best['epoch']}, selected on the eval split)"
+    )
+    weights = run.run_dir / "eval" / "finetune.safetensors"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file({name: t.detach().contiguous().cpu() for name, t in vit.state_dict().items()}, str(weights))
+    _save(
+        run,
+        "finetune.json",
+        {
+            "checkpoint": str(run.checkpoint),
+            "image_size": size,
+            "num_classes": train_source.info.num_classes,
+            "limit": args.limit,
+            "settings": asdict(cfg),
+            "history": result.history,
+            "top1": result.top1,
+            "top5": result.top5,
+            "best": best,
+            "weights": str(weights),
+        },
+    )
     return 0

@@ -50,26 +50,14 @@ def setup_logging(run_dir: Path | None, rank: int = 0) -> None:
 class MetricsCSV(Logger):
     """`metrics.csv` in the run folder: one row per logged step, one column per metric, appended as it goes.
 
-    A resumed run first drops the rows the interrupted run wrote after its checkpoint, so the file reads as
-    one uninterrupted run.
+    A new metric adds a column by rewriting the file once. A resumed run first drops the rows the interrupted
+    run wrote after its checkpoint, so the file reads as one uninterrupted run.
     """
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__()
         self.path = Path(run_dir) / METRICS_FILE
         self.columns: list[str] = []
-        self.rows: list[dict[str, Any]] = []
-
-    @rank_zero_only
-    def start_at(self, resume_step: int | None) -> None:
-        """Fresh run (None): the file is replaced at the first row. Resumed: keep rows up to the checkpoint's step."""
-        if resume_step is None or not self.path.exists():
-            return
-        with open(self.path, newline="") as f:
-            reader = csv.DictReader(f)
-            self.columns = list(reader.fieldnames or [])
-            self.rows = [r for r in reader if r.get("step", "") != "" and float(r["step"]) <= resume_step]
-        self._rewrite()
 
     @property
     def name(self) -> str:
@@ -79,28 +67,41 @@ class MetricsCSV(Logger):
     def version(self) -> str:
         return ""
 
+    @rank_zero_only
+    def start_at(self, resume_step: int | None) -> None:
+        """Fresh run (None): the file is replaced at the first row. Resumed: keep rows up to the checkpoint's step."""
+        if resume_step is None or not self.path.exists():
+            return
+        columns, rows = self._read()
+        self._write(columns, [r for r in rows if r.get("step", "") != "" and float(r["step"]) <= resume_step])
+
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
         """The resolved config is saved as config.yaml beside this file."""
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        self.rows.append(row)
         new = [k for k in row if k not in self.columns]
         if new:
-            self.columns += new
-            self._rewrite()
+            columns, rows = self._read() if self.columns else ([], [])
+            self._write(columns + [k for k in row if k not in columns], [*rows, row])
             return
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.columns).writerow(row)
 
-    def _rewrite(self) -> None:
+    def _read(self) -> tuple[list[str], list[dict[str, Any]]]:
+        with open(self.path, newline="") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(reader)
+
+    def _write(self, columns: list[str], rows: list[dict[str, Any]]) -> None:
+        self.columns = columns
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.columns)
+            writer = csv.DictWriter(f, columns)
             writer.writeheader()
-            writer.writerows(self.rows)
+            writer.writerows(rows)
         tmp.replace(self.path)
 
 

@@ -19,12 +19,14 @@ from mimkit.methods.base import Method, method_class
 class LoadedRun:
     cfg: RunConfig
     method: Method
-    checkpoint: Path | None
-    """None when the method is at random initialisation (a baseline)."""
+    checkpoint: Path
+    """The checkpoint the run was opened from (its folder is the run's, wherever it lies now)."""
+    random_init: bool = False
+    """True when the weights were not loaded: the run's own initialisation (a baseline)."""
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.cfg.output_dir) if self.checkpoint is None else self.checkpoint.parent.parent
+        return self.checkpoint.parent.parent
 
     def encoder(self) -> nn.Module:
         return self.method.encoder()
@@ -64,4 +66,4 @@ def load_run(
     if not random_init:
         method.load_state_dict(state["method"])
     method.eval()
-    return LoadedRun(cfg, method, None if random_init else path)
+    return LoadedRun(cfg, method, path, random_init)

@@ -1,0 +1,203 @@
+"""`mimkit eval knn|linear|finetune` end to end on a tiny iBOT run over synthetic shapes; last-4 [CLS] features."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mimkit.cli import build_parser, main
+from mimkit.commands import eval as eval_command
+from mimkit.config import ConfigError, load_run_config
+from mimkit.engine.train import pretrain
+from mimkit.eval import knn, linear
+from mimkit.eval.finetune import FinetuneConfig
+from mimkit.eval.probe import LastBlocksCLS, probe_features
+from mimkit.eval.run import load_run
+from mimkit.models.vit import BackboneConfig, MaskableViT, create_vit
+from support import ROOT
+
+RECIPE = ROOT / "configs" / "ibot" / "vit_tiny_fmnist.yaml"
+TINY_RUN = [
+    "method.backbone.embed_dim=32",
+    "method.backbone.depth=4",
+    "method.backbone.num_heads=2",
+    "method.out_dim=64",
+    "method.patch_out_dim=64",
+    "method.head_hidden_dim=48",
+    "method.head_bottleneck_dim=16",
+    "method.views.num_local=1",
+    "data.source=synthetic",
+    "data.synthetic_size=28",
+    "data.synthetic_images=24",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "train.epochs=1",
+    "train.accelerator=cpu",
+    "train.progress_bar=false",
+    "train.loggers=[csv]",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 1-epoch iBOT run (ViT with 4 blocks of width 32) on 24 synthetic 28x28 images, 4 classes."""
+    return pretrain(load_run_config(RECIPE, [*TINY_RUN, f"output_dir={tmp_path_factory.mktemp('ibot')}"]))
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------------------------------------------
+# last-4 [CLS] features
+
+
+def test_last4_features_equal_the_blocks_computed_by_hand(run_dir: Path) -> None:
+    encoder = load_run(run_dir).encoder()
+    images = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        features = LastBlocksCLS(encoder)(images)
+        vit = encoder.vit
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        expected = []
+        for block in vit.blocks:
+            x = block(x)
+            expected.append(vit.norm(x)[:, 0])
+        final = encoder(images)[:, 0]
+    assert features.shape == (3, 1, 4 * 32)
+    torch.testing.assert_close(features[:, 0], torch.cat(expected, dim=-1))
+    torch.testing.assert_close(features[:, 0, -32:], final)  # the last block's entry is the usual [CLS]
+    assert not any(block._forward_hooks for block in vit.blocks)
+
+
+def test_last4_features_of_a_source_in_dataset_order(run_dir: Path) -> None:
+    run = load_run(run_dir)
+    source = run.source("test", limit=5)
+    features = probe_features(run.encoder(), source, 28, "last4", batch_size=2)
+    assert features.features.shape == (5, 128)
+    assert features.labels.tolist() == [source.load(i)[1] for i in range(5)]
+
+
+def test_last4_needs_four_blocks() -> None:
+    vit = create_vit(BackboneConfig(img_size=28, patch_size=4, embed_dim=32, depth=2, num_heads=2), in_chans=1)
+    with pytest.raises(ConfigError, match="at least 4 blocks"):
+        LastBlocksCLS(MaskableViT(vit))
+
+
+# ---------------------------------------------------------------------------------------------------
+# eval linear
+
+
+def test_linear_writes_one_row_per_lr_and_picks_the_argmax(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lrs = ["0.001", "0.1", "1.0"]
+    code, out, err = cli(capsys, "eval", "linear", str(run_dir), "--variant", "cls", "--lrs", *lrs, "--epochs", "3")
+    assert code == 0, err
+    result = json.loads((run_dir / "eval" / "linear.json").read_text())
+    assert result["variant"] == "cls" and result["selection"] == "test"
+    assert [row["lr"] for row in result["table"]] == [float(lr) for lr in lrs]
+    assert all(0 <= row["top1"] <= row["top5"] <= 1 for row in result["table"])
+    top1 = [row["top1"] for row in result["table"]]
+    assert result["best_top1"] == max(top1)
+    assert result["best_lr"] == result["table"][top1.index(max(top1))]["lr"]
+    assert "| lr | top-1 % | top-5 % |" in out and "selected on the test split" in out
+
+
+def test_linear_selects_on_held_out_train_features(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["eval", "linear", str(run_dir), "--variant", "cls+avg", "--lrs", "0.01", "1.0", "--epochs", "2"]
+    code, out, err = cli(capsys, *argv, "--val-fraction", "0.25")
+    assert code == 0, err
+    result = json.loads((run_dir / "eval" / "linear.json").read_text())
+    assert result["selection"] == "val" and "6 held-out train images" in out
+    val = [row["val_top1"] for row in result["table"]]
+    best = val.index(max(val))
+    assert result["best_lr"] == result["table"][best]["lr"] and result["best_top1"] == result["table"][best]["top1"]
+
+
+def test_linear_cache_reuses_features_without_running_the_encoder(
+    run_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = ["eval", "linear", str(run_dir), "--variant", "last4", "--lrs", "0.1", "--epochs", "2", "--cache"]
+    assert cli(capsys, *argv)[0] == 0
+    cached = [run_dir / "eval" / f"features_last4_{split}.pt" for split in ("train", "test")]
+    assert all(path.is_file() for path in cached)
+    first = json.loads((run_dir / "eval" / "linear.json").read_text())
+
+    def no_encoder(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the encoder ran although the features were cached")
+
+    monkeypatch.setattr(MaskableViT, "forward", no_encoder)
+    assert cli(capsys, *argv)[0] == 0
+    assert json.loads((run_dir / "eval" / "linear.json").read_text())["table"] == first["table"]
+    with pytest.raises(AssertionError, match="the encoder ran"):  # other images: the cache no longer applies
+        main([*argv, "--limit", "12"])
+
+
+def test_linear_rejects_a_bad_val_fraction(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "eval", "linear", str(run_dir), "--val-fraction", "1.5")
+    assert code == 2 and "--val-fraction" in err
+
+
+# ---------------------------------------------------------------------------------------------------
+# eval knn and finetune
+
+
+def test_knn_writes_accuracies_with_baselines(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cli(capsys, "eval", "knn", str(run_dir), "--k", "1", "5", "--baselines", "--batch-size", "8")
+    assert code == 0, err
+    result = json.loads((run_dir / "eval" / "knn.json").read_text())
+    assert set(result["accuracy"]) == {"pretrained", "random init", "raw pixels"}
+    for accuracies in result["accuracy"].values():
+        assert set(accuracies) == {"1", "5"} and all(0 <= v <= 1 for v in accuracies.values())
+    assert result["pooling"] == "cls" and result["temperature"] == 0.07
+    assert "k-NN accuracy" in out
+
+
+def test_finetune_writes_accuracies_and_weights(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["eval", "finetune", str(run_dir), "--epochs", "1", "--batch-size", "8", "--warmup-epochs", "0"]
+    code, out, err = cli(capsys, *argv, "--limit", "16", "--num-workers", "0")
+    assert code == 0, err
+    result = json.loads((run_dir / "eval" / "finetune.json").read_text())
+    assert 0 <= result["top1"] <= result["top5"] <= 1 and len(result["history"]) == 1
+    assert result["settings"]["layer_decay"] == 0.75 and result["num_classes"] == 4
+    weights = load_file(str(run_dir / "eval" / "finetune.safetensors"))
+    assert weights["head.weight"].shape == (4, 32)
+    vit = create_vit(BackboneConfig(img_size=28, patch_size=4, embed_dim=32, depth=4, num_heads=2), in_chans=1)
+    vit.reset_classifier(4)
+    vit.load_state_dict(weights)  # a plain timm ViT with a 4-class head
+    assert "top-1" in out
+
+
+@pytest.mark.parametrize("evaluation", ["knn", "linear", "finetune"])
+def test_a_wrong_run_path_exits_2(evaluation: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "eval", evaluation, str(tmp_path / "missing"))
+    assert code == 2
+    assert f"no checkpoint at {tmp_path / 'missing'}" in err and "give a run folder or a .ckpt file" in err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parsers
+
+
+def test_parser_defaults_are_the_library_defaults() -> None:
+    assert eval_command.DEFAULT_KS == knn.DEFAULT_KS
+    assert eval_command.DEFAULT_LRS == linear.DEFAULT_LRS
+    args = build_parser().parse_args(["eval", "finetune", "runs/x"])
+    for field in dataclasses.fields(FinetuneConfig):
+        if field.name != "num_workers":  # the run's own by default
+            value = tuple(args.crop_scale) if field.name == "crop_scale" else getattr(args, field.name)
+            assert value == field.default, field.name
+
+
+def test_eval_help_imports_neither_torch_nor_timm() -> None:
+    code = "import sys; from mimkit.cli import main\ntry: main(['eval', 'linear', '--help'])\nexcept SystemExit: pass\n"
+    code += "assert not {'torch', 'timm'} & set(sys.modules), 'heavy import'"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
