@@ -14,6 +14,7 @@ from mimkit.data.loader import ViewDataset, collate
 from mimkit.data.sources import SyntheticShapes
 from mimkit.methods.base import Progress
 from mimkit.methods.ibot import IBOT
+from mimkit.methods.morphing import MorphSchedule
 from support import ROOT
 
 RECIPE = ROOT / "configs" / "ibot" / "vit_tiny_fmnist.yaml"
@@ -162,3 +163,26 @@ def test_crop_not_divisible_by_patch_is_a_config_error() -> None:
 def test_shared_head_needs_equal_prototype_counts() -> None:
     with pytest.raises(ConfigError, match=r"method\.patch_out_dim"):
         load_run_config(RECIPE, [*TINY, "method.patch_out_dim=32"])
+
+
+def test_morphing_with_identity_schedules_equals_plain_ibot(monkeypatch: pytest.MonkeyPatch) -> None:
+    plain, source = tiny_ibot()
+    morphed, _ = tiny_ibot("method.morph.enabled=true")
+    morphed.load_state_dict(plain.state_dict())
+    monkeypatch.setattr(morphed.morph_sampler, "sample", lambda: [MorphSchedule(0, 1, 0), MorphSchedule(0, 1, 0)])
+    batch = make_batch(plain, source)
+    plain.eval(), morphed.eval()
+    progress = Progress(1, 0, 10, 4)
+    torch.testing.assert_close(
+        morphed.training_step(batch, progress).loss, plain.training_step(batch, progress).loss, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_morphing_changes_the_patch_loss_and_keeps_gradients() -> None:
+    method, source = tiny_ibot("method.morph.enabled=true")
+    batch = make_batch(method, source)
+    torch.manual_seed(1)
+    out = method.training_step(batch, Progress(1, 0, 10, 4))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.metrics["loss_patch"] > 0
+    assert method.student.mask_token.grad is not None and method.student.mask_token.grad.abs().sum() > 0

@@ -109,7 +109,7 @@ def test_weights_file_loads_and_mismatches_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         create_vit(BackboneConfig(**{**TINY.__dict__, "weights": str(tmp_path / "missing.pth")}), 3)
     wrong = BackboneConfig(**{**TINY.__dict__, "embed_dim": 64, "weights": str(good)})
-    with pytest.raises(ConfigError, match="does not match the backbone"):
+    with pytest.raises(ConfigError, match="does not match the model"):
         create_vit(wrong, 3)
 
 

@@ -94,6 +94,41 @@ class MultiCropViews:
         }
 
 
+@dataclass
+class MaskedViewConfig:
+    """One random-resized crop with a flip and a patch mask (BEiT-style inputs, as DTM uses them)."""
+
+    size: int = 224
+    scale: tuple[float, float] = (0.2, 1.0)
+    """Crop area range. ASSUMPTION (BEiT v2-like; DTM's paper does not list it)."""
+    flip_p: float = 0.5
+
+    def validate(self, prefix: str = "method.views") -> None:
+        check(self.size > 0, f"{prefix}.size", f"must be positive; got {self.size}")
+        low, high = self.scale
+        check(0 < low <= high <= 1, f"{prefix}.scale", f"needs 0 < min <= max <= 1; got {self.scale}")
+        check(0 <= self.flip_p <= 1, f"{prefix}.flip_p", "must lie in [0, 1]")
+
+
+class MaskedView:
+    """`{"image": crop, "mask": (h, w) bool}` for one image."""
+
+    def __init__(self, cfg: MaskedViewConfig, data: DataInfo, patch_size: int, masks: MaskGenerator) -> None:
+        self.pipeline = v2.Compose(
+            [
+                v2.RandomResizedCrop(cfg.size, scale=cfg.scale, interpolation=BICUBIC, antialias=True),
+                v2.RandomHorizontalFlip(cfg.flip_p),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(data.mean, data.std),
+            ]
+        )
+        self.grid = cfg.size // patch_size
+        self.masks = masks
+
+    def __call__(self, image: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        return {"image": self.pipeline(image), "mask": self.masks(self.grid, self.grid, epoch)}
+
+
 class EvalView:
     """Deterministic view for features: resize (shorter side to size / 0.875) and centre-crop larger images,
     resize smaller ones, then normalise."""

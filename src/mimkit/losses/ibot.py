@@ -19,11 +19,25 @@ from torch import nn
 
 from mimkit.distributed import all_reduce_mean
 from mimkit.engine.schedules import EpochWarmup
+from mimkit.methods.morphing import TokenGrouping
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     """Softmax and cross-entropy in at least float32, also under bf16/fp16 autocast."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def masked_image_mean(per_token: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean over masked tokens per image (0 for unmasked images), then over the batch, then over the crops.
+
+    per_token (M,): values at the masked positions of `masks` (G, B, N), in `masks.nonzero()` order.
+    """
+    num_global, batch = masks.shape[:2]
+    positions = masks.flatten(2).nonzero()
+    image_of_token = positions[:, 0] * batch + positions[:, 1]
+    per_image = per_token.new_zeros(num_global * batch).index_add_(0, image_of_token, per_token)
+    counts = masks.flatten(2).sum(-1).flatten().clamp(min=1)
+    return (per_image / counts).view(num_global, batch).mean(1).mean()
 
 
 @dataclass
@@ -63,16 +77,22 @@ class IBOTLoss(nn.Module):
         masks: torch.Tensor,
         teacher_patch_mean: torch.Tensor,
         epoch: int,
+        groupings: list[TokenGrouping] | None = None,
     ) -> IBOTLossOutput:
         """Loss of one batch; then the centers move towards this batch's teacher outputs.
 
         student_cls (S, B, K): every student crop, global crops first. teacher_cls (G, B, K).
         student_patch, teacher_patch (M, Kp): logits at the masked positions of `masks` (G, B, N), in
-        `masks.nonzero()` order. teacher_patch_mean (G*B, Kp): each teacher crop's patch logits averaged
-        over all its tokens (for the patch center).
+        `masks.nonzero()` order; with `groupings` (iBOT + DTM) they are (G*B, N, Kp), every token.
+        teacher_patch_mean (G*B, Kp): each teacher crop's patch logits averaged over all its tokens (for the
+        patch center).
         """
         cls = self.cls_loss(student_cls, teacher_cls, epoch) * self.lambda_cls
-        patch = self.patch_loss(student_patch, teacher_patch, masks, epoch) * self.lambda_patch
+        if groupings is None:
+            patch = self.patch_loss(student_patch, teacher_patch, masks, epoch)
+        else:
+            patch = self.morphed_patch_loss(student_patch, teacher_patch, masks, groupings, epoch)
+        patch = patch * self.lambda_patch
         self.update_centers(teacher_cls, teacher_patch_mean)
         return IBOTLossOutput(cls + patch, cls, patch)
 
@@ -88,15 +108,38 @@ class IBOTLoss(nn.Module):
     def patch_loss(
         self, student_patch: torch.Tensor, teacher_patch: torch.Tensor, masks: torch.Tensor, epoch: int
     ) -> torch.Tensor:
-        num_global, batch = masks.shape[:2]
-        temp = self.teacher_patch_temp.at_epoch(epoch)
-        targets = F.softmax((_upcast(teacher_patch) - self.center_patch[0]) / temp, dim=-1)
+        targets = self.patch_targets(teacher_patch, epoch)
         per_token = -(targets * F.log_softmax(_upcast(student_patch) / self.student_temp, dim=-1)).sum(-1)
-        positions = masks.flatten(2).nonzero()
-        image_of_token = positions[:, 0] * batch + positions[:, 1]
-        per_image = per_token.new_zeros(num_global * batch).index_add_(0, image_of_token, per_token)
-        counts = masks.flatten(2).sum(-1).flatten().clamp(min=1)
-        return (per_image / counts).view(num_global, batch).mean(1).mean()
+        return masked_image_mean(per_token, masks)
+
+    def patch_targets(self, teacher_patch: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Centred, sharpened teacher distributions over the patch prototypes."""
+        temp = self.teacher_patch_temp.at_epoch(epoch)
+        return F.softmax((_upcast(teacher_patch) - self.center_patch[0, 0]) / temp, dim=-1)
+
+    def morphed_patch_loss(
+        self,
+        student_patch: torch.Tensor,
+        teacher_patch: torch.Tensor,
+        masks: torch.Tensor,
+        groupings: list[TokenGrouping],
+        epoch: int,
+    ) -> torch.Tensor:
+        """iBOT's patch loss on DTM-morphed distributions (iBOT + DTM), averaged over the groupings.
+
+        student_patch, teacher_patch (G*B, N, Kp): logits of *every* patch token. Both distributions are
+        replaced by their group means (mixtures stay distributions), then the per-token cross-entropy is taken
+        at the masked positions as in `patch_loss`. ASSUMPTION: probabilities, not logits, are averaged.
+        """
+        targets = self.patch_targets(teacher_patch, epoch)
+        student = F.softmax(_upcast(student_patch) / self.student_temp, dim=-1)
+        flat_masks = masks.flatten(0, 1)
+        losses = []
+        for grouping in groupings:
+            log_student = grouping.morph(student).clamp_min(torch.finfo(student.dtype).tiny).log()
+            per_token = -(grouping.morph(targets) * log_student).sum(-1)
+            losses.append(masked_image_mean(per_token[flat_masks], masks))
+        return torch.stack(losses).mean()
 
     @torch.no_grad()
     def update_centers(self, teacher_cls: torch.Tensor, teacher_patch_mean: torch.Tensor) -> None:

@@ -148,6 +148,12 @@ def split_weight_decay(named: Iterator[tuple[str, nn.Parameter]], prefix: str = 
 # Registry
 
 _METHODS: dict[str, type[Method]] = {}
+_BUILTIN_MODULES = ("mimkit.methods.ibot", "mimkit.methods.dtm")
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:
@@ -163,11 +169,13 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
 
 
 def method_names() -> list[str]:
+    _load_builtins()
     return sorted(_METHODS)
 
 
 def method_class(name: str) -> type[Method]:
     """A registered method, or `package.module:Class` for a method defined outside mimkit."""
+    _load_builtins()
     if name in _METHODS:
         return _METHODS[name]
     if ":" in name:

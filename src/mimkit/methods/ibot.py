@@ -7,6 +7,9 @@ Algorithm, per batch:
           at the masked positions only
   loss    [CLS] self-distillation across views + masked patch distillation within a view (IBOTLoss)
   after   EMA update of the teacher (cosine momentum), centers updated inside the loss
+
+With `morph.enabled` (iBOT + DTM) the patch distributions of student and teacher are averaged over token groups
+found on the teacher's patch tokens before the patch cross-entropy; the heads then run on every patch token.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from mimkit.data.views import MultiCropConfig, MultiCropViews
 from mimkit.engine.schedules import CosineSchedule, EpochWarmup
 from mimkit.losses.ibot import IBOTLoss
 from mimkit.methods.base import ClipMode, Method, MethodConfig, Progress, StepOutput, register
+from mimkit.methods.morphing import MorphConfig, ScheduleSampler, group_tokens
 from mimkit.models.heads import PrototypeHead
 from mimkit.models.teachers import EMA, frozen_copy
 from mimkit.models.vit import BackboneConfig, MaskableViT, build_backbone
@@ -62,12 +66,15 @@ class IBOTConfig(MethodConfig):
     """EMA momentum at the start; it follows a cosine to 1 over training."""
     freeze_last_layer_epochs: int = 1
     """The prototype layer gets no updates during the first epochs (1 for S, 3 for B/L)."""
+    morph: MorphConfig = field(default_factory=lambda: MorphConfig(enabled=False))
+    """iBOT + DTM: morph the patch distributions over token groups found on the teacher's patch tokens."""
 
     def validate(self, prefix: str = "method") -> None:
         super().validate(prefix)
         self.backbone.validate(f"{prefix}.backbone")
         self.views.validate(f"{prefix}.views")
         self.mask.validate(f"{prefix}.mask")
+        self.morph.validate(f"{prefix}.morph")
         check(
             not self.shared_head or self.patch_out_dim == self.out_dim,
             f"{prefix}.patch_out_dim",
@@ -127,6 +134,8 @@ class IBOT(Method):
             lambda_patch=cfg.lambda_patch,
         )
         self.momentum = CosineSchedule(cfg.momentum_teacher, 1.0)
+        grid = self.student.grid(cfg.views.global_size, cfg.views.global_size)
+        self.morph_sampler = ScheduleSampler(grid[0] * grid[1], cfg.morph.num_schedules, cfg.morph.max_iterations)
 
     def views(self) -> MultiCropViews:
         return MultiCropViews(self.cfg.views, self.data, self.student.patch_size, MaskGenerator(self.cfg.mask))
@@ -138,20 +147,32 @@ class IBOT(Method):
         num_global, batch_size = masks.shape[:2]
         flat_masks = masks.flatten(0, 1).flatten(1)  # (G*B, N)
 
+        morph = self.cfg.morph.enabled
         with torch.no_grad():
             teacher_tokens = self.teacher(torch.cat(global_crops))
             teacher_cls = self.teacher_head.cls_logits(self.teacher_head.embed(teacher_tokens[:, 0]))
             teacher_patch_embed = self.teacher_head.embed(teacher_tokens[:, 1:])
-            teacher_patch = self.teacher_head.patch_logits(teacher_patch_embed[flat_masks])
+            # only masked positions enter the loss, unless morphing mixes every token into the groups
+            teacher_patch = self.teacher_head.patch_logits(
+                teacher_patch_embed if morph else teacher_patch_embed[flat_masks]
+            )
             # the prototype layer is linear, so the mean of its outputs is its output at the mean embedding
             teacher_patch_mean = self.teacher_head.patch_logits(teacher_patch_embed.mean(1))
 
         student_tokens = self.student(torch.cat(global_crops), mask=masks.flatten(0, 1))
         local_cls = [tokens[:, 0] for tokens in self.student.forward_crops(local_crops)] if local_crops else []
         cls_tokens = torch.cat([student_tokens[:, 0], *local_cls])
-        embedded = self.student_head.embed(torch.cat([cls_tokens, student_tokens[:, 1:][flat_masks]]))
+        patch_tokens = student_tokens[:, 1:] if morph else student_tokens[:, 1:][flat_masks]
+        embedded = self.student_head.embed(torch.cat([cls_tokens, patch_tokens.flatten(0, -2)]))
         student_cls = self.student_head.cls_logits(embedded[: len(cls_tokens)])
         student_patch = self.student_head.patch_logits(embedded[len(cls_tokens) :])
+        groupings = None
+        if morph:
+            student_patch = student_patch.view(*patch_tokens.shape[:2], -1)
+            protect = self.cfg.morph.protect_first_token
+            groupings = [
+                group_tokens(teacher_tokens[:, 1:], s, protect) for s in self.cfg.morph.schedules(self.morph_sampler)
+            ]
 
         out = self.loss(
             student_cls.view(-1, batch_size, student_cls.shape[-1]),
@@ -161,6 +182,7 @@ class IBOT(Method):
             masks.flatten(2),
             teacher_patch_mean,
             progress.epoch,
+            groupings,
         )
         metrics = {
             "loss_cls": out.cls.detach(),

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mimkit.config import check
 from mimkit.losses.regression import RegressionKind, normalize_targets, regression_loss
 
 
@@ -64,6 +65,30 @@ class ScheduleSampler:
             MorphSchedule.from_counts(m, k, self.num_tokens)
             for m, k in zip(removed.tolist(), iterations.tolist(), strict=True)
         ]
+
+
+@dataclass
+class MorphConfig:
+    """Dynamic token morphing: how many schedules per iteration and how many rounds at most."""
+
+    enabled: bool = True
+    """False: token-wise distillation (the m = 0 special case every step)."""
+    num_schedules: int = 2
+    """L: schedules drawn per iteration, shared by the batch; the loss averages over them."""
+    max_iterations: int = 14
+    """k ~ U{1..max_iterations} matching rounds per schedule."""
+    protect_first_token: bool = True
+    """Token 0 never merges (the reference's behaviour; reproduces its numbers)."""
+
+    def validate(self, prefix: str) -> None:
+        check(self.num_schedules >= 1, f"{prefix}.num_schedules", f"must be >= 1; got {self.num_schedules}")
+        check(self.max_iterations >= 1, f"{prefix}.max_iterations", f"must be >= 1; got {self.max_iterations}")
+
+    def schedules(self, sampler: ScheduleSampler) -> list[MorphSchedule]:
+        """This iteration's schedules; the identity schedule (m = 0) when morphing is off."""
+        if self.enabled:
+            return sampler.sample()
+        return [MorphSchedule(0, 1, 0)]
 
 
 @dataclass(frozen=True)

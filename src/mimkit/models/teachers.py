@@ -1,11 +1,19 @@
-"""Teachers: an exponential moving average (EMA) of a student network."""
+"""Teachers: an exponential moving average (EMA) of a student, or a frozen network that provides targets."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from mimkit.config import ConfigError, check
+from mimkit.data.info import DataInfo
+from mimkit.data.sources import IMAGENET_MEAN, IMAGENET_STD
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -40,3 +48,142 @@ class EMA:
     def copy_student(self) -> None:
         """Make the teacher equal to the student (start of training)."""
         torch._foreach_copy_(self.teacher_params, [s.detach() for s in self.student_params])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Frozen teachers that turn images into patch-token targets
+
+
+@dataclass
+class TeacherConfig:
+    """Where distillation targets come from: an EMA of the student, or a frozen network from local files."""
+
+    kind: Literal["ema", "timm", "open_clip", "mimkit"] = "ema"
+    model: str | None = None
+    """timm or open_clip model name (kind timm / open_clip), e.g. vit_base_patch16_224 or ViT-B-16."""
+    weights: str | None = None
+    """Local weights file of that model (never downloaded)."""
+    model_args: dict[str, Any] = field(default_factory=dict)
+    """Shape of a timm teacher that differs from its name's default: patch_size, embed_dim, depth, num_heads,
+    mlp_ratio."""
+    checkpoint: str | None = None
+    """A mimkit run folder or checkpoint (kind mimkit); its encoder is the teacher."""
+    momentum: float = 0.996
+    """EMA teacher: momentum at the start, cosine to 1 over training."""
+
+    def validate(self, prefix: str = "method.teacher") -> None:
+        if self.kind in ("timm", "open_clip"):
+            check(bool(self.model), f"{prefix}.model", f"kind={self.kind} needs a model name")
+            check(
+                bool(self.weights),
+                f"{prefix}.weights",
+                f"kind={self.kind} needs a local weights file (mimkit never downloads weights)",
+            )
+        if self.kind == "mimkit":
+            check(bool(self.checkpoint), f"{prefix}.checkpoint", "kind=mimkit needs a run folder or checkpoint")
+        check(0 <= self.momentum <= 1, f"{prefix}.momentum", f"must lie in [0, 1]; got {self.momentum}")
+        allowed = {"patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio"}
+        unknown = sorted(set(self.model_args) - allowed)
+        check(not unknown, f"{prefix}.model_args", f"unknown keys {unknown}; allowed: {', '.join(sorted(allowed))}")
+
+
+class TokenTeacher(nn.Module):
+    """A frozen network giving patch tokens (B, N, C) for images normalised with the *student's* statistics.
+
+    Images are converted to the teacher's channels and normalisation first, so a CLIP teacher can teach a
+    student trained on grayscale data normalised with that data's mean and std.
+    """
+
+    def __init__(
+        self,
+        tokens: Callable[[torch.Tensor], torch.Tensor],
+        network: nn.Module,
+        channels: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        data: DataInfo,
+    ) -> None:
+        super().__init__()
+        self.network = network.eval().requires_grad_(False)
+        self.tokens, self.channels = tokens, channels
+        self.register_buffer("data_mean", torch.tensor(data.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("data_std", torch.tensor(data.std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> TokenTeacher:
+        super().train(mode)
+        self.network.eval()  # a frozen teacher never uses dropout or drop path
+        return self
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images * self.data_std + self.data_mean
+        if pixels.shape[1] != self.channels:
+            pixels = pixels.expand(-1, self.channels, -1, -1) if pixels.shape[1] == 1 else pixels.mean(1, keepdim=True)
+        return self.tokens((pixels - self.mean) / self.std)
+
+
+def build_token_teacher(cfg: TeacherConfig, data: DataInfo, image_size: int) -> TokenTeacher:
+    """The frozen teacher a config names; missing files and unknown names fail here, before training."""
+    if cfg.kind == "timm":
+        return _timm_teacher(cfg, data, image_size)
+    if cfg.kind == "open_clip":
+        return _open_clip_teacher(cfg, data)
+    if cfg.kind == "mimkit":
+        return _mimkit_teacher(cfg, data)
+    raise ValueError(f"{cfg.kind} teachers are built by the method (EMA of its student)")
+
+
+def _timm_teacher(cfg: TeacherConfig, data: DataInfo, image_size: int) -> TokenTeacher:
+    from mimkit.models.vit import BackboneConfig, create_vit
+
+    shape = BackboneConfig(name=cfg.model or "", img_size=image_size, weights=cfg.weights, **cfg.model_args)
+    vit = create_vit(shape, in_chans=3, prefix="method.teacher")
+    prefix = vit.num_prefix_tokens
+    pretrained = vit.pretrained_cfg or {}
+
+    def tokens(x: torch.Tensor) -> torch.Tensor:
+        return vit.forward_features(x)[:, prefix:]
+
+    return TokenTeacher(
+        tokens, vit, 3, pretrained.get("mean", IMAGENET_MEAN), pretrained.get("std", IMAGENET_STD), data
+    )
+
+
+def _open_clip_teacher(cfg: TeacherConfig, data: DataInfo) -> TokenTeacher:
+    try:
+        import open_clip
+    except ImportError as error:
+        raise ConfigError("method.teacher.kind=open_clip needs open_clip: pip install 'mimkit[clip]'") from error
+    weights = Path(cfg.weights or "").expanduser()
+    if not weights.is_file():
+        raise ConfigError(f"method.teacher.weights: {weights} does not exist (give the local open_clip weights file)")
+    try:
+        model = open_clip.create_model(cfg.model, pretrained=str(weights), device="cpu")
+    except RuntimeError as error:  # unknown model names and mismatched state dicts both raise RuntimeError
+        raise ConfigError(f"method.teacher: open_clip {cfg.model!r} with {weights}: {error}") from None
+    visual = model.visual
+    visual.output_tokens = True
+
+    def tokens(x: torch.Tensor) -> torch.Tensor:
+        _, patch_tokens = visual(x)  # after ln_post; the reference distils them projected, as CLIP's pooled output
+        return patch_tokens @ visual.proj if visual.proj is not None else patch_tokens
+
+    mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    return TokenTeacher(tokens, visual, 3, mean, std, data)
+
+
+def _mimkit_teacher(cfg: TeacherConfig, data: DataInfo) -> TokenTeacher:
+    from mimkit.eval.run import load_run
+
+    run = load_run(cfg.checkpoint or "")
+    encoder = run.encoder()
+    prefix = getattr(encoder, "num_prefix_tokens", 1)
+    info = run.method.data
+
+    def tokens(x: torch.Tensor) -> torch.Tensor:
+        return encoder(x)[:, prefix:]
+
+    return TokenTeacher(tokens, encoder, info.channels, info.mean, info.std, data)

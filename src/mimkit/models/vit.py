@@ -48,7 +48,9 @@ class BackboneConfig:
             )
 
 
-def create_vit(cfg: BackboneConfig, in_chans: int, drop_path_rate: float | None = None) -> VisionTransformer:
+def create_vit(
+    cfg: BackboneConfig, in_chans: int, drop_path_rate: float | None = None, *, prefix: str = "method.backbone"
+) -> VisionTransformer:
     """A randomly initialised timm ViT (no download ever) accepting any image size, optionally loaded from a file."""
     overrides = {
         k: getattr(cfg, k)
@@ -58,13 +60,13 @@ def create_vit(cfg: BackboneConfig, in_chans: int, drop_path_rate: float | None 
     if cfg.name not in timm.list_models():
         close = difflib.get_close_matches(cfg.name, timm.list_models("vit_*"), n=3)
         raise ConfigError(
-            f"backbone: unknown timm model {cfg.name!r}"
+            f"{prefix}.name: unknown timm model {cfg.name!r}"
             + (f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('vit_*')")
         )
     if not timm.models.is_model_in_modules(cfg.name, ["vision_transformer"]):
         family = timm.models.model_entrypoint(cfg.name).__module__.rsplit(".", 1)[-1]
         raise ConfigError(
-            f"backbone: {cfg.name!r} is a {family} model, not a timm VisionTransformer; "
+            f"{prefix}.name: {cfg.name!r} is a {family} model, not a timm VisionTransformer; "
             "masked-token methods need a ViT (e.g. vit_small_patch16_224)"
         )
     model = timm.create_model(
@@ -80,20 +82,20 @@ def create_vit(cfg: BackboneConfig, in_chans: int, drop_path_rate: float | None 
     patch = model.patch_embed.patch_size[0]
     check(
         cfg.img_size % patch == 0,
-        "backbone.img_size",
+        f"{prefix}.img_size",
         f"image size {cfg.img_size} is not divisible by patch size {patch}; use a multiple of {patch}",
     )
     if cfg.weights:
-        load_weights(model, cfg.weights)
+        load_weights(model, cfg.weights, f"{prefix}.weights")
     return model
 
 
-def load_weights(model: nn.Module, path: str) -> None:
+def load_weights(model: nn.Module, path: str, field_name: str = "method.backbone.weights") -> None:
     """Load a timm state dict from a local file; a missing file or mismatched keys is a clear error."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(
-            f"weights file {file} does not exist (mimkit never downloads weights; "
+            f"{field_name}: weights file {file} does not exist (mimkit never downloads weights; "
             "give the path of a .safetensors or .pth file)"
         )
     if file.suffix == ".safetensors":
@@ -113,7 +115,7 @@ def load_weights(model: nn.Module, path: str) -> None:
             else f"shape mismatches (e.g. {wrong_shape[0]}: file {tuple(state[wrong_shape[0]].shape)} vs model "
             f"{tuple(own[wrong_shape[0]].shape)})"
         )
-        raise ConfigError(f"weights file {file} does not match the backbone: {detail}")
+        raise ConfigError(f"{field_name}: weights file {file} does not match the model: {detail}")
     model.load_state_dict({k: v for k, v in state.items() if k in own})
 
 
