@@ -124,3 +124,10 @@ def _logged_step(run: Path, at_least: int) -> bool:
         return max(losses(run), default=0) >= at_least
     except (FileNotFoundError, ValueError, KeyError):
         return False
+
+
+def test_online_knn_is_logged_every_n_epochs(tmp_path: Path) -> None:
+    run = pretrain(toy_config(tmp_path / "run", "train.knn_every_epochs=1", "train.knn_limit=32"))
+    knn = [row for row in read_metrics(run) if "knn_top1" in row]
+    assert [int(row["epoch"]) for row in knn] == [0, 1]
+    assert all(0.0 <= row["knn_top1"] <= 1.0 for row in knn)

@@ -201,3 +201,12 @@ def test_eval_help_imports_neither_torch_nor_timm() -> None:
     code = "import sys; from mimkit.cli import main\ntry: main(['eval', 'linear', '--help'])\nexcept SystemExit: pass\n"
     code += "assert not {'torch', 'timm'} & set(sys.modules), 'heavy import'"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "avg"])
+def test_raw_pixel_features_are_the_pixels_for_every_pooling(pooling: str) -> None:
+    from mimkit.eval.features import RawPixels, pool_tokens
+
+    images = torch.randn(3, 1, 4, 4)
+    tokens = RawPixels()(images)
+    torch.testing.assert_close(pool_tokens(tokens, RawPixels.num_prefix_tokens, pooling), images.flatten(1))

@@ -42,9 +42,10 @@ class ToyViews:
 
 
 class ToyEncoder(nn.Module):
-    def __init__(self, net: nn.Sequential) -> None:
+    def __init__(self, net: nn.Sequential, image_size: int) -> None:
         super().__init__()
         self.net = net
+        self.image_size = image_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net[:3](images).unsqueeze(1)
@@ -81,4 +82,4 @@ class ToyMethod(Method):
         self.steps_seen += 1
 
     def encoder(self) -> nn.Module:
-        return ToyEncoder(self.net)
+        return ToyEncoder(self.net, self.cfg.crop)

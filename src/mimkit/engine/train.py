@@ -20,6 +20,7 @@ from mimkit.engine.clipping import clip
 from mimkit.engine.logs import MetricsCSV, ProgressDisplay, log, setup_logging
 from mimkit.engine.runtime import environment, make_fabric
 from mimkit.engine.schedules import CosineSchedule, scaled_lr
+from mimkit.eval.online import OnlineKNN
 from mimkit.methods.base import Method, Progress, method_class
 from mimkit.models.vit import MaskableViT
 
@@ -139,6 +140,10 @@ class Trainer:
             if isinstance(logger, MetricsCSV):
                 logger.start_at(self.position.step if resume_path is not None else None)
         self.method.on_train_start()
+        every = cfg.train.knn_every_epochs
+        self.online_knn = OnlineKNN(cfg.data, cfg.train.knn_limit) if every and source.info.num_classes else None
+        if every and self.online_knn is None:
+            log.warning("train.knn_every_epochs is set but %s has no labels: no online k-NN", source.info.name)
 
     # ------------------------------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -220,9 +225,12 @@ class Trainer:
             )
         finished = pos.epoch
         pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-        self.fabric.log_dict(
-            {"epoch": finished, "skipped_images": pos.skipped_images, "skipped_steps": pos.skipped_steps}, step=pos.step
-        )
+        row = {"epoch": finished, "skipped_images": pos.skipped_images, "skipped_steps": pos.skipped_steps}
+        if self.online_knn is not None and (finished + 1) % cfg.train.knn_every_epochs == 0:
+            with self.fabric.autocast():
+                row["knn_top1"] = self.online_knn(self.method.encoder(), self.fabric.device, self.fabric.global_rank)
+            log.info("epoch %d: online k-NN top-1 %.2f%%", finished, 100 * row["knn_top1"])
+        self.fabric.log_dict(row, step=pos.step)
         self.save(ckpt.last_path(self.run_dir))
         every = cfg.train.checkpoint_every_epochs
         if every and (finished + 1) % every == 0:

@@ -31,9 +31,12 @@ class Features:
 
 
 class RawPixels(nn.Module):
-    """The identity "encoder": the normalised pixels as one token (the raw-pixel k-NN baseline)."""
+    """The identity "encoder": the normalised pixels as one patch token (the raw-pixel k-NN baseline).
 
-    num_prefix_tokens = 1
+    No prefix token, so every pooling ([CLS] falls back to the patch mean) yields the pixels themselves.
+    """
+
+    num_prefix_tokens = 0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return images.flatten(1).unsqueeze(1)
