@@ -37,6 +37,11 @@ demo: data
 	$(MIMKIT) eval knn $(DEMO_DIR) --baselines
 	$(MIMKIT) viz $(DEMO_DIR)
 
+# Step-time benchmarks on this machine's CPU (GPU tiers: see benchmarks/README.md).
+bench: $(READY)
+	$(PY) benchmarks/step_throughput.py --method ibot --tier cpu-small --repeats 3
+	$(PY) benchmarks/step_throughput.py --method dtm --tier cpu-small --repeats 3
+
 lint: $(READY)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

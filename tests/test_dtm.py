@@ -21,6 +21,7 @@ from support import ROOT
 
 RECIPE = ROOT / "configs" / "dtm" / "vit_tiny_fmnist_ema.yaml"
 TINY = [
+    "method.backbone.patch_size=4",
     "method.backbone.embed_dim=32",
     "method.backbone.depth=2",
     "method.backbone.num_heads=2",
@@ -160,6 +161,7 @@ def test_mimkit_checkpoint_teacher_two_stage(tmp_path: Path) -> None:
         ROOT / "configs" / "ibot" / "vit_tiny_fmnist.yaml",
         [
             *TINY,
+            "method.views.local_size=12",
             "method.out_dim=32",
             "method.patch_out_dim=32",
             "method.head_hidden_dim=32",

@@ -25,6 +25,7 @@ from support import ROOT
 
 RECIPE = ROOT / "configs" / "ibot" / "vit_tiny_fmnist.yaml"
 TINY_RUN = [
+    "method.backbone.patch_size=4",
     "method.backbone.embed_dim=32",
     "method.backbone.depth=4",
     "method.backbone.num_heads=2",
@@ -33,9 +34,11 @@ TINY_RUN = [
     "method.head_hidden_dim=48",
     "method.head_bottleneck_dim=16",
     "method.views.num_local=1",
+    "method.views.local_size=12",
     "data.source=synthetic",
     "data.synthetic_size=28",
     "data.synthetic_images=24",
+    "data.limit=20",
     "data.batch_size=8",
     "data.num_workers=0",
     "train.epochs=1",
@@ -47,7 +50,7 @@ TINY_RUN = [
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished 1-epoch iBOT run (ViT with 4 blocks of width 32) on 24 synthetic 28x28 images, 4 classes."""
+    """A finished 1-epoch iBOT run (ViT with 4 blocks of width 32) on 20 of 24 synthetic 28x28 images, 4 classes."""
     return pretrain(load_run_config(RECIPE, [*TINY_RUN, f"output_dir={tmp_path_factory.mktemp('ibot')}"]))
 
 
@@ -77,6 +80,11 @@ def test_last4_features_equal_the_blocks_computed_by_hand(run_dir: Path) -> None
     torch.testing.assert_close(features[:, 0], torch.cat(expected, dim=-1))
     torch.testing.assert_close(features[:, 0, -32:], final)  # the last block's entry is the usual [CLS]
     assert not any(block._forward_hooks for block in vit.blocks)
+
+
+def test_evaluation_uses_whole_splits_whatever_the_pretraining_limit(run_dir: Path) -> None:
+    assert len(load_run(run_dir).source("train")) == 24
+    assert len(load_run(run_dir, ["data.limit=6"]).source("train")) == 6
 
 
 def test_last4_features_of_a_source_in_dataset_order(run_dir: Path) -> None:
@@ -139,6 +147,25 @@ def test_linear_cache_reuses_features_without_running_the_encoder(
     assert json.loads((run_dir / "eval" / "linear.json").read_text())["table"] == first["table"]
     with pytest.raises(AssertionError, match="the encoder ran"):  # other images: the cache no longer applies
         main([*argv, "--limit", "12"])
+
+
+def test_random_init_baseline_sits_beside_the_trained_results(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["eval", "linear", str(run_dir), "--variant", "cls", "--lrs", "0.1", "--epochs", "2", "--cache"]
+    assert cli(capsys, *argv)[0] == 0
+    code, out, err = cli(capsys, *argv, "--random-init")
+    assert code == 0, err
+    assert "random init of" in out
+    trained = json.loads((run_dir / "eval" / "linear.json").read_text())
+    baseline = json.loads((run_dir / "eval" / "linear_random_init.json").read_text())
+    assert not trained["random_init"] and baseline["random_init"]
+    features = {
+        suffix: torch.load(run_dir / "eval" / f"features_cls_train{suffix}.pt", weights_only=False)
+        for suffix in ("", "_random_init")
+    }
+    assert features[""]["key"]["random_init"] is False
+    assert not torch.equal(features[""]["features"], features["_random_init"]["features"])
 
 
 def test_linear_rejects_a_bad_val_fraction(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

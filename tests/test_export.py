@@ -19,6 +19,8 @@ from mimkit.export import export_timm, load_exported
 from support import ROOT
 
 TINY_IBOT = [
+    "method.backbone.patch_size=4",
+    "method.views.local_size=12",
     "method.backbone.embed_dim=32",
     "method.backbone.depth=2",
     "method.backbone.num_heads=2",

@@ -53,6 +53,7 @@ def add(commands: argparse._SubParsersAction) -> None:
         help="hold out this fraction of the train features to select the lr (default 0: select on the test split)",
     )
     linear.add_argument("--cache", action="store_true", help="save/reuse features in RUN/eval/features_*.pt")
+    _random_init_option(linear)
     _data_options(linear, batch_size=256, workers=0, what="feature extraction and probe SGD batch")
 
     ft = _command(sub, "finetune", "full fine-tuning with layer-wise lr decay, mixup/cutmix, drop path", run_finetune)
@@ -77,6 +78,7 @@ def add(commands: argparse._SubParsersAction) -> None:
         help="RandomResizedCrop area range (%(default)s)",
     )
     ft.add_argument("--seed", type=int, default=0, help="head init, batch order, augmentation (%(default)s)")
+    _random_init_option(ft)
     _data_options(ft, batch_size=128, workers=None)
 
 
@@ -146,10 +148,10 @@ def _features(
     device = _device()
     path, key = None, {}
     if getattr(args, "cache", False) and run.checkpoint is not None:
-        path = run.run_dir / "eval" / f"features_{variant}_{name}.pt"
+        path = run.run_dir / "eval" / f"features_{variant}_{name}{_suffix(run)}.pt"
         modified = run.checkpoint.stat().st_mtime_ns
         key = {"checkpoint": str(run.checkpoint), "modified": modified, "data": asdict(run.cfg.data), "size": size}
-        key |= {"split": name, "variant": variant, "limit": args.limit}
+        key |= {"split": name, "variant": variant, "limit": args.limit, "random_init": run.random_init}
 
     def compute() -> Features:
         return probe_features(
@@ -166,8 +168,22 @@ def _features(
     return cached_features(path, key, compute)
 
 
+def _suffix(run: LoadedRun) -> str:
+    """Results of the random-init baseline sit beside the run's own, never over them."""
+    return "_random_init" if run.random_init else ""
+
+
+def _random_init_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="evaluate the run's initialisation instead of its trained weights (the from-scratch baseline)",
+    )
+
+
 def _save(run: LoadedRun, name: str, result: dict) -> None:
-    out = run.run_dir / "eval" / name
+    stem, ext = name.rsplit(".", 1)
+    out = run.run_dir / "eval" / f"{stem}{_suffix(run)}.{ext}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"saved {out}")
@@ -239,11 +255,12 @@ def run_linear(args: argparse.Namespace) -> int:
 
     if not 0 <= args.val_fraction < 1:
         raise ConfigError(f"--val-fraction: must lie in [0, 1); got {args.val_fraction}")
-    run = load_run(args.run_path, args.overrides)
+    run = load_run(args.run_path, args.overrides, random_init=args.random_init)
     splits = _labelled_splits(run, args, "the linear probe")
     classes = splits[0][1].info.num_classes
     encoder = run.encoder()
-    train, test = (_features(encoder, run, split, args, "pretrained", args.variant) for split in splits)
+    label = "random init" if run.random_init else "pretrained"
+    train, test = (_features(encoder, run, split, args, label, args.variant) for split in splits)
     device = _device()
     train_x, train_y = train.features.to(device), train.labels
     val: dict[str, torch.Tensor] = {}
@@ -262,8 +279,10 @@ def run_linear(args: argparse.Namespace) -> int:
         if val
         else "lr selected on the test split, as DINO/iBOT report; --val-fraction holds out train images instead"
     )
+    weights = "random init of " if run.random_init else ""
     print(
-        f"Linear probe: {args.variant} features, {args.epochs} epochs, {len(train_y)} train images - {run.checkpoint}"
+        f"Linear probe: {args.variant} features, {args.epochs} epochs, {len(train_y)} train images - "
+        f"{weights}{run.checkpoint}"
     )
     print(result.to_markdown())
     print(f"best lr {result.best_lr:g}: top-1 {100 * result.best_top1:.2f}% ({selection})")
@@ -278,6 +297,7 @@ def run_linear(args: argparse.Namespace) -> int:
         "linear.json",
         {
             "checkpoint": str(run.checkpoint),
+            "random_init": run.random_init,
             "variant": args.variant,
             "epochs": args.epochs,
             "batch_size": args.batch_size,
@@ -307,7 +327,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from mimkit.eval.finetune import FinetuneConfig, finetune
     from mimkit.eval.run import load_run
 
-    run = load_run(args.run_path, args.overrides)
+    run = load_run(args.run_path, args.overrides, random_init=args.random_init)
     encoder = run.encoder()
     vit = getattr(encoder, "vit", None)
     if not isinstance(vit, VisionTransformer):
@@ -332,7 +352,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     size = _image_size(encoder, train_source)
     device = _device()
     console = Console()
-    console.print(f"fine-tuning {run.checkpoint} at {size}px on {device} for {cfg.epochs} epochs")
+    weights_of = "the random init of " if run.random_init else ""
+    console.print(f"fine-tuning {weights_of}{run.checkpoint} at {size}px on {device} for {cfg.epochs} epochs")
 
     def report(row: dict[str, float]) -> None:
         console.print(
@@ -346,7 +367,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         f"final top-1 {100 * result.top1:.2f}%, top-5 {100 * result.top5:.2f}% "
         f"(best top-1 {100 * best['top1']:.2f}% at epoch {best['epoch']}, selected on the eval split)"
     )
-    weights = run.run_dir / "eval" / "finetune.safetensors"
+    weights = run.run_dir / "eval" / f"finetune{_suffix(run)}.safetensors"
     weights.parent.mkdir(parents=True, exist_ok=True)
     save_file({name: t.detach().contiguous().cpu() for name, t in vit.state_dict().items()}, str(weights))
     _save(
@@ -354,6 +375,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         "finetune.json",
         {
             "checkpoint": str(run.checkpoint),
+            "random_init": run.random_init,
             "image_size": size,
             "num_classes": train_source.info.num_classes,
             "limit": args.limit,

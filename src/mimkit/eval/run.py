@@ -59,7 +59,9 @@ def load_run(
     state = read_checkpoint(path)
     if "config" not in state or "method" not in state:
         raise ConfigError(f"{path} is not a mimkit pretraining checkpoint (no config/method entries)")
-    cfg = load_run_config(None, overrides or [], base=state["config"])
+    # a pretraining budget (`data.limit`) is not an evaluation protocol: evaluate on whole splits unless told
+    base = {**state["config"], "data": {**state["config"]["data"], "limit": None}}
+    cfg = load_run_config(None, overrides or [], base=base)
     info = DataInfo.from_dict(state["data_info"]) if "data_info" in state else build_source(cfg.data).info
     torch.manual_seed(cfg.seed)  # the random-init baseline gets the run's own initialisation
     method = method_class(cfg.method.name)(cfg.method, info)

@@ -1,0 +1,599 @@
+"""Step throughput of a pretraining method against the cost of its networks (BENCHMARKS.md section 1).
+
+For each case of a tier, one process builds the method from a shipped recipe plus the tier's overrides, makes one
+real batch with the method's own `views()` + `collate` from synthetic images, moves it to the device once, then
+times (medians over repeated steps after warm-up, CUDA synchronised around each step):
+
+  step            the engine's training step (autocast, forward, loss, backward, unscale, clip,
+                  before_optimizer_step, AdamW step, after_step), as `Trainer._epoch` does it on one device
+  backbone        the same backbone(s) on exactly the student inputs (forward + backward) and the teacher inputs
+                  (forward, no grad), without method logic: the floor no implementation can beat
+  backbone_heads  the backbone floor plus the heads on the tokens the method uses
+  morphing        (DTM) drawing the schedules, grouping the target tokens and morphing student and targets
+
+The benchmark knows the methods' internals (the floors below mirror their `training_step`); mimkit knows nothing
+about the benchmark.
+
+    python benchmarks/step_throughput.py --method ibot --tier cpu-small
+    python benchmarks/step_throughput.py --method dtm --tier gpu-base --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric import Fabric
+
+from mimkit.config import RunConfig, load_run_config, to_dict
+from mimkit.data.loader import collate, seeded
+from mimkit.data.sources import ImageSource, build_source
+from mimkit.engine.checkpoint import package_versions
+from mimkit.engine.clipping import clip
+from mimkit.engine.runtime import machine
+from mimkit.engine.schedules import CosineSchedule, scaled_lr
+from mimkit.methods.base import Method, Progress, ViewTransform, method_class
+from mimkit.methods.morphing import group_tokens
+from mimkit.models.vit import MaskableViT
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+STEPS_PER_EPOCH = 1000
+"""Nominal epoch length for the schedules: only the step's cost is measured, not an epoch."""
+
+Timed = Callable[[], None]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiers: a shipped recipe plus overrides per method
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    recipe: str
+    """Path under configs/."""
+    overrides: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Tier:
+    device: str
+    precision: str
+    cases: dict[str, list[Case]] = field(default_factory=dict)
+    """Method name -> the cases it runs in this tier."""
+
+
+def _data(size: int, batch: int, channels: int) -> tuple[str, ...]:
+    """Synthetic images of the tier's size, exactly one batch of them."""
+    return (
+        "data.source=synthetic",
+        f"data.synthetic_size={size}",
+        f"data.synthetic_images={batch}",
+        f"data.batch_size={batch}",
+        f"data.channels={channels}",
+        "data.num_workers=0",
+    )
+
+
+def _vit(dim: int, depth: int, heads: int) -> tuple[str, ...]:
+    """A ViT of the given shape on 28x28 images with 4-pixel patches (7x7 tokens)."""
+    return (
+        "method.backbone.name=vit_tiny_patch16_224",
+        "method.backbone.img_size=28",
+        "method.backbone.patch_size=4",
+        f"method.backbone.embed_dim={dim}",
+        f"method.backbone.depth={depth}",
+        f"method.backbone.num_heads={heads}",
+    )
+
+
+def _ibot_views(global_size: int, local_size: int, num_local: int, prototypes: int) -> tuple[str, ...]:
+    return (
+        f"method.views.global_size={global_size}",
+        f"method.views.local_size={local_size}",
+        f"method.views.num_local={num_local}",
+        f"method.out_dim={prototypes}",
+        f"method.patch_out_dim={prototypes}",
+    )
+
+
+EMA_TEACHER = ("method.teacher.kind=ema", "method.teacher.model=null", "method.teacher.weights=null")
+"""DTM's CLIP teacher needs weights we never download; an EMA teacher of the student's shape stands in."""
+
+TIERS: dict[str, Tier] = {
+    "test": Tier(
+        "cpu",
+        "32-true",
+        {
+            "ibot": [
+                Case(
+                    "vit_micro",
+                    "ibot/vit_tiny_fmnist.yaml",
+                    (
+                        *_vit(32, 1, 2),
+                        *_ibot_views(28, 12, 2, 64),
+                        "method.head_hidden_dim=48",
+                        "method.head_bottleneck_dim=16",
+                        "method.mask.ratios=[[0.4,0.1]]",
+                        *_data(28, 4, 1),
+                    ),
+                )
+            ],
+            "dtm": [Case("vit_micro", "dtm/vit_tiny_fmnist_ema.yaml", (*_vit(32, 1, 2), *_data(28, 4, 1)))],
+        },
+    ),
+    "cpu-small": Tier(
+        "cpu",
+        "32-true",
+        {
+            "ibot": [
+                Case(
+                    "vit_tiny",
+                    "ibot/vit_tiny_fmnist.yaml",
+                    (*_vit(192, 12, 3), *_ibot_views(28, 12, 4, 1024), *_data(28, 64, 1)),
+                )
+            ],
+            "dtm": [
+                Case(
+                    "vit_tiny",
+                    "dtm/vit_tiny_fmnist_ema.yaml",
+                    (*_vit(192, 12, 3), "method.views.size=28", *_data(28, 64, 1)),
+                )
+            ],
+        },
+    ),
+    "gpu-base": Tier(
+        "cuda",
+        "bf16-mixed",
+        {
+            "ibot": [
+                Case(name, f"ibot/{recipe}.yaml", (*_ibot_views(224, 96, 10, 8192), *_data(224, 64, 3)))
+                for name, recipe in (("vit_small", "vit_small_imagenet"), ("vit_base", "vit_base_imagenet"))
+            ],
+            "dtm": [
+                Case(
+                    name,
+                    "dtm/vit_base_clip_imagenet.yaml",
+                    (f"method.backbone.name={timm_name}", *EMA_TEACHER, *_data(224, 64, 3)),
+                )
+                for name, timm_name in (("vit_small", "vit_small_patch16_224"), ("vit_base", "vit_base_patch16_224"))
+            ],
+        },
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# One case, built like the engine builds a run
+
+
+@dataclass
+class Bench:
+    """A method set up as `Trainer` sets it up (Fabric, AdamW on `param_groups()`), with one batch on its device."""
+
+    cfg: RunConfig
+    fabric: Fabric
+    method: Method
+    module: Any
+    """The Fabric-wrapped method, through which the engine calls `training_step`."""
+    optimizer: Any
+    batch: dict[str, Any]
+    view_seconds: list[float]
+    epoch: int
+    lr: CosineSchedule
+    weight_decay: CosineSchedule
+    steps_done: int = 0
+    last_loss: float = math.nan
+
+    def step(self) -> None:
+        """One optimizer step exactly as `Trainer._epoch` takes it on one device without accumulation."""
+        progress = Progress(
+            self.epoch, self.epoch * STEPS_PER_EPOCH + self.steps_done, STEPS_PER_EPOCH, self.cfg.train.epochs
+        )
+        lr, wd = self.lr(progress), self.weight_decay(progress)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+            group["weight_decay"] = wd * group["wd_scale"]
+        with self.fabric.autocast():
+            out = self.module.training_step(self.batch, progress)
+        self.fabric.backward(out.loss)
+        loss = out.loss.detach().float().item()  # the engine's finiteness check: one host sync per step
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss} at benchmark step {self.steps_done}")
+        self.fabric.strategy.precision.unscale_gradients(self.optimizer)
+        clip(self.method.clip_policy(), self.method)
+        self.method.before_optimizer_step(progress)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.method.after_step(progress)
+        self.steps_done += 1
+        self.last_loss = loss
+
+
+def overrides_for(case: Case, device: str, precision: str, compile_backbones: bool) -> list[str]:
+    return [
+        *case.overrides,
+        f"train.accelerator={device}",
+        f"train.precision={precision}",
+        f"train.compile={str(compile_backbones).lower()}",
+    ]
+
+
+def make_batch(
+    source: ImageSource, transform: ViewTransform, seed: int, epoch: int, size: int
+) -> tuple[dict[str, Any], list[float]]:
+    """One batch of the method's views, seeded like `ViewDataset`; each image's view time, taken single-threaded
+    as in a DataLoader worker (decoding is excluded: the synthetic images are drawn before the clock starts)."""
+    images = [source.load(index) for index in range(size)]
+    samples, seconds = [], []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for index, (image, label) in enumerate(images):
+            with seeded(seed, epoch, index):
+                start = time.perf_counter()
+                views = transform(image, epoch)
+                seconds.append(time.perf_counter() - start)
+            samples.append((views, label, index))
+    finally:
+        torch.set_num_threads(threads)
+    return collate(samples), seconds
+
+
+def build(recipe: Path, overrides: Sequence[str]) -> Bench:
+    """The method, optimizer, schedules and batch of one case, mid-training (past frozen layers and warm-ups)."""
+    cfg = load_run_config(recipe, overrides)
+    fabric = Fabric(accelerator=cfg.train.accelerator, devices=1, precision=cfg.train.precision)
+    torch.manual_seed(cfg.seed)
+    source = build_source(cfg.data)
+    method = method_class(cfg.method.name)(cfg.method, source.info)
+    epoch = cfg.train.epochs // 2
+    batch, view_seconds = make_batch(source, method.views(), cfg.seed, epoch, cfg.data.batch_size)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": g.params, "name": g.name, "lr_scale": g.lr_scale, "wd_scale": g.weight_decay_scale}
+            for g in method.param_groups()
+        ],
+        lr=0.0,
+        weight_decay=0.0,
+        betas=cfg.optim.betas,
+        eps=cfg.optim.eps,
+    )
+    module, optimizer = fabric.setup(method, optimizer)
+    module.mark_forward_method("training_step")
+    if cfg.train.compile:
+        for network in method.modules():
+            if isinstance(network, MaskableViT):
+                network.compile()
+    method.on_train_start()
+    lr = scaled_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.lr_reference_batch, cfg.optim.lr_scaling)
+    wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
+    return Bench(
+        cfg,
+        fabric,
+        method,
+        module,
+        optimizer,
+        fabric.to_device(batch),
+        view_seconds,
+        epoch,
+        CosineSchedule(lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.optim.warmup_start_lr),
+        CosineSchedule(cfg.optim.weight_decay, wd_end),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Floors and parts, per method: they mirror the method's training_step without its logic
+
+
+def _backward(bench: Bench, outputs: Sequence[torch.Tensor]) -> None:
+    """Backward from a trivial scalar of every output, then drop the gradients as the optimizer step would."""
+    bench.fabric.backward(sum(output.float().mean() for output in outputs))
+    bench.method.zero_grad(set_to_none=True)
+
+
+def ibot_floor(bench: Bench, heads: bool) -> Timed:
+    """Teacher on the global crops; student on the masked global crops in one call and the local crops grouped by
+    size. With heads: the prototype head on [CLS] tokens and on the patch tokens the loss reads (masked ones, or
+    all with morphing), plus the teacher's mean patch logits, as `IBOT.training_step` computes them."""
+    method = bench.method
+    views = bench.batch["views"]
+    images = torch.cat(views["global"])
+    masks = torch.stack(views["masks"]).flatten(0, 1)
+    flat_masks = masks.flatten(1)
+    every_token = method.cfg.morph.enabled
+
+    def run() -> None:
+        with bench.fabric.autocast():
+            with torch.no_grad():
+                teacher = method.teacher(images)
+                if heads:
+                    head = method.teacher_head
+                    head.cls_logits(head.embed(teacher[:, 0]))
+                    patch_embed = head.embed(teacher[:, 1:])
+                    head.patch_logits(patch_embed if every_token else patch_embed[flat_masks])
+                    head.patch_logits(patch_embed.mean(1))
+            student = method.student(images, mask=masks)
+            local = method.student.forward_crops(views["local"]) if views["local"] else []
+            outputs = [student, *local]
+            if heads:
+                head = method.student_head
+                cls_tokens = torch.cat([student[:, 0], *(tokens[:, 0] for tokens in local)])
+                patches = student[:, 1:] if every_token else student[:, 1:][flat_masks]
+                embedded = head.embed(torch.cat([cls_tokens, patches.flatten(0, -2)]))
+                outputs = [head.cls_logits(embedded[: len(cls_tokens)]), head.patch_logits(embedded[len(cls_tokens) :])]
+        _backward(bench, outputs)
+
+    return run
+
+
+def dtm_floor(bench: Bench, heads: bool) -> Timed:
+    """Teacher (EMA or frozen) on the image without grad; student on the masked image; with heads: the linear head
+    on the student's patch tokens."""
+    method = bench.method
+    images, masks = bench.batch["views"]["image"], bench.batch["views"]["mask"]
+
+    def run() -> None:
+        with bench.fabric.autocast():
+            with torch.no_grad():
+                method.teacher(images)
+            tokens = method.student(images, mask=masks)
+            output = method.head(tokens[:, method.student.num_prefix_tokens :]) if heads else tokens
+        _backward(bench, [output])
+
+    return run
+
+
+def dtm_morphing(bench: Bench) -> Timed:
+    """Schedules + `group_tokens` on the targets + `morph` of predictions and targets, on this batch's real tokens
+    (forward only: the backward of the morph is part of the step, not of this measurement)."""
+    method = bench.method
+    images, masks = bench.batch["views"]["image"], bench.batch["views"]["mask"]
+    with torch.no_grad(), bench.fabric.autocast():
+        targets = method.targets(images)
+        predictions = method.head(method.student(images, mask=masks)[:, method.student.num_prefix_tokens :])
+    morph = method.cfg.morph
+
+    def run() -> None:
+        with bench.fabric.autocast():
+            for schedule in morph.schedules(method.sampler):
+                grouping = group_tokens(targets, schedule, morph.protect_first_token)
+                grouping.morph(predictions)
+                grouping.morph(targets)
+
+    return run
+
+
+FLOORS: dict[str, Callable[[Bench, bool], Timed]] = {"ibot": ibot_floor, "dtm": dtm_floor}
+"""Method name -> floor(bench, heads): the backbone(s) alone (heads=False) or with the heads (heads=True)."""
+MORPHING: dict[str, Callable[[Bench], Timed]] = {"dtm": dtm_morphing}
+
+
+def parts(bench: Bench, method_name: str) -> dict[str, Timed]:
+    timed = {
+        "step": bench.step,
+        "backbone": FLOORS[method_name](bench, False),
+        "backbone_heads": FLOORS[method_name](bench, True),
+    }
+    if method_name in MORPHING:
+        timed["morphing"] = MORPHING[method_name](bench)
+    return timed
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing
+
+
+def measure(
+    timed: dict[str, Timed], device: torch.device, warmup: int, steps: int, repeats: int
+) -> tuple[dict[str, list[list[float]]], dict[str, int]]:
+    """Seconds of every call, [repeat][step] per part; parts alternate per repeat so drift hits all of them.
+
+    Also the peak CUDA memory allocated by each part (empty on CPU, where only the process RSS is known).
+    """
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    for run in timed.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[list[float]]] = {name: [] for name in timed}
+    peaks: dict[str, int] = {}
+    for _ in range(repeats):
+        for name, run in timed.items():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            samples = []
+            for _ in range(steps):
+                sync()
+                start = time.perf_counter()
+                run()
+                sync()
+                samples.append(time.perf_counter() - start)
+            times[name].append(samples)
+            if cuda:
+                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(device))
+    return times, peaks
+
+
+def max_rss_bytes() -> int:
+    """Peak resident memory of this process so far (all cases and parts together)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def summarize(
+    times: dict[str, list[list[float]]], batch_size: int, view_seconds: list[float], peak_bytes: int
+) -> dict[str, float | None]:
+    medians = {name: statistics.median(s for samples in runs for s in samples) for name, runs in times.items()}
+    step = medians["step"]
+    morphing = medians.get("morphing")
+    return {
+        "step_ms": 1e3 * step,
+        "backbone_ms": 1e3 * medians["backbone"],
+        "backbone_heads_ms": 1e3 * medians["backbone_heads"],
+        "morphing_ms": None if morphing is None else 1e3 * morphing,
+        "overhead": step / medians["backbone"],
+        "outside_backbone_heads_share": (step - medians["backbone_heads"]) / step,
+        "morphing_share": None if morphing is None else morphing / step,
+        "images_per_s": batch_size / step,
+        "view_ms_per_image": 1e3 * statistics.median(view_seconds),
+        "peak_memory_mib": peak_bytes / 2**20,
+    }
+
+
+def run_case(method_name: str, case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    overrides = overrides_for(case, args.device, args.precision, args.compile)
+    bench = build(CONFIGS / case.recipe, overrides)
+    device = bench.fabric.device
+    times, peaks = measure(parts(bench, method_name), device, args.warmup, args.steps, args.repeats)
+    if device.type == "cuda":
+        memory = {"kind": "cuda_max_allocated", "bytes": peaks["step"], "by_part": peaks}
+    else:
+        memory = {"kind": "cpu_max_rss_process", "bytes": max_rss_bytes()}
+    parameters = list(bench.method.parameters())
+    return {
+        "case": case.name,
+        "recipe": f"configs/{case.recipe}",
+        "overrides": overrides,
+        "config": to_dict(bench.cfg),
+        "batch_size": bench.cfg.data.batch_size,
+        "epoch": bench.epoch,
+        "parameters": {
+            "trainable": sum(p.numel() for p in parameters if p.requires_grad),
+            "total": sum(p.numel() for p in parameters),
+        },
+        "final_loss": bench.last_loss,
+        "view_seconds_per_image": bench.view_seconds,
+        "times_s": times,
+        "peak_memory": memory,
+        "summary": summarize(times, bench.cfg.data.batch_size, bench.view_seconds, memory["bytes"]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+
+
+def _cell(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+    return "–" if value is None else f"{value * scale:{spec}}{suffix}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    info, versions = result["machine"], result["versions"]
+    gpus = ", ".join(info["gpus"]) or "none"
+    lines = [
+        f"### Step throughput: {result['method']}, tier {result['tier']}, {result['device']}",
+        "",
+        f"{info['cpu']} ({info['cpu_count']} logical CPUs, {result['threads']} torch threads); GPUs: {gpus}; "
+        f"torch {versions['torch']}, timm {versions['timm']}; precision {result['precision']}, "
+        f"compile {'on' if result['compile'] else 'off'}; medians over {result['repeats']} x {result['steps']} "
+        f"timed steps after {result['warmup']} warm-up steps.",
+        "",
+        "| case | batch | step ms | backbone ms | backbone+heads ms | overhead | outside backbone+heads "
+        "| morphing | images/s | views ms/img | peak MiB |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for case in result["cases"]:
+        s = case["summary"]
+        cells = [
+            case["case"],
+            str(case["batch_size"]),
+            _cell(s["step_ms"], ".1f"),
+            _cell(s["backbone_ms"], ".1f"),
+            _cell(s["backbone_heads_ms"], ".1f"),
+            _cell(s["overhead"], ".2f", suffix="x"),
+            _cell(s["outside_backbone_heads_share"], ".1f", 100, "%"),
+            _cell(s["morphing_share"], ".2f", 100, "%"),
+            _cell(s["images_per_s"], ".1f"),
+            _cell(s["view_ms_per_image"], ".2f"),
+            _cell(s["peak_memory_mib"], ".0f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    memory = "max allocated CUDA memory of the step" if result["device"] == "cuda" else "max RSS of the process"
+    lines += ["", f"Peak memory: {memory}. Raw times of every step: the JSON file next to this table."]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", required=True, choices=sorted(FLOORS))
+    parser.add_argument("--tier", required=True, choices=sorted(TIERS))
+    parser.add_argument("--case", help="run only this case of the tier (e.g. vit_base of gpu-base)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat (>= 5 for reported numbers)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each part first (compilation)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of all parts, interleaved against drift")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: the tier's")
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], help="default: the tier's")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbones, as train.compile")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    tier = TIERS[args.tier]
+    if args.method not in tier.cases:
+        parser.error(f"tier {args.tier} has no cases for {args.method}")
+    names = [case.name for case in tier.cases[args.method]]
+    if args.case is not None and args.case not in names:
+        parser.error(f"--case: tier {args.tier} has {', '.join(names)} for {args.method}; got {args.case!r}")
+    if min(args.steps, args.repeats, args.threads) < 1 or args.warmup < 0:
+        parser.error("--steps, --repeats and --threads must be >= 1, --warmup >= 0")
+    args.device = args.device or tier.device
+    args.precision = args.precision or tier.precision
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible; pass --device cpu to run this tier on the CPU")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Run the benchmark; returns the JSON file (the markdown table lies next to it)."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cases = [c for c in TIERS[args.tier].cases[args.method] if args.case in (None, c.name)]
+    results = []
+    for case in cases:
+        results.append(run_case(args.method, case, args))
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    result = {
+        "benchmark": "step_throughput",
+        "method": args.method,
+        "tier": args.tier,
+        "device": args.device,
+        "precision": args.precision,
+        "compile": args.compile,
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "command": ["benchmarks/step_throughput.py", *map(str, sys.argv[1:] if argv is None else argv)],
+        "machine": machine(),
+        "versions": package_versions(),
+        "cases": results,
+    }
+    suffix = "".join(f"_{part}" for part in (args.case, "compile" if args.compile else None) if part)
+    path = args.out / f"{args.method}_{args.tier}_{args.device}{suffix}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    table = markdown(result)
+    path.with_suffix(".md").write_text(table)
+    print(table)
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The step-throughput benchmark runs end to end on a tiny tier, writes its report, and times a step that trains."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from types import ModuleType
+
+import pytest
+import torch
+
+from mimkit.config import load_run_config
+from support import ROOT
+
+
+def load_benchmark() -> ModuleType:
+    """benchmarks/ is not a package: import the script by path (registered, so its dataclasses resolve)."""
+    name = "step_throughput"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "step_throughput.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+bench = load_benchmark()
+SUMMARY_KEYS = {
+    "step_ms",
+    "backbone_ms",
+    "backbone_heads_ms",
+    "morphing_ms",
+    "overhead",
+    "outside_backbone_heads_share",
+    "morphing_share",
+    "images_per_s",
+    "view_ms_per_image",
+    "peak_memory_mib",
+}
+
+
+@pytest.mark.parametrize("method", ["ibot", "dtm"])
+def test_tiny_tier_writes_json_and_table(method: str, tmp_path) -> None:
+    argv = ["--method", method, "--tier", "test", "--steps", "2", "--warmup", "1", "--repeats", "2"]
+    path = bench.main([*argv, "--threads", str(torch.get_num_threads()), "--out", str(tmp_path)])
+    assert path == tmp_path / f"{method}_test_cpu.json"
+    result = json.loads(path.read_text())
+    assert {"machine", "versions", "threads", "precision", "cases", "command"} <= result.keys()
+    assert result["machine"]["cpu"] and result["versions"]["torch"] and result["threads"] == torch.get_num_threads()
+    (case,) = result["cases"]
+    parts = {"step", "backbone", "backbone_heads"} | ({"morphing"} if method == "dtm" else set())
+    assert case["times_s"].keys() == parts
+    for runs in case["times_s"].values():
+        assert len(runs) == 2 and all(len(samples) == 2 and min(samples) > 0 for samples in runs)
+    assert "data.source=synthetic" in case["overrides"] and case["batch_size"] == 4
+    assert len(case["view_seconds_per_image"]) == 4 and min(case["view_seconds_per_image"]) > 0
+    summary = case["summary"]
+    assert summary.keys() == SUMMARY_KEYS
+    assert math.isfinite(summary["overhead"]) and summary["overhead"] > 0
+    assert summary["images_per_s"] > 0 and summary["peak_memory_mib"] > 0 and math.isfinite(case["final_loss"])
+    if method == "dtm":
+        assert math.isfinite(summary["morphing_share"]) and summary["morphing_share"] > 0  # timings: no upper bound
+    else:
+        assert summary["morphing_share"] is None
+    table = path.with_suffix(".md").read_text()
+    assert "| vit_micro | 4 |" in table and "overhead" in table
+
+
+@pytest.mark.parametrize("method", ["ibot", "dtm"])
+def test_timed_step_trains_student_and_teacher(method: str) -> None:
+    (case,) = bench.TIERS["test"].cases[method]
+    built = bench.build(bench.CONFIGS / case.recipe, bench.overrides_for(case, "cpu", "32-true", False))
+    student = {k: v.clone() for k, v in built.method.student.state_dict().items()}
+    teacher = {k: v.clone() for k, v in built.method.teacher.state_dict().items()}
+    built.step()
+    assert math.isfinite(built.last_loss)
+    assert any(not torch.equal(v, built.method.student.state_dict()[k]) for k, v in student.items())
+    assert any(not torch.equal(v, built.method.teacher.state_dict()[k]) for k, v in teacher.items())
+    bench.FLOORS[method](built, True)()
+    assert all(p.grad is None for p in built.method.parameters()), "floors must leave no gradients behind"
+
+
+def test_every_tier_case_is_a_valid_recipe_of_the_specified_shape() -> None:
+    for name, tier in bench.TIERS.items():
+        for method, cases in tier.cases.items():
+            for case in cases:
+                overrides = bench.overrides_for(case, tier.device, tier.precision, True)
+                cfg = load_run_config(bench.CONFIGS / case.recipe, overrides)
+                assert cfg.method.name == method and cfg.data.source == "synthetic" and cfg.train.compile
+                if name == "test":
+                    continue
+                views, backbone = cfg.method.views, cfg.method.backbone
+                assert cfg.data.batch_size == 64
+                if name == "cpu-small":
+                    shape = (backbone.embed_dim, backbone.depth, backbone.num_heads, backbone.patch_size)
+                    assert shape == (192, 12, 3, 4) and backbone.img_size == cfg.data.synthetic_size == 28
+                    assert cfg.data.channels == 1 and cfg.train.precision == "32-true"
+                else:
+                    assert backbone.img_size == cfg.data.synthetic_size == 224 and cfg.train.precision == "bf16-mixed"
+                if method == "ibot":
+                    small = name == "cpu-small"
+                    assert (views.num_local, views.local_size) == ((4, 12) if small else (10, 96))
+                    assert cfg.method.out_dim == cfg.method.patch_out_dim == (1024 if small else 8192)
+                else:
+                    assert cfg.method.teacher.kind == "ema"
+
+
+def test_unknown_case_is_refused() -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--method", "ibot", "--tier", "cpu-small", "--case", "vit_huge"])
