@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -17,3 +20,14 @@ def load_case(path: Path) -> dict:
     if not path.is_file():
         pytest.fail(f"no reference cases in {path.parent}; set MIMKIT_REFERENCE_DIR to the fixtures folder")
     return torch.load(path, weights_only=True)
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/ is not a package: import `benchmarks/<name>.py` by path (registered, so its dataclasses resolve)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

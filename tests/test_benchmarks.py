@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from types import ModuleType
 
 import pytest
 import torch
 
 from mimkit.config import load_run_config
-from support import ROOT
+from support import load_benchmark
 
-
-def load_benchmark() -> ModuleType:
-    """benchmarks/ is not a package: import the script by path (registered, so its dataclasses resolve)."""
-    name = "step_throughput"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "step_throughput.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-bench = load_benchmark()
+bench = load_benchmark("step_throughput")
 SUMMARY_KEYS = {
     "step_ms",
     "backbone_ms",

@@ -164,8 +164,27 @@ def test_random_init_baseline_sits_beside_the_trained_results(
         suffix: torch.load(run_dir / "eval" / f"features_cls_train{suffix}.pt", weights_only=False)
         for suffix in ("", "_random_init")
     }
-    assert features[""]["key"]["random_init"] is False
+    assert features[""]["key"]["features_of"] == "pretrained"
     assert not torch.equal(features[""]["features"], features["_random_init"]["features"])
+
+
+def test_raw_pixel_probe_sits_beside_the_trained_results(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["eval", "linear", str(run_dir), "--lrs", "0.1", "--epochs", "2", "--cache"]
+    assert cli(capsys, *argv)[0] == 0
+    trained = (run_dir / "eval" / "linear.json").read_text()
+    code, out, err = cli(capsys, *argv, "--raw-pixels")
+    assert code == 0, err
+    assert "raw pixels" in out
+    baseline = json.loads((run_dir / "eval" / "linear_raw_pixels.json").read_text())
+    assert baseline["features_of"] == "raw pixels" and baseline["variant"] == "cls"
+    assert (run_dir / "eval" / "linear.json").read_text() == trained
+    pixels = torch.load(run_dir / "eval" / "features_cls_train_raw_pixels.pt", weights_only=False)
+    assert pixels["features"].shape == (24, 28 * 28)  # synthetic split: every image, 1 x 28 x 28 pixels
+
+
+def test_linear_takes_one_baseline_at_a_time(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "eval", "linear", str(run_dir), "--raw-pixels", "--random-init")
+    assert code == 2 and "--raw-pixels and --random-init" in err
 
 
 def test_linear_rejects_a_bad_val_fraction(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -201,6 +220,9 @@ def test_finetune_writes_accuracies_and_weights(run_dir: Path, capsys: pytest.Ca
     vit.reset_classifier(4)
     vit.load_state_dict(weights)  # a plain timm ViT with a 4-class head
     assert "top-1" in out
+    assert cli(capsys, *argv, "--limit", "16", "--num-workers", "0", "--random-init")[0] == 0
+    assert json.loads((run_dir / "eval" / "finetune_random_init.json").read_text())["random_init"]
+    assert not json.loads((run_dir / "eval" / "finetune.json").read_text())["random_init"]
 
 
 @pytest.mark.parametrize("evaluation", ["knn", "linear", "finetune"])

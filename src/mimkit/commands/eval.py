@@ -54,6 +54,11 @@ def add(commands: argparse._SubParsersAction) -> None:
     )
     linear.add_argument("--cache", action="store_true", help="save/reuse features in RUN/eval/features_*.pt")
     _random_init_option(linear)
+    linear.add_argument(
+        "--raw-pixels",
+        action="store_true",
+        help="probe the normalised pixels instead of an encoder (the logistic-regression baseline)",
+    )
     _data_options(linear, batch_size=256, workers=0, what="feature extraction and probe SGD batch")
 
     ft = _command(sub, "finetune", "full fine-tuning with layer-wise lr decay, mixup/cutmix, drop path", run_finetune)
@@ -148,10 +153,10 @@ def _features(
     device = _device()
     path, key = None, {}
     if getattr(args, "cache", False) and run.checkpoint is not None:
-        path = run.run_dir / "eval" / f"features_{variant}_{name}{_suffix(run)}.pt"
+        path = run.run_dir / "eval" / f"features_{variant}_{name}{_suffix(label)}.pt"
         modified = run.checkpoint.stat().st_mtime_ns
         key = {"checkpoint": str(run.checkpoint), "modified": modified, "data": asdict(run.cfg.data), "size": size}
-        key |= {"split": name, "variant": variant, "limit": args.limit, "random_init": run.random_init}
+        key |= {"split": name, "variant": variant, "limit": args.limit, "features_of": label}
 
     def compute() -> Features:
         return probe_features(
@@ -168,9 +173,16 @@ def _features(
     return cached_features(path, key, compute)
 
 
-def _suffix(run: LoadedRun) -> str:
-    """Results of the random-init baseline sit beside the run's own, never over them."""
-    return "_random_init" if run.random_init else ""
+PRETRAINED = "pretrained"
+
+
+def _label(run: LoadedRun) -> str:
+    return "random init" if run.random_init else PRETRAINED
+
+
+def _suffix(label: str) -> str:
+    """Results of a baseline (random init, raw pixels) sit beside the run's own, never over them."""
+    return "" if label == PRETRAINED else "_" + label.replace(" ", "_")
 
 
 def _random_init_option(parser: argparse.ArgumentParser) -> None:
@@ -181,9 +193,9 @@ def _random_init_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _save(run: LoadedRun, name: str, result: dict) -> None:
+def _save(run: LoadedRun, name: str, result: dict, label: str = PRETRAINED) -> None:
     stem, ext = name.rsplit(".", 1)
-    out = run.run_dir / "eval" / f"{stem}{_suffix(run)}.{ext}"
+    out = run.run_dir / "eval" / f"{stem}{_suffix(label)}.{ext}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"saved {out}")
@@ -216,7 +228,7 @@ def run_knn(args: argparse.Namespace) -> int:
 
     run = load_run(args.run_path, args.overrides)
     splits = _labelled_splits(run, args, "k-NN")
-    rows = {"pretrained": _knn_row(run.encoder(), run, splits, args, "pretrained")}
+    rows = {PRETRAINED: _knn_row(run.encoder(), run, splits, args, PRETRAINED)}
     if args.baselines:
         random_init = load_run(args.run_path, args.overrides, random_init=True)
         rows["random init"] = _knn_row(random_init.encoder(), random_init, splits, args, "random init")
@@ -250,17 +262,21 @@ def run_linear(args: argparse.Namespace) -> int:
     import torch
 
     from mimkit.config import ConfigError
+    from mimkit.eval.features import RawPixels
     from mimkit.eval.linear import train_linear_probes
     from mimkit.eval.run import load_run
 
     if not 0 <= args.val_fraction < 1:
         raise ConfigError(f"--val-fraction: must lie in [0, 1); got {args.val_fraction}")
+    if args.raw_pixels and args.random_init:
+        raise ConfigError("--raw-pixels and --random-init are two different baselines; give one of them")
     run = load_run(args.run_path, args.overrides, random_init=args.random_init)
     splits = _labelled_splits(run, args, "the linear probe")
     classes = splits[0][1].info.num_classes
-    encoder = run.encoder()
-    label = "random init" if run.random_init else "pretrained"
-    train, test = (_features(encoder, run, split, args, label, args.variant) for split in splits)
+    encoder, label, variant = (
+        (RawPixels(), "raw pixels", "cls") if args.raw_pixels else (run.encoder(), _label(run), args.variant)
+    )
+    train, test = (_features(encoder, run, split, args, label, variant) for split in splits)
     device = _device()
     train_x, train_y = train.features.to(device), train.labels
     val: dict[str, torch.Tensor] = {}
@@ -279,11 +295,8 @@ def run_linear(args: argparse.Namespace) -> int:
         if val
         else "lr selected on the test split, as DINO/iBOT report; --val-fraction holds out train images instead"
     )
-    weights = "random init of " if run.random_init else ""
-    print(
-        f"Linear probe: {args.variant} features, {args.epochs} epochs, {len(train_y)} train images - "
-        f"{weights}{run.checkpoint}"
-    )
+    subject = "raw pixels" if args.raw_pixels else f"{'random init of ' if run.random_init else ''}{run.checkpoint}"
+    print(f"Linear probe: {variant} features, {args.epochs} epochs, {len(train_y)} train images - {subject}")
     print(result.to_markdown())
     print(f"best lr {result.best_lr:g}: top-1 {100 * result.best_top1:.2f}% ({selection})")
     table = [
@@ -297,8 +310,9 @@ def run_linear(args: argparse.Namespace) -> int:
         "linear.json",
         {
             "checkpoint": str(run.checkpoint),
+            "features_of": label,
             "random_init": run.random_init,
-            "variant": args.variant,
+            "variant": variant,
             "epochs": args.epochs,
             "batch_size": args.batch_size,
             "limit": args.limit,
@@ -308,6 +322,7 @@ def run_linear(args: argparse.Namespace) -> int:
             "best_lr": result.best_lr,
             "best_top1": result.best_top1,
         },
+        label,
     )
     return 0
 
@@ -367,7 +382,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         f"final top-1 {100 * result.top1:.2f}%, top-5 {100 * result.top5:.2f}% "
         f"(best top-1 {100 * best['top1']:.2f}% at epoch {best['epoch']}, selected on the eval split)"
     )
-    weights = run.run_dir / "eval" / f"finetune{_suffix(run)}.safetensors"
+    weights = run.run_dir / "eval" / f"finetune{_suffix(_label(run))}.safetensors"
     weights.parent.mkdir(parents=True, exist_ok=True)
     save_file({name: t.detach().contiguous().cpu() for name, t in vit.state_dict().items()}, str(weights))
     _save(
@@ -386,5 +401,6 @@ def run_finetune(args: argparse.Namespace) -> int:
             "best": best,
             "weights": str(weights),
         },
+        _label(run),
     )
     return 0
