@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import nn
 
 from mimkit.engine.checkpoint import checkpoint_dir, package_versions
@@ -86,18 +87,19 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    fig = Figure(figsize=(6, 4))
+    fig = Figure(figsize=(8, 4))
     ax = fig.subplots()
     for c in result["curves"]:
         epochs = [p["epoch"] for p in c["points"]]
-        ax.plot(epochs, [100 * p["knn_top1"] for p in c["points"]], marker="o", label=Path(c["run"]).name)
+        label = f"{Path(c['run']).name} ({c['method']})"
+        ax.plot(epochs, [100 * p["knn_top1"] for p in c["points"]], marker="o", label=label)
     ax.axhline(100 * result["raw_pixels"], color="grey", linestyle="--", label="raw pixels")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("pretraining epochs (0: initialisation)")
     ax.set_ylabel(f"k-NN top-1 (%), k = {result['k']}")
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
