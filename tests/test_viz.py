@@ -20,8 +20,9 @@ from mimkit.engine.train import pretrain
 from mimkit.models.vit import BackboneConfig, MaskableViT, build_backbone
 from mimkit.viz.attention import attention_maps, kept_mass, last_block_attention
 from mimkit.viz.curves import curves_figure, smoothed
+from mimkit.viz.embedding import embedding_figure
 from mimkit.viz.masks import mask_overlay_figure, reconstruction_figure, to_display
-from mimkit.viz.pca import patch_pca_rgb
+from mimkit.viz.pca import patch_pca_rgb, principal_components
 from mimkit.viz.report import tables
 from support import ROOT
 
@@ -147,6 +148,33 @@ def test_pca_of_fewer_features_than_colours_leaves_the_rest_black() -> None:
     assert rgb.shape == (1, 3, 3, 3) and rgb[..., 2].abs().max() == 0
 
 
+def test_principal_components_are_uncorrelated_by_decreasing_variance() -> None:
+    g = torch.Generator().manual_seed(1)
+    features = torch.randn(200, 6, generator=g) * torch.tensor([5.0, 0.1, 2.0, 0.1, 0.1, 0.1]) + 7
+    coordinates = principal_components(features, 2)
+    assert coordinates.shape == (200, 2)
+    torch.testing.assert_close(coordinates.mean(0), torch.zeros(2), atol=1e-4, rtol=0)
+    variances = coordinates.var(0)
+    assert variances[0] > variances[1] > 1  # the 5- and 2-scaled axes, in that order
+    assert abs(torch.corrcoef(coordinates.T)[0, 1]) < 1e-4
+    assert abs(torch.corrcoef(torch.stack([coordinates[:, 0], features[:, 0]]))[0, 1]) > 0.99
+
+
+def test_principal_components_beyond_the_rank_are_zero() -> None:
+    coordinates = principal_components(torch.randn(5, 1), 2)
+    assert coordinates.shape == (5, 2) and coordinates[:, 1].abs().max() == 0
+
+
+def test_embedding_has_one_legend_entry_per_class_present() -> None:
+    labels = torch.tensor([0, 2, 2, 0, 2])
+    figure = embedding_figure(torch.randn(5, 2), labels, ("cat", "dog", "fish"))
+    (ax,) = figure.axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["cat", "fish"]
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 5
+    unlabelled = embedding_figure(torch.randn(3, 2), torch.full((3,), -1))
+    assert [t.get_text() for t in unlabelled.axes[0].get_legend().get_texts()] == ["unlabelled"]
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_display_undoes_normalisation_and_masks_overlay(tmp_path: Path, channels: int) -> None:
     mean, std = (0.5,) * channels, (0.25,) * channels
@@ -210,7 +238,7 @@ def test_viz_writes_every_figure_and_a_report(tiny_run: Path, capsys: pytest.Cap
     assert main(["viz", str(tiny_run), "--images", "3"]) == 0
     out = capsys.readouterr().out
     report = tiny_run / "report"
-    figures = ["attention", "masks", "pca", "curves"]
+    figures = ["attention", "masks", "pca", "embedding", "curves"]
     for name in figures:
         assert_png(report / f"{name}.png")
         assert f"saved {report / f'{name}.png'}" in out
@@ -236,3 +264,25 @@ def test_viz_on_rgb_data(tmp_path: Path) -> None:
     assert main(["viz", str(run), "--images", "2", "--what", "attention", "masks", "pca"]) == 0
     for name in ("attention", "masks", "pca"):
         assert_png(run / "report" / f"{name}.png")
+
+
+@pytest.mark.parametrize("option", [["--images", "0"], ["--points", "0"], ["--threshold", "1.5"], ["--smooth", "1"]])
+def test_viz_bad_option_values_exit_2_naming_them(
+    tiny_run: Path, option: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["viz", str(tiny_run), *option, "--what", "curves"]) == 2
+    assert option[0] in capsys.readouterr().err
+
+
+def test_embedding_takes_points_images_of_the_split(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mimkit.viz.embedding
+
+    drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
+    draw = mimkit.viz.embedding.embedding_figure
+    monkeypatch.setattr(mimkit.viz.embedding, "embedding_figure", lambda p, y, n: drawn.append((p, y)) or draw(p, y, n))
+    assert main(["viz", str(tiny_run), "--what", "embedding", "--points", "5", "--out", str(tmp_path)]) == 0
+    assert_png(tmp_path / "embedding.png")
+    ((points, labels),) = drawn
+    assert points.shape == (5, 2) and labels.shape == (5,) and labels.min() >= 0  # synthetic shapes are labelled

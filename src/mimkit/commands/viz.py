@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from mimkit.eval.run import LoadedRun
     from mimkit.models.vit import MaskableViT
 
-FIGURES = ("attention", "masks", "pca", "curves", "report")
+FIGURES = ("attention", "masks", "pca", "embedding", "curves", "report")
 """What `--what` can name, in the order they are made (the report last: it shows the figures made before)."""
 
 EPILOG = """examples:
@@ -29,8 +29,9 @@ def add(commands: argparse._SubParsersAction) -> None:
         "viz",
         help="figures of a run and an HTML report",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Draw [CLS] attention maps, masked views, patch-feature PCA and training curves of a run as "
-        "PNGs, and an index.html that gathers them with the config and the evaluation results.",
+        description="Draw [CLS] attention maps, masked views, patch-feature PCA, a 2-D PCA of image features and "
+        "training curves of a run as PNGs, and an index.html that gathers them with the config and the evaluation "
+        "results.",
         epilog=EPILOG,
     )
     p.add_argument("run_path", metavar="RUN", help="run folder or checkpoint file")  # `run` is the function
@@ -56,20 +57,23 @@ def add(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--smooth", type=float, default=0.0, metavar="W", help="EMA weight in [0, 1) for the curves (0: raw)"
     )
+    p.add_argument(
+        "--points", type=int, default=1000, metavar="N", help="images in the feature embedding (default 1000)"
+    )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from mimkit.config import ConfigError
 
-    if args.images < 1 or not 0 < args.threshold <= 1 or not 0 <= args.smooth < 1:
-        raise ConfigError("viz: needs --images >= 1, 0 < --threshold <= 1 and 0 <= --smooth < 1")
+    if args.images < 1 or args.points < 1 or not 0 < args.threshold <= 1 or not 0 <= args.smooth < 1:
+        raise ConfigError("viz: needs --images >= 1, --points >= 1, 0 < --threshold <= 1 and 0 <= --smooth < 1")
     from mimkit.eval.run import load_run
 
     loaded = load_run(args.run_path, args.overrides)
     out = Path(args.out) if args.out else loaded.run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    makers = {"attention": _attention, "masks": _masks, "pca": _pca, "curves": _curves}
+    makers = {"attention": _attention, "masks": _masks, "pca": _pca, "embedding": _embedding, "curves": _curves}
     for name in FIGURES:
         if name not in args.what:
             continue
@@ -104,14 +108,18 @@ def _encoder_and_images(loaded: LoadedRun, args: argparse.Namespace) -> tuple[Ma
 
 
 def _samples(
-    loaded: LoadedRun, args: argparse.Namespace, transform: Callable[[torch.Tensor, int], Any]
+    loaded: LoadedRun,
+    args: argparse.Namespace,
+    transform: Callable[[torch.Tensor, int], Any],
+    count: int | None = None,
 ) -> list[tuple[Any, int, int]]:
-    """Views of evenly spaced images (sorted folders would otherwise give one class); unreadable ones skipped."""
+    """Views of `count` (default `--images`) evenly spaced images (sorted folders would otherwise give one class);
+    unreadable ones skipped."""
     from mimkit.data.info import DataError
     from mimkit.data.loader import Skipped, ViewDataset
 
     source = loaded.source(args.split or loaded.cfg.data.eval_split)
-    count = min(args.images, len(source))
+    count = min(count or args.images, len(source))
     dataset = ViewDataset(source, transform, seed=loaded.cfg.seed)
     epoch = max(loaded.cfg.train.epochs - 1, 0)  # mask schedules (start_epoch) as at the end of training
     samples = [dataset[(epoch, i * len(source) // count)] for i in range(count)]
@@ -139,6 +147,32 @@ def _pca(loaded: LoadedRun, args: argparse.Namespace) -> Figure:
         patches = encoder(images)[:, encoder.num_prefix_tokens :]
     rgb = patch_pca_rgb(patches, encoder.grid(*images.shape[-2:]))
     return pca_figure(images, rgb, loaded.method.data.mean, loaded.method.data.std)
+
+
+def _embedding(loaded: LoadedRun, args: argparse.Namespace) -> Figure:
+    import torch
+
+    from mimkit.data.views import EvalView
+    from mimkit.eval.features import pool_tokens
+    from mimkit.viz.embedding import embedding_figure
+    from mimkit.viz.pca import principal_components
+
+    encoder = loaded.encoder().eval()
+    info = loaded.method.data
+    size = getattr(encoder, "image_size", None) or (info.image_size or (224, 224))[0]
+    samples = _samples(loaded, args, EvalView(info, size), count=args.points)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder.to(device)
+    prefix = getattr(encoder, "num_prefix_tokens", 1)
+    with torch.no_grad():
+        features = torch.cat(
+            [
+                pool_tokens(encoder(torch.stack([view for view, _, _ in chunk]).to(device)), prefix, "cls").cpu()
+                for chunk in (samples[i : i + 256] for i in range(0, len(samples), 256))
+            ]
+        )
+    labels = torch.tensor([label for _, label, _ in samples])
+    return embedding_figure(principal_components(features, 2), labels, info.class_names)
 
 
 def _masks(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:

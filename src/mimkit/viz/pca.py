@@ -14,19 +14,28 @@ from matplotlib.figure import Figure
 from mimkit.viz.masks import figure_grid, show, to_display
 
 
+def principal_components(features: torch.Tensor, count: int) -> torch.Tensor:
+    """Rows (N, D) -> their coordinates (N, count) on the first `count` principal directions, largest first.
+
+    Coordinates beyond the data's rank (fewer than `count` features or rows) are 0.
+    """
+    centred = features.float() - features.float().mean(0)
+    _, _, directions = torch.linalg.svd(centred, full_matrices=False)
+    found = centred @ directions[:count].T
+    coordinates = torch.zeros(len(features), count, device=features.device)
+    coordinates[:, : found.shape[1]] = found
+    return coordinates
+
+
 def patch_pca_rgb(patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Patch tokens (B, N, D) -> (B, h, w, 3) in [0, 1]: PCA components 1-3, each min-max scaled over the batch.
 
     Components beyond the data's rank (fewer than 3 features or patches) stay 0.
     """
     batch, count, dim = patches.shape
-    flat = patches.reshape(batch * count, dim).float()
-    centred = flat - flat.mean(0)
-    _, _, directions = torch.linalg.svd(centred, full_matrices=False)
-    components = centred @ directions[:3].T
-    rgb = torch.zeros(batch * count, 3, device=patches.device)
+    components = principal_components(patches.reshape(batch * count, dim), 3)
     low, high = components.amin(0), components.amax(0)
-    rgb[:, : components.shape[1]] = (components - low) / (high - low).clamp_min(1e-12)
+    rgb = (components - low) / (high - low).clamp_min(1e-12)
     return rgb.view(batch, *grid, 3)
 
 
