@@ -13,6 +13,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get("MIMKIT_REFERENCE_DIR", ROOT.parent / "shared" / "fixtures" / "reference"))
+IBOT_RECIPE = ROOT / "configs" / "ibot" / "vit_tiny_fmnist.yaml"
+
+# Override lists that shrink a recipe into a seconds-long test run.
+SYNTHETIC_28 = ["data.source=synthetic", "data.synthetic_size=28"]
+TINY_IBOT_HEADS = [
+    "method.out_dim=64",
+    "method.patch_out_dim=64",
+    "method.head_hidden_dim=48",
+    "method.head_bottleneck_dim=16",
+]
+QUIET_CPU_RUN = ["data.num_workers=0", "train.accelerator=cpu", "train.progress_bar=false", "train.loggers=[csv]"]
 
 
 def load_case(path: Path) -> dict:

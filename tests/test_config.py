@@ -17,11 +17,10 @@ from mimkit.config import (
     load_run_config,
     read_yaml,
 )
-from support import ROOT
+from support import IBOT_RECIPE, ROOT
 from toy_method import ToyConfig
 
 TOY = ROOT / "tests" / "recipes" / "toy.yaml"
-IBOT = ROOT / "configs" / "ibot" / "vit_tiny_fmnist.yaml"
 
 
 def config_error(*overrides: str, path: Path = TOY) -> str:
@@ -169,7 +168,7 @@ def test_missing_method_name_is_an_error(tmp_path: Path) -> None:
 
 def test_method_section_is_typed_by_the_named_method() -> None:
     # `hidden` is a field of the toy method, not of iBOT
-    message = config_error("method.hidden=3", path=IBOT)
+    message = config_error("method.hidden=3", path=IBOT_RECIPE)
     assert message.startswith("method.hidden: unknown field")
 
 
@@ -201,15 +200,19 @@ def test_clip_grad_zero_is_fine_without_clipping() -> None:
 
 
 def test_nested_method_sections_are_validated() -> None:
-    assert config_error("method.views.num_local=-1", path=IBOT).startswith("method.views.num_local: must be >= 0")
-    assert config_error("method.patch_out_dim=7", path=IBOT).startswith("method.patch_out_dim: must equal out_dim")
+    assert config_error("method.views.num_local=-1", path=IBOT_RECIPE).startswith(
+        "method.views.num_local: must be >= 0"
+    )
+    assert config_error("method.patch_out_dim=7", path=IBOT_RECIPE).startswith(
+        "method.patch_out_dim: must equal out_dim"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Writing and describing
 
 
-@pytest.mark.parametrize("recipe", [TOY, IBOT], ids=["toy", "ibot"])
+@pytest.mark.parametrize("recipe", [TOY, IBOT_RECIPE], ids=["toy", "ibot"])
 def test_dump_yaml_round_trips(recipe: Path) -> None:
     cfg = load_run_config(recipe, ["optim.lr=0.02", "data.limit=10", "train.loggers=[csv]"])
     text = dump_yaml(cfg)
@@ -225,7 +228,7 @@ def test_saved_config_accepts_overrides() -> None:
 
 
 def test_dump_yaml_is_plain_yaml() -> None:
-    data = yaml.safe_load(dump_yaml(load_run_config(IBOT)))
+    data = yaml.safe_load(dump_yaml(load_run_config(IBOT_RECIPE)))
     assert data["method"]["views"]["global_scale"] == [0.25, 1.0]
     assert data["method"]["mask"]["ratios"] == [[0.0, 0.0], [0.3, 0.2]]
     assert data["optim"]["betas"] == [0.9, 0.999]

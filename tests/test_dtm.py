@@ -17,7 +17,7 @@ from mimkit.engine.train import pretrain
 from mimkit.losses.regression import regression_loss
 from mimkit.methods.base import Progress
 from mimkit.methods.dtm import DTM
-from support import ROOT
+from support import IBOT_RECIPE, ROOT, SYNTHETIC_28
 
 RECIPE = ROOT / "configs" / "dtm" / "vit_tiny_fmnist_ema.yaml"
 TINY = [
@@ -25,8 +25,7 @@ TINY = [
     "method.backbone.embed_dim=32",
     "method.backbone.depth=2",
     "method.backbone.num_heads=2",
-    "data.source=synthetic",
-    "data.synthetic_size=28",
+    *SYNTHETIC_28,
     "data.synthetic_images=16",
     "data.batch_size=8",
     "data.num_workers=0",
@@ -158,7 +157,7 @@ def test_open_clip_teacher_from_a_local_file(tmp_path: Path) -> None:
 
 def test_mimkit_checkpoint_teacher_two_stage(tmp_path: Path) -> None:
     ibot = load_run_config(
-        ROOT / "configs" / "ibot" / "vit_tiny_fmnist.yaml",
+        IBOT_RECIPE,
         [
             *TINY,
             "method.views.local_size=12",

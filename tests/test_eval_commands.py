@@ -21,37 +21,29 @@ from mimkit.eval.finetune import FinetuneConfig
 from mimkit.eval.probe import LastBlocksCLS, probe_features
 from mimkit.eval.run import load_run
 from mimkit.models.vit import BackboneConfig, MaskableViT, create_vit
-from support import ROOT
+from support import IBOT_RECIPE, QUIET_CPU_RUN, SYNTHETIC_28, TINY_IBOT_HEADS
 
-RECIPE = ROOT / "configs" / "ibot" / "vit_tiny_fmnist.yaml"
 TINY_RUN = [
     "method.backbone.patch_size=4",
     "method.backbone.embed_dim=32",
     "method.backbone.depth=4",
     "method.backbone.num_heads=2",
-    "method.out_dim=64",
-    "method.patch_out_dim=64",
-    "method.head_hidden_dim=48",
-    "method.head_bottleneck_dim=16",
+    *TINY_IBOT_HEADS,
     "method.views.num_local=1",
     "method.views.local_size=12",
-    "data.source=synthetic",
-    "data.synthetic_size=28",
+    *SYNTHETIC_28,
     "data.synthetic_images=24",
     "data.limit=20",
     "data.batch_size=8",
-    "data.num_workers=0",
     "train.epochs=1",
-    "train.accelerator=cpu",
-    "train.progress_bar=false",
-    "train.loggers=[csv]",
+    *QUIET_CPU_RUN,
 ]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 1-epoch iBOT run (ViT with 4 blocks of width 32) on 20 of 24 synthetic 28x28 images, 4 classes."""
-    return pretrain(load_run_config(RECIPE, [*TINY_RUN, f"output_dir={tmp_path_factory.mktemp('ibot')}"]))
+    return pretrain(load_run_config(IBOT_RECIPE, [*TINY_RUN, f"output_dir={tmp_path_factory.mktemp('ibot')}"]))
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

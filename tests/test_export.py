@@ -16,7 +16,7 @@ from mimkit.config import ConfigError, load_run_config
 from mimkit.engine.train import pretrain
 from mimkit.eval.run import load_run
 from mimkit.export import export_timm, load_exported
-from support import ROOT
+from support import IBOT_RECIPE, QUIET_CPU_RUN, ROOT, SYNTHETIC_28, TINY_IBOT_HEADS
 
 TINY_IBOT = [
     "method.backbone.patch_size=4",
@@ -25,24 +25,17 @@ TINY_IBOT = [
     "method.backbone.depth=2",
     "method.backbone.num_heads=2",
     "method.backbone.mlp_ratio=2.0",
-    "method.out_dim=64",
-    "method.patch_out_dim=64",
-    "method.head_hidden_dim=48",
-    "method.head_bottleneck_dim=16",
+    *TINY_IBOT_HEADS,
     "method.views.num_local=1",
     "method.momentum_teacher=0.5",
-    "data.source=synthetic",
-    "data.synthetic_size=28",
+    *SYNTHETIC_28,
     "data.synthetic_images=8",
     "data.batch_size=4",
-    "data.num_workers=0",
     "optim.lr=1e-2",
     "optim.lr_scaling=none",
     "optim.warmup_epochs=0",
     "train.epochs=1",
-    "train.accelerator=cpu",
-    "train.progress_bar=false",
-    "train.loggers=[csv]",
+    *QUIET_CPU_RUN,
 ]
 
 
@@ -50,7 +43,7 @@ TINY_IBOT = [
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real iBOT run (a non-default ViT shape, 28x28 inputs, one channel): two optimizer steps on synthetic shapes."""
     out = tmp_path_factory.mktemp("ibot") / "run"
-    cfg = load_run_config(ROOT / "configs" / "ibot" / "vit_tiny_fmnist.yaml", [*TINY_IBOT, f"output_dir={out}"])
+    cfg = load_run_config(IBOT_RECIPE, [*TINY_IBOT, f"output_dir={out}"])
     return pretrain(cfg)
 
 

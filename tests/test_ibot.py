@@ -15,25 +15,20 @@ from mimkit.data.sources import SyntheticShapes
 from mimkit.methods.base import Progress
 from mimkit.methods.ibot import IBOT
 from mimkit.methods.morphing import MorphSchedule
-from support import ROOT
+from support import IBOT_RECIPE, SYNTHETIC_28, TINY_IBOT_HEADS
 
-RECIPE = ROOT / "configs" / "ibot" / "vit_tiny_fmnist.yaml"
 TINY = [
     "method.backbone.embed_dim=32",
     "method.backbone.depth=2",
     "method.backbone.num_heads=2",
-    "method.out_dim=64",
-    "method.patch_out_dim=64",
-    "method.head_hidden_dim=48",
-    "method.head_bottleneck_dim=16",
+    *TINY_IBOT_HEADS,
     "method.mask.ratios=[[0.4,0.1]]",
-    "data.source=synthetic",
-    "data.synthetic_size=28",
+    *SYNTHETIC_28,
 ]
 
 
 def tiny_ibot(*overrides: str) -> tuple[IBOT, DataInfo]:
-    cfg = load_run_config(RECIPE, [*TINY, *overrides])
+    cfg = load_run_config(IBOT_RECIPE, [*TINY, *overrides])
     source = SyntheticShapes(cfg.data, "train")
     torch.manual_seed(0)
     return IBOT(cfg.method, source.info), source
@@ -162,7 +157,7 @@ def test_crop_not_divisible_by_patch_is_a_config_error() -> None:
 
 def test_shared_head_needs_equal_prototype_counts() -> None:
     with pytest.raises(ConfigError, match=r"method\.patch_out_dim"):
-        load_run_config(RECIPE, [*TINY, "method.patch_out_dim=32"])
+        load_run_config(IBOT_RECIPE, [*TINY, "method.patch_out_dim=32"])
 
 
 def test_morphing_with_identity_schedules_equals_plain_ibot(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ import pytest
 from mimkit.cli import main
 from mimkit.config import load_run_config
 from mimkit.engine.train import pretrain
-from support import ROOT, load_benchmark
+from support import IBOT_RECIPE, QUIET_CPU_RUN, SYNTHETIC_28, load_benchmark
 
 bench = load_benchmark("knn_vs_epochs")
 TINY = [
@@ -24,15 +24,11 @@ TINY = [
     "method.head_bottleneck_dim=8",
     "method.views.num_local=1",
     "method.views.local_size=12",
-    "data.source=synthetic",
-    "data.synthetic_size=28",
+    *SYNTHETIC_28,
     "data.synthetic_images=24",
     "data.batch_size=8",
-    "data.num_workers=0",
     "train.epochs=2",
-    "train.accelerator=cpu",
-    "train.progress_bar=false",
-    "train.loggers=[csv]",
+    *QUIET_CPU_RUN,
 ]
 
 
@@ -40,7 +36,7 @@ TINY = [
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-epoch iBOT run with a checkpoint after each epoch."""
     out = tmp_path_factory.mktemp("ibot")
-    return pretrain(load_run_config(ROOT / "configs" / "ibot" / "vit_tiny_fmnist.yaml", [*TINY, f"output_dir={out}"]))
+    return pretrain(load_run_config(IBOT_RECIPE, [*TINY, f"output_dir={out}"]))
 
 
 def test_scores_initialisation_and_each_epoch_like_eval_knn(run_dir: Path, tmp_path: Path) -> None:

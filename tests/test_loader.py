@@ -15,10 +15,9 @@ from mimkit.data.masking import MaskGenerator
 from mimkit.data.sources import ImageSource, build_source
 from mimkit.data.views import EvalView, MultiCropViews
 from mimkit.methods import method_class
-from support import ROOT
+from support import IBOT_RECIPE
 from toy_method import ToyViews
 
-IBOT = ROOT / "configs" / "ibot" / "vit_tiny_fmnist.yaml"
 IBOT_PATCH4 = ["data.source=synthetic", "method.backbone.patch_size=4", "method.views.local_size=12"]
 """The recipe on a 7x7 patch grid with 12-pixel local crops, the shapes these tests spell out."""
 
@@ -261,7 +260,7 @@ def data_info(channels: int) -> DataInfo:
 
 
 def ibot_views(channels: int) -> MultiCropViews:
-    cfg = load_run_config(IBOT, IBOT_PATCH4).method
+    cfg = load_run_config(IBOT_RECIPE, IBOT_PATCH4).method
     return MultiCropViews(cfg.views, data_info(channels), patch_size=4, masks=MaskGenerator(cfg.mask))
 
 
@@ -315,7 +314,7 @@ def test_multicrop_masks_some_crops() -> None:
 
 
 def test_ibot_method_builds_its_views() -> None:
-    cfg = load_run_config(IBOT, IBOT_PATCH4).method
+    cfg = load_run_config(IBOT_RECIPE, IBOT_PATCH4).method
     method = method_class("ibot")(cfg, data_info(1))
     out = method.views()(shapes(size=32).load(0)[0], 0)
     assert len(out["global"]) == 2 and len(out["masks"]) == 2 and len(out["local"]) == cfg.views.num_local

@@ -24,29 +24,21 @@ from mimkit.viz.embedding import embedding_figure
 from mimkit.viz.masks import mask_overlay_figure, reconstruction_figure, to_display
 from mimkit.viz.pca import patch_pca_rgb, principal_components
 from mimkit.viz.report import tables
-from support import ROOT
+from support import IBOT_RECIPE, QUIET_CPU_RUN, SYNTHETIC_28, TINY_IBOT_HEADS
 
-RECIPE = ROOT / "configs" / "ibot" / "vit_tiny_fmnist.yaml"
 TINY_RUN = [
     "method.backbone.embed_dim=32",
     "method.backbone.depth=2",
     "method.backbone.num_heads=2",
-    "method.out_dim=64",
-    "method.patch_out_dim=64",
-    "method.head_hidden_dim=48",
-    "method.head_bottleneck_dim=16",
+    *TINY_IBOT_HEADS,
     "method.views.num_local=2",
     "method.mask.ratios=[[0.4,0.1]]",
-    "data.source=synthetic",
-    "data.synthetic_size=28",
+    *SYNTHETIC_28,
     "data.synthetic_images=8",
     "data.batch_size=4",
-    "data.num_workers=0",
     "train.epochs=1",
-    "train.accelerator=cpu",
     "train.log_every_steps=1",
-    "train.progress_bar=false",
-    "train.loggers=[csv]",
+    *QUIET_CPU_RUN,
 ]
 
 
@@ -227,7 +219,7 @@ def test_evaluation_json_becomes_tables() -> None:
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-epoch iBOT run on 8 synthetic images, with a k-NN result file beside it."""
     run = tmp_path_factory.mktemp("viz") / "run"
-    pretrain(load_run_config(RECIPE, [*TINY_RUN, f"output_dir={run}"]))
+    pretrain(load_run_config(IBOT_RECIPE, [*TINY_RUN, f"output_dir={run}"]))
     (run / "eval").mkdir()
     accuracy = {"pretrained": {"10": 0.5, "20": 0.25}, "random init": {"10": 0.3, "20": 0.2}}
     (run / "eval" / "knn.json").write_text(json.dumps({"pooling": "cls", "accuracy": accuracy}))
@@ -260,7 +252,7 @@ def test_viz_makes_only_what_is_asked_where_asked(tiny_run: Path, tmp_path: Path
 
 def test_viz_on_rgb_data(tmp_path: Path) -> None:
     run = tmp_path / "rgb"
-    pretrain(load_run_config(RECIPE, [*TINY_RUN, "data.channels=3", f"output_dir={run}"]))
+    pretrain(load_run_config(IBOT_RECIPE, [*TINY_RUN, "data.channels=3", f"output_dir={run}"]))
     assert main(["viz", str(run), "--images", "2", "--what", "attention", "masks", "pca"]) == 0
     for name in ("attention", "masks", "pca"):
         assert_png(run / "report" / f"{name}.png")
