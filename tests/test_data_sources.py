@@ -449,6 +449,14 @@ def test_limit_keeps_the_first_images() -> None:
     assert "6 images" in describe(limited)
 
 
+def test_spread_subset_takes_evenly_spaced_images() -> None:
+    full = build_source(synthetic())
+    spread = Subset(full, 6, spread=True)
+    assert spread.indices == [0, 3, 6, 10, 13, 16] and len(spread) == 6
+    assert spread.labels().tolist() == full.labels()[spread.indices].tolist()
+    assert all(torch.equal(spread.load(i)[0], full.load(j)[0]) for i, j in enumerate(spread.indices))
+
+
 def test_limit_larger_than_the_data_changes_nothing() -> None:
     source = build_source(synthetic(limit=1000))
     assert not isinstance(source, Subset) and len(source) == 20

@@ -245,6 +245,19 @@ def test_loader_reports_skipped_images_in_batches() -> None:
     assert sorted(i for b in batches for i in b["index"].tolist()) == [0, 2, 3, 5]
 
 
+def test_feature_extraction_skips_unreadable_images_and_fails_clearly_when_none_is_left() -> None:
+    from mimkit.eval.features import RawPixels, extract_features
+
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        found = extract_features(RawPixels(), FlakySource(broken=(1, 4)), image_size=4, batch_size=4)
+    assert found.features[:, 0].tolist() == pytest.approx([(i / 255 - 0.5) / 0.25 for i in (0, 2, 3, 5)])
+    with (
+        pytest.warns(UserWarning, match="skipping unreadable image"),
+        pytest.raises(DataError, match="none of the 6 images of flaky could be read"),
+    ):
+        extract_features(RawPixels(), FlakySource(broken=tuple(range(6))), image_size=4)
+
+
 @pytest.mark.parametrize(("images", "replicas"), [(3, 1), (7, 2)])
 def test_loader_refuses_data_smaller_than_one_global_batch(images: int, replicas: int) -> None:
     with pytest.raises(DataError, match=rf"{images} images are fewer than one global batch \(4 x {replicas} devices"):

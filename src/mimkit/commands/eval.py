@@ -119,11 +119,6 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _image_size(encoder: torch.nn.Module, source: ImageSource) -> int:
-    """The encoder's training resolution; the data's own size for encoders without one (raw pixels)."""
-    return getattr(encoder, "image_size", None) or (source.info.image_size or (224, 224))[0]
-
-
 def _labelled_splits(run: LoadedRun, args: argparse.Namespace, evaluation: str) -> list[tuple[str, ImageSource]]:
     """The run's train and eval splits by name (first `args.limit` images each); an error if unlabelled."""
     from mimkit.config import ConfigError
@@ -146,10 +141,11 @@ def _features(
     """Frozen features of a (name, source) split (`variant`: a pooling or last4), cached when `args.cache`."""
     from dataclasses import asdict
 
+    from mimkit.eval.features import encoder_image_size
     from mimkit.eval.probe import cached_features, probe_features
 
     name, source = split
-    size = _image_size(encoder, source)
+    size = encoder_image_size(encoder, source)
     device = _device()
     path, key = None, {}
     if getattr(args, "cache", False) and run.checkpoint is not None:
@@ -339,6 +335,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from timm.models.vision_transformer import VisionTransformer
 
     from mimkit.config import ConfigError
+    from mimkit.eval.features import encoder_image_size
     from mimkit.eval.finetune import FinetuneConfig, finetune
     from mimkit.eval.run import load_run
 
@@ -364,7 +361,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     (_, train_source), (_, eval_source) = _labelled_splits(run, args, "fine-tuning")
-    size = _image_size(encoder, train_source)
+    size = encoder_image_size(encoder, train_source)
     device = _device()
     console = Console()
     weights_of = "the random init of " if run.random_init else ""

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
 
+    from mimkit.data.sources import Subset
     from mimkit.eval.run import LoadedRun
     from mimkit.models.vit import MaskableViT
 
@@ -107,25 +108,28 @@ def _encoder_and_images(loaded: LoadedRun, args: argparse.Namespace) -> tuple[Ma
     return encoder.to(device).eval(), torch.stack(images).to(device)
 
 
+def _spread_images(loaded: LoadedRun, args: argparse.Namespace, count: int) -> Subset:
+    """`count` images spread evenly over the split."""
+    from mimkit.data.sources import Subset
+
+    source = loaded.source(args.split or loaded.cfg.data.eval_split)
+    return Subset(source, min(count, len(source)), spread=True)
+
+
 def _samples(
-    loaded: LoadedRun,
-    args: argparse.Namespace,
-    transform: Callable[[torch.Tensor, int], Any],
-    count: int | None = None,
+    loaded: LoadedRun, args: argparse.Namespace, transform: Callable[[torch.Tensor, int], Any]
 ) -> list[tuple[Any, int, int]]:
-    """Views of `count` (default `--images`) evenly spaced images (sorted folders would otherwise give one class);
-    unreadable ones skipped."""
+    """Views of `--images` evenly spaced images; unreadable ones skipped."""
     from mimkit.data.info import DataError
     from mimkit.data.loader import Skipped, ViewDataset
 
-    source = loaded.source(args.split or loaded.cfg.data.eval_split)
-    count = min(count or args.images, len(source))
-    dataset = ViewDataset(source, transform, seed=loaded.cfg.seed)
+    spread = _spread_images(loaded, args, args.images)
+    dataset = ViewDataset(spread.source, transform, seed=loaded.cfg.seed)  # random views seeded by split index
     epoch = max(loaded.cfg.train.epochs - 1, 0)  # mask schedules (start_epoch) as at the end of training
-    samples = [dataset[(epoch, i * len(source) // count)] for i in range(count)]
+    samples = [dataset[(epoch, i)] for i in spread.indices]
     samples = [s for s in samples if not isinstance(s, Skipped)]
     if not samples:
-        raise DataError(f"viz: none of the chosen images of {source.info.name} could be read")
+        raise DataError(f"viz: none of the chosen images of {spread.info.name} could be read")
     return samples
 
 
@@ -152,27 +156,15 @@ def _pca(loaded: LoadedRun, args: argparse.Namespace) -> Figure:
 def _embedding(loaded: LoadedRun, args: argparse.Namespace) -> Figure:
     import torch
 
-    from mimkit.data.views import EvalView
-    from mimkit.eval.features import pool_tokens
+    from mimkit.eval.features import encoder_image_size, extract_features
     from mimkit.viz.embedding import embedding_figure
     from mimkit.viz.pca import principal_components
 
-    encoder = loaded.encoder().eval()
-    info = loaded.method.data
-    size = getattr(encoder, "image_size", None) or (info.image_size or (224, 224))[0]
-    samples = _samples(loaded, args, EvalView(info, size), count=args.points)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoder.to(device)
-    prefix = getattr(encoder, "num_prefix_tokens", 1)
-    with torch.no_grad():
-        features = torch.cat(
-            [
-                pool_tokens(encoder(torch.stack([view for view, _, _ in chunk]).to(device)), prefix, "cls").cpu()
-                for chunk in (samples[i : i + 256] for i in range(0, len(samples), 256))
-            ]
-        )
-    labels = torch.tensor([label for _, label, _ in samples])
-    return embedding_figure(principal_components(features, 2), labels, info.class_names)
+    encoder = loaded.encoder().to(device)
+    source = _spread_images(loaded, args, args.points)
+    found = extract_features(encoder, source, encoder_image_size(encoder, source), "cls", device=device)
+    return embedding_figure(principal_components(found.features, 2), found.labels, loaded.method.data.class_names)
 
 
 def _masks(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:

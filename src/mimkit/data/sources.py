@@ -74,18 +74,20 @@ def _stats(
 
 
 class Subset(ImageSource):
-    """The first `limit` images of a source (quick runs and tests)."""
+    """`limit` images of a source: the first ones (quick runs and tests) or, with `spread`, evenly spaced over it
+    (figures: sorted folders would otherwise show one class)."""
 
-    def __init__(self, source: ImageSource, limit: int) -> None:
+    def __init__(self, source: ImageSource, limit: int, *, spread: bool = False) -> None:
         self.source = source
         self.info = DataInfo(**{**source.info.__dict__, "num_images": limit})
+        self.indices = [i * len(source) // limit for i in range(limit)] if spread else list(range(limit))
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.source.load(index)
+        return self.source.load(self.indices[index])
 
     def labels(self) -> torch.Tensor | None:
         labels = self.source.labels()
-        return None if labels is None else labels[: len(self)]
+        return None if labels is None else labels[self.indices]
 
 
 class FashionMNISTSource(ImageSource):

@@ -14,6 +14,7 @@ import torch
 from rich.progress import track
 from torch import nn
 
+from mimkit.data.info import DataError
 from mimkit.data.loader import ViewDataset, eval_loader
 from mimkit.data.sources import ImageSource
 from mimkit.data.views import EvalView
@@ -40,6 +41,11 @@ class RawPixels(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return images.flatten(1).unsqueeze(1)
+
+
+def encoder_image_size(encoder: nn.Module, source: ImageSource) -> int:
+    """The encoder's training resolution; the data's own size for encoders without one (raw pixels)."""
+    return getattr(encoder, "image_size", None) or (source.info.image_size or (224, 224))[0]
 
 
 def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, pooling: Pooling) -> torch.Tensor:
@@ -80,6 +86,8 @@ def extract_features(
         labels.append(batch["label"].to(device))
         indices.append(batch["index"].to(device))
     encoder.train(was_training)
+    if not features:
+        raise DataError(f"none of the {len(source)} images of {source.info.name} could be read")
     return _in_dataset_order(torch.cat(features), torch.cat(labels), torch.cat(indices), len(source))
 
 
