@@ -24,7 +24,7 @@ from torch import nn
 
 from mimkit.engine.checkpoint import checkpoint_dir, package_versions
 from mimkit.engine.runtime import machine
-from mimkit.eval.features import RawPixels, extract_features
+from mimkit.eval.features import RawPixels, encoder_image_size, extract_features
 from mimkit.eval.knn import knn_accuracy
 from mimkit.eval.run import LoadedRun, load_run
 
@@ -44,14 +44,14 @@ def score(encoder: nn.Module, run: LoadedRun, args: argparse.Namespace) -> float
     """Top-1 k-NN accuracy (a fraction) of `encoder` on the run's train/eval splits."""
     data = run.cfg.data
     train_source, test_source = (run.source(split, limit=args.limit) for split in (data.split, data.eval_split))
-    size = getattr(encoder, "image_size", None) or (train_source.info.image_size or (224, 224))[0]
+    classes = train_source.info.num_classes
+    if not classes:
+        raise ValueError(f"k-NN needs labelled data; {data.source} at {data.root} has no labels")
+    size = encoder_image_size(encoder, train_source)
     train, test = (
         extract_features(encoder, source, size, "cls", args.batch_size, description=f"{label} features")
         for source, label in ((train_source, "train"), (test_source, "test"))
     )
-    classes = train_source.info.num_classes
-    if not classes:
-        raise ValueError(f"k-NN needs labelled data; {data.source} at {data.root} has no labels")
     accuracy = knn_accuracy(
         train.features, train.labels, test.features, test.labels, classes, (args.k,), args.temperature
     )
