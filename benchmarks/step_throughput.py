@@ -40,12 +40,10 @@ from mimkit.config import RunConfig, load_run_config, to_dict
 from mimkit.data.loader import collate, seeded
 from mimkit.data.sources import ImageSource, build_source
 from mimkit.engine.checkpoint import package_versions
-from mimkit.engine.clipping import clip
-from mimkit.engine.runtime import machine
-from mimkit.engine.schedules import CosineSchedule, scaled_lr
+from mimkit.engine.optim import Hyperparameters, build_optimizer, optimizer_step
+from mimkit.engine.runtime import machine, setup_for_training
 from mimkit.methods.base import Method, Progress, ViewTransform, method_class
 from mimkit.methods.morphing import group_tokens
-from mimkit.models.vit import MaskableViT
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -192,8 +190,7 @@ class Bench:
     batch: dict[str, Any]
     view_seconds: list[float]
     epoch: int
-    lr: CosineSchedule
-    weight_decay: CosineSchedule
+    hyperparameters: Hyperparameters
     steps_done: int = 0
     last_loss: float = math.nan
 
@@ -202,22 +199,14 @@ class Bench:
         progress = Progress(
             self.epoch, self.epoch * STEPS_PER_EPOCH + self.steps_done, STEPS_PER_EPOCH, self.cfg.train.epochs
         )
-        lr, wd = self.lr(progress), self.weight_decay(progress)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-            group["weight_decay"] = wd * group["wd_scale"]
+        self.hyperparameters.apply(self.optimizer, progress)
         with self.fabric.autocast():
             out = self.module.training_step(self.batch, progress)
         self.fabric.backward(out.loss)
         loss = out.loss.detach().float().item()  # the engine's finiteness check: one host sync per step
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss} at benchmark step {self.steps_done}")
-        self.fabric.strategy.precision.unscale_gradients(self.optimizer)
-        clip(self.method.clip_policy(), self.method)
-        self.method.before_optimizer_step(progress)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.method.after_step(progress)
+        optimizer_step(self.fabric, self.method, self.optimizer, progress)
         self.steps_done += 1
         self.last_loss = loss
 
@@ -261,25 +250,8 @@ def build(recipe: Path, overrides: Sequence[str]) -> Bench:
     method = method_class(cfg.method.name)(cfg.method, source.info)
     epoch = cfg.train.epochs // 2
     batch, view_seconds = make_batch(source, method.views(), cfg.seed, epoch, cfg.data.batch_size)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": g.params, "name": g.name, "lr_scale": g.lr_scale, "wd_scale": g.weight_decay_scale}
-            for g in method.param_groups()
-        ],
-        lr=0.0,
-        weight_decay=0.0,
-        betas=cfg.optim.betas,
-        eps=cfg.optim.eps,
-    )
-    module, optimizer = fabric.setup(method, optimizer)
-    module.mark_forward_method("training_step")
-    if cfg.train.compile:
-        for network in method.modules():
-            if isinstance(network, MaskableViT):
-                network.compile()
+    module, optimizer = setup_for_training(fabric, method, build_optimizer(method, cfg.optim), cfg.train.compile)
     method.on_train_start()
-    lr = scaled_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.lr_reference_batch, cfg.optim.lr_scaling)
-    wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
     return Bench(
         cfg,
         fabric,
@@ -289,8 +261,7 @@ def build(recipe: Path, overrides: Sequence[str]) -> Bench:
         fabric.to_device(batch),
         view_seconds,
         epoch,
-        CosineSchedule(lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.optim.warmup_start_lr),
-        CosineSchedule(cfg.optim.weight_decay, wd_end),
+        Hyperparameters.from_config(cfg.optim, cfg.data.batch_size),
     )
 
 

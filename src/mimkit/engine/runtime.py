@@ -1,11 +1,12 @@
-"""Hardware set-up: the Fabric object for a train config, and a record of the machine a run used."""
+"""Hardware set-up: the Fabric object for a train config, a method placed on it, and a record of the machine a run
+used."""
 
 from __future__ import annotations
 
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.fabric import Fabric
@@ -14,6 +15,10 @@ from lightning.fabric.loggers import Logger, TensorBoardLogger
 from mimkit.config import ConfigError, TrainConfig
 from mimkit.engine.checkpoint import package_versions
 from mimkit.engine.logs import MetricsCSV
+from mimkit.models.vit import MaskableViT
+
+if TYPE_CHECKING:
+    from mimkit.methods.base import Method
 
 
 def make_fabric(cfg: TrainConfig, run_dir: Path) -> Fabric:
@@ -33,6 +38,19 @@ def make_fabric(cfg: TrainConfig, run_dir: Path) -> Fabric:
         precision=cfg.precision,
         loggers=_loggers(cfg, run_dir),
     )
+
+
+def setup_for_training(
+    fabric: Fabric, method: Method, optimizer: torch.optim.Optimizer, compile_backbones: bool
+) -> tuple[Any, Any]:
+    """The Fabric-wrapped method (call `training_step` through it) and optimizer; backbones compiled on request."""
+    module, optimizer = fabric.setup(method, optimizer)
+    module.mark_forward_method("training_step")
+    if compile_backbones:
+        for network in method.modules():
+            if isinstance(network, MaskableViT):
+                network.compile()
+    return module, optimizer
 
 
 def _strategy(name: str) -> Any:

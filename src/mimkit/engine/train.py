@@ -16,13 +16,11 @@ from mimkit.config import ConfigError, RunConfig, dump_yaml
 from mimkit.data.loader import ViewDataset, train_loader
 from mimkit.data.sources import build_source, describe
 from mimkit.engine import checkpoint as ckpt
-from mimkit.engine.clipping import clip
 from mimkit.engine.logs import MetricsCSV, ProgressDisplay, log, setup_logging
-from mimkit.engine.runtime import environment, make_fabric
-from mimkit.engine.schedules import CosineSchedule, scaled_lr
+from mimkit.engine.optim import Hyperparameters, build_optimizer, optimizer_step
+from mimkit.engine.runtime import environment, make_fabric, setup_for_training
 from mimkit.eval.online import OnlineKNN
 from mimkit.methods.base import Method, Progress, method_class
-from mimkit.models.vit import MaskableViT
 
 
 class NonFiniteLossError(RuntimeError):
@@ -101,36 +99,19 @@ class Trainer:
                 f"optim.accumulate_grad_batches: {self.accumulate} exceeds the {len(self.loader)} batches of an epoch"
             )
         self.global_batch = cfg.data.batch_size * fabric.world_size * self.accumulate
-        lr = scaled_lr(cfg.optim.lr, self.global_batch, cfg.optim.lr_reference_batch, cfg.optim.lr_scaling)
-        self.lr_schedule = CosineSchedule(lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.optim.warmup_start_lr)
-        wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
-        self.wd_schedule = CosineSchedule(cfg.optim.weight_decay, wd_end)
+        self.hyperparameters = Hyperparameters.from_config(cfg.optim, self.global_batch)
         log.info(
             "method %s: %.2fM trainable parameters; global batch %d, lr %.3g, %d steps/epoch x %d epochs",
             cfg.method.name,
             _count(self.method) / 1e6,
             self.global_batch,
-            lr,
+            self.hyperparameters.lr.start,
             self.steps_per_epoch,
             cfg.train.epochs,
         )
-        groups = self.method.param_groups()
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": g.params, "name": g.name, "lr_scale": g.lr_scale, "wd_scale": g.weight_decay_scale}
-                for g in groups
-            ],
-            lr=0.0,
-            weight_decay=0.0,
-            betas=cfg.optim.betas,
-            eps=cfg.optim.eps,
+        self.module, self.optimizer = setup_for_training(
+            fabric, self.method, build_optimizer(self.method, cfg.optim), cfg.train.compile
         )
-        self.module, self.optimizer = fabric.setup(self.method, optimizer)
-        self.module.mark_forward_method("training_step")
-        if cfg.train.compile:
-            for network in self.method.modules():
-                if isinstance(network, MaskableViT):
-                    network.compile()
         self.position = Position()
         if resume_path is not None:
             self._restore(resume_path)
@@ -176,7 +157,7 @@ class Trainer:
         batches = iter(self.loader)
         while pos.batch_in_epoch < self.steps_per_epoch * self.accumulate:
             progress = Progress(pos.epoch, pos.step, self.steps_per_epoch, self.cfg.train.epochs)
-            self._set_hyperparameters(progress)
+            self.hyperparameters.apply(self.optimizer, progress)
             for micro in range(self.accumulate):
                 batch = fabric.to_device(next(batches))
                 pos.batch_in_epoch += 1
@@ -197,12 +178,7 @@ class Trainer:
             if not self._finite(step_loss):
                 self._on_nonfinite(step_loss, progress)
                 continue
-            self.fabric.strategy.precision.unscale_gradients(self.optimizer)
-            norms = clip(self.method.clip_policy(), self.method)
-            self.method.before_optimizer_step(progress)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.method.after_step(progress)
+            norms = optimizer_step(fabric, self.method, self.optimizer, progress)
             pos.step += 1
             elapsed = time.perf_counter() - window_start
             images_per_second = window_images / max(elapsed, 1e-9)
@@ -237,12 +213,6 @@ class Trainer:
             self.save(ckpt.epoch_checkpoint(self.run_dir, finished))
 
     # ------------------------------------------------------------------------------------------------
-    def _set_hyperparameters(self, progress: Progress) -> None:
-        lr, wd = self.lr_schedule(progress), self.wd_schedule(progress)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-            group["weight_decay"] = wd * group["wd_scale"]
-
     def _current_lr(self) -> float:
         return max(g["lr"] for g in self.optimizer.param_groups)
 
