@@ -15,7 +15,7 @@ import pytest
 
 from mimkit.config import load_run_config
 from mimkit.engine.train import pretrain
-from support import ROOT
+from support import QUIET_CPU_RUN, ROOT
 
 RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
 TINY_BACKBONE = ["method.backbone.embed_dim=32", "method.backbone.depth=1", "method.backbone.num_heads=2"]
@@ -45,13 +45,10 @@ def shrunk(recipe: Path, output_dir: Path) -> list[str]:
         f"data.channels={channels}",
         "data.limit=null",
         "data.batch_size=2",
-        "data.num_workers=0",
         "train.epochs=1",
-        "train.accelerator=cpu",
         "train.precision=32-true",
-        "train.progress_bar=false",
-        "train.loggers=[csv]",
         "train.log_every_steps=1",
+        *QUIET_CPU_RUN,
         "train.knn_every_epochs=0",
         f"output_dir={output_dir}",
     ]
