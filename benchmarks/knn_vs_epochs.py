@@ -26,7 +26,7 @@ from mimkit.engine.checkpoint import checkpoint_dir, package_versions
 from mimkit.engine.runtime import machine
 from mimkit.eval.features import RawPixels, encoder_image_size, extract_features
 from mimkit.eval.knn import knn_accuracy
-from mimkit.eval.run import LoadedRun, load_run
+from mimkit.runs import LoadedRun, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCH_FILE = re.compile(r"epoch_(\d+)\.ckpt")

@@ -4,15 +4,15 @@ For each case of a tier, one process builds the method from a shipped recipe plu
 real batch with the method's own `views()` + `collate` from synthetic images, moves it to the device once, then
 times (medians over repeated steps after warm-up, CUDA synchronised around each step):
 
-  step            the engine's training step (autocast, forward, loss, backward, unscale, clip,
-                  before_optimizer_step, AdamW step, after_step), as `Trainer._epoch` does it on one device
+  step            the engine's own `train_step` (lr/wd schedules, autocast, forward, loss, backward, finiteness
+                  check, unscale, clip, before_optimizer_step, AdamW step, after_step) on one device
   backbone        the same backbone(s) on exactly the student inputs (forward + backward) and the teacher inputs
                   (forward, no grad), without method logic: the floor no implementation can beat
   backbone_heads  the backbone floor plus the heads on the tokens the method uses
-  morphing        (DTM) drawing the schedules, grouping the target tokens and morphing student and targets
+  ...             a method's own parts (DTM: morphing, drawing the schedules and morphing student and targets)
 
-The benchmark knows the methods' internals (the floors below mirror their `training_step`); mimkit knows nothing
-about the benchmark.
+This file knows no method: each method's file in benchmarks/floors/ lists its cases per tier, its floor (which
+mirrors its `training_step`) and its own parts; mimkit knows nothing about the benchmark.
 
     python benchmarks/step_throughput.py --method ibot --tier cpu-small
     python benchmarks/step_throughput.py --method dtm --tier gpu-base --compile
@@ -21,6 +21,7 @@ about the benchmark.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -29,21 +30,28 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 from lightning.fabric import Fabric
 
-from mimkit.config import RunConfig, load_run_config, to_dict
+from mimkit.config import to_dict
 from mimkit.data.loader import collate, seeded
 from mimkit.data.sources import ImageSource, build_source
+from mimkit.data.views import Views
 from mimkit.engine.checkpoint import package_versions
-from mimkit.engine.optim import Hyperparameters, build_optimizer, optimizer_step
+from mimkit.engine.optim import Hyperparameters, build_optimizer
 from mimkit.engine.runtime import machine, setup_for_training
-from mimkit.methods.base import Method, Progress, ViewTransform, method_class
-from mimkit.methods.morphing import group_tokens
+from mimkit.engine.step import train_step
+from mimkit.methods.base import Method, method_class
+from mimkit.runs import RunConfig, load_run_config
+from mimkit.schedules import Progress
+
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/floors, also when this file is imported by path
+from floors.shapes import Case
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -54,123 +62,29 @@ Timed = Callable[[], None]
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tiers: a shipped recipe plus overrides per method
-
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    recipe: str
-    """Path under configs/."""
-    overrides: tuple[str, ...]
+# Tiers: where and at which precision; each method's file in floors/ lists its cases per tier
 
 
 @dataclass(frozen=True)
 class Tier:
     device: str
     precision: str
-    cases: dict[str, list[Case]] = field(default_factory=dict)
-    """Method name -> the cases it runs in this tier."""
 
-
-def _data(size: int, batch: int, channels: int) -> tuple[str, ...]:
-    """Synthetic images of the tier's size, exactly one batch of them."""
-    return (
-        "data.source=synthetic",
-        f"data.synthetic_size={size}",
-        f"data.synthetic_images={batch}",
-        f"data.batch_size={batch}",
-        f"data.channels={channels}",
-        "data.num_workers=0",
-    )
-
-
-def _vit(dim: int, depth: int, heads: int) -> tuple[str, ...]:
-    """A ViT of the given shape on 28x28 images with 4-pixel patches (7x7 tokens)."""
-    return (
-        "method.backbone.name=vit_tiny_patch16_224",
-        "method.backbone.img_size=28",
-        "method.backbone.patch_size=4",
-        f"method.backbone.embed_dim={dim}",
-        f"method.backbone.depth={depth}",
-        f"method.backbone.num_heads={heads}",
-    )
-
-
-def _ibot_views(global_size: int, local_size: int, num_local: int, prototypes: int) -> tuple[str, ...]:
-    return (
-        f"method.views.global_size={global_size}",
-        f"method.views.local_size={local_size}",
-        f"method.views.num_local={num_local}",
-        f"method.out_dim={prototypes}",
-        f"method.patch_out_dim={prototypes}",
-    )
-
-
-EMA_TEACHER = ("method.teacher.kind=ema", "method.teacher.model=null", "method.teacher.weights=null")
-"""DTM's CLIP teacher needs weights we never download; an EMA teacher of the student's shape stands in."""
 
 TIERS: dict[str, Tier] = {
-    "test": Tier(
-        "cpu",
-        "32-true",
-        {
-            "ibot": [
-                Case(
-                    "vit_micro",
-                    "ibot/vit_tiny_fmnist.yaml",
-                    (
-                        *_vit(32, 1, 2),
-                        *_ibot_views(28, 12, 2, 64),
-                        "method.head_hidden_dim=48",
-                        "method.head_bottleneck_dim=16",
-                        "method.mask.ratios=[[0.4,0.1]]",
-                        *_data(28, 4, 1),
-                    ),
-                )
-            ],
-            "dtm": [Case("vit_micro", "dtm/vit_tiny_fmnist_ema.yaml", (*_vit(32, 1, 2), *_data(28, 4, 1)))],
-        },
-    ),
-    "cpu-small": Tier(
-        "cpu",
-        "32-true",
-        {
-            "ibot": [
-                Case(
-                    "vit_tiny",
-                    "ibot/vit_tiny_fmnist.yaml",
-                    (*_vit(192, 12, 3), *_ibot_views(28, 12, 4, 1024), *_data(28, 64, 1)),
-                )
-            ],
-            "dtm": [
-                Case(
-                    "vit_tiny",
-                    "dtm/vit_tiny_fmnist_ema.yaml",
-                    (*_vit(192, 12, 3), "method.views.size=28", *_data(28, 64, 1)),
-                )
-            ],
-        },
-    ),
-    "gpu-base": Tier(
-        "cuda",
-        "bf16-mixed",
-        {
-            "ibot": [
-                Case(name, f"ibot/{recipe}.yaml", (*_ibot_views(224, 96, 10, 8192), *_data(224, 64, 3)))
-                for name, recipe in (("vit_small", "vit_small_imagenet"), ("vit_base", "vit_base_imagenet"))
-            ],
-            "dtm": [
-                Case(
-                    name,
-                    "dtm/vit_base_clip_imagenet.yaml",
-                    (f"method.backbone.name={timm_name}", *EMA_TEACHER, *_data(224, 64, 3)),
-                )
-                for name, timm_name in (("vit_small", "vit_small_patch16_224"), ("vit_base", "vit_base_patch16_224"))
-            ],
-        },
-    ),
+    "test": Tier("cpu", "32-true"),
+    "cpu-small": Tier("cpu", "32-true"),
+    "gpu-base": Tier("cuda", "bf16-mixed"),
 }
+METHODS = sorted(
+    p.stem for p in (Path(__file__).parent / "floors").glob("*.py") if p.stem not in ("__init__", "shapes")
+)
+"""Methods with a file in benchmarks/floors/."""
+
+
+def method_file(name: str) -> ModuleType:
+    """benchmarks/floors/<name>.py: the method's CASES, floor and optional parts."""
+    return importlib.import_module(f"floors.{name}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,20 +109,23 @@ class Bench:
     last_loss: float = math.nan
 
     def step(self) -> None:
-        """One optimizer step exactly as `Trainer._epoch` takes it on one device without accumulation."""
+        """One optimizer step through the engine's own `train_step` (what `Trainer` runs), on one device."""
         progress = Progress(
             self.epoch, self.epoch * STEPS_PER_EPOCH + self.steps_done, STEPS_PER_EPOCH, self.cfg.train.epochs
         )
-        self.hyperparameters.apply(self.optimizer, progress)
-        with self.fabric.autocast():
-            out = self.module.training_step(self.batch, progress)
-        self.fabric.backward(out.loss)
-        loss = out.loss.detach().float().item()  # the engine's finiteness check: one host sync per step
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss} at benchmark step {self.steps_done}")
-        optimizer_step(self.fabric, self.method, self.optimizer, progress)
+        result = train_step(
+            self.fabric, self.module, self.method, self.optimizer, self.hyperparameters, [self.batch], progress
+        )
+        if result.norms is None:
+            raise FloatingPointError(f"non-finite loss {float(result.loss)} at benchmark step {self.steps_done}")
         self.steps_done += 1
-        self.last_loss = loss
+        self.last_loss = float(result.loss)
+
+    def backward(self, outputs: Sequence[torch.Tensor]) -> None:
+        """Backward from a trivial scalar of every output, then drop the gradients as the optimizer step would
+        (what the floors call after their forwards)."""
+        self.fabric.backward(sum(output.float().mean() for output in outputs))
+        self.method.zero_grad(set_to_none=True)
 
 
 def overrides_for(case: Case, device: str, precision: str, compile_backbones: bool) -> list[str]:
@@ -221,7 +138,7 @@ def overrides_for(case: Case, device: str, precision: str, compile_backbones: bo
 
 
 def make_batch(
-    source: ImageSource, transform: ViewTransform, seed: int, epoch: int, size: int
+    source: ImageSource, transform: Views, seed: int, epoch: int, size: int
 ) -> tuple[dict[str, Any], list[float]]:
     """One batch of the method's views, seeded like `ViewDataset`; each image's view time, taken single-threaded
     as in a DataLoader worker (decoding is excluded: the synthetic images are drawn before the clock starts)."""
@@ -266,100 +183,17 @@ def build(recipe: Path, overrides: Sequence[str]) -> Bench:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Floors and parts, per method: they mirror the method's training_step without its logic
+# Parts: the step, and the method's own floors and parts from its file in floors/
 
 
-def _backward(bench: Bench, outputs: Sequence[torch.Tensor]) -> None:
-    """Backward from a trivial scalar of every output, then drop the gradients as the optimizer step would."""
-    bench.fabric.backward(sum(output.float().mean() for output in outputs))
-    bench.method.zero_grad(set_to_none=True)
-
-
-def ibot_floor(bench: Bench, heads: bool) -> Timed:
-    """Teacher on the global crops; student on the masked global crops in one call and the local crops grouped by
-    size. With heads: the prototype head on [CLS] tokens and on the patch tokens the loss reads (masked ones, or
-    all with morphing), plus the teacher's mean patch logits, as `IBOT.training_step` computes them."""
-    method = bench.method
-    views = bench.batch["views"]
-    images = torch.cat(views["global"])
-    masks = torch.stack(views["masks"]).flatten(0, 1)
-    flat_masks = masks.flatten(1)
-    every_token = method.cfg.morph.enabled
-
-    def run() -> None:
-        with bench.fabric.autocast():
-            with torch.no_grad():
-                teacher = method.teacher(images)
-                if heads:
-                    head = method.teacher_head
-                    head.cls_logits(head.embed(teacher[:, 0]))
-                    patch_embed = head.embed(teacher[:, 1:])
-                    head.patch_logits(patch_embed if every_token else patch_embed[flat_masks])
-                    head.patch_logits(patch_embed.mean(1))
-            student = method.student(images, mask=masks)
-            local = method.student.forward_crops(views["local"]) if views["local"] else []
-            outputs = [student, *local]
-            if heads:
-                head = method.student_head
-                cls_tokens = torch.cat([student[:, 0], *(tokens[:, 0] for tokens in local)])
-                patches = student[:, 1:] if every_token else student[:, 1:][flat_masks]
-                embedded = head.embed(torch.cat([cls_tokens, patches.flatten(0, -2)]))
-                outputs = [head.cls_logits(embedded[: len(cls_tokens)]), head.patch_logits(embedded[len(cls_tokens) :])]
-        _backward(bench, outputs)
-
-    return run
-
-
-def dtm_floor(bench: Bench, heads: bool) -> Timed:
-    """Teacher (EMA or frozen) on the image without grad; student on the masked image; with heads: the linear head
-    on the student's patch tokens."""
-    method = bench.method
-    images, masks = bench.batch["views"]["image"], bench.batch["views"]["mask"]
-
-    def run() -> None:
-        with bench.fabric.autocast():
-            with torch.no_grad():
-                method.teacher(images)
-            tokens = method.student(images, mask=masks)
-            output = method.head(tokens[:, method.student.num_prefix_tokens :]) if heads else tokens
-        _backward(bench, [output])
-
-    return run
-
-
-def dtm_morphing(bench: Bench) -> Timed:
-    """Schedules + `group_tokens` on the targets + `morph` of predictions and targets, on this batch's real tokens
-    (forward only: the backward of the morph is part of the step, not of this measurement)."""
-    method = bench.method
-    images, masks = bench.batch["views"]["image"], bench.batch["views"]["mask"]
-    with torch.no_grad(), bench.fabric.autocast():
-        targets = method.targets(images)
-        predictions = method.head(method.student(images, mask=masks)[:, method.student.num_prefix_tokens :])
-    morph = method.cfg.morph
-
-    def run() -> None:
-        with bench.fabric.autocast():
-            for schedule in morph.schedules(method.sampler):
-                grouping = group_tokens(targets, schedule, morph.protect_first_token)
-                grouping.morph(predictions)
-                grouping.morph(targets)
-
-    return run
-
-
-FLOORS: dict[str, Callable[[Bench, bool], Timed]] = {"ibot": ibot_floor, "dtm": dtm_floor}
-"""Method name -> floor(bench, heads): the backbone(s) alone (heads=False) or with the heads (heads=True)."""
-MORPHING: dict[str, Callable[[Bench], Timed]] = {"dtm": dtm_morphing}
+CORE_PARTS = ("step", "backbone", "backbone_heads")
 
 
 def parts(bench: Bench, method_name: str) -> dict[str, Timed]:
-    timed = {
-        "step": bench.step,
-        "backbone": FLOORS[method_name](bench, False),
-        "backbone_heads": FLOORS[method_name](bench, True),
-    }
-    if method_name in MORPHING:
-        timed["morphing"] = MORPHING[method_name](bench)
+    timing = method_file(method_name)
+    timed = {"step": bench.step, "backbone": timing.floor(bench, False), "backbone_heads": timing.floor(bench, True)}
+    if hasattr(timing, "parts"):
+        timed |= timing.parts(bench)
     return timed
 
 
@@ -413,18 +247,18 @@ def summarize(
 ) -> dict[str, float | None]:
     medians = {name: statistics.median(s for samples in runs for s in samples) for name, runs in times.items()}
     step = medians["step"]
-    morphing = medians.get("morphing")
+    extra = {name: value for name, value in medians.items() if name not in CORE_PARTS}
     return {
         "step_ms": 1e3 * step,
         "backbone_ms": 1e3 * medians["backbone"],
         "backbone_heads_ms": 1e3 * medians["backbone_heads"],
-        "morphing_ms": None if morphing is None else 1e3 * morphing,
         "overhead": step / medians["backbone"],
         "outside_backbone_heads_share": (step - medians["backbone_heads"]) / step,
-        "morphing_share": None if morphing is None else morphing / step,
         "images_per_s": batch_size / step,
         "view_ms_per_image": 1e3 * statistics.median(view_seconds),
         "peak_memory_mib": peak_bytes / 2**20,
+        **{f"{name}_ms": 1e3 * value for name, value in extra.items()},
+        **{f"{name}_share": value / step for name, value in extra.items()},
     }
 
 
@@ -467,6 +301,10 @@ def _cell(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") 
 
 def markdown(result: dict[str, Any]) -> str:
     info, versions = result["machine"], result["versions"]
+    extra = list(
+        dict.fromkeys(k[: -len("_share")] for c in result["cases"] for k in c["summary"] if k.endswith("_share"))
+    )
+    extra.remove("outside_backbone_heads")
     gpus = ", ".join(info["gpus"]) or "none"
     lines = [
         f"### Step throughput: {result['method']}, tier {result['tier']}, {result['device']}",
@@ -477,8 +315,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"timed steps after {result['warmup']} warm-up steps.",
         "",
         "| case | batch | step ms | backbone ms | backbone+heads ms | overhead | outside backbone+heads "
-        "| morphing | images/s | views ms/img | peak MiB |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        + "".join(f"| {name} " for name in extra)
+        + "| images/s | views ms/img | peak MiB |",
+        "|---|" + "--:|" * (9 + len(extra)),
     ]
     for case in result["cases"]:
         s = case["summary"]
@@ -490,7 +329,7 @@ def markdown(result: dict[str, Any]) -> str:
             _cell(s["backbone_heads_ms"], ".1f"),
             _cell(s["overhead"], ".2f", suffix="x"),
             _cell(s["outside_backbone_heads_share"], ".1f", 100, "%"),
-            _cell(s["morphing_share"], ".2f", 100, "%"),
+            *(_cell(s.get(f"{name}_share"), ".2f", 100, "%") for name in extra),
             _cell(s["images_per_s"], ".1f"),
             _cell(s["view_ms_per_image"], ".2f"),
             _cell(s["peak_memory_mib"], ".0f"),
@@ -503,7 +342,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", required=True, choices=sorted(FLOORS))
+    parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--tier", required=True, choices=sorted(TIERS))
     parser.add_argument("--case", help="run only this case of the tier (e.g. vit_base of gpu-base)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat (>= 5 for reported numbers)")
@@ -516,9 +355,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     tier = TIERS[args.tier]
-    if args.method not in tier.cases:
+    cases = method_file(args.method).CASES
+    if args.tier not in cases:
         parser.error(f"tier {args.tier} has no cases for {args.method}")
-    names = [case.name for case in tier.cases[args.method]]
+    names = [case.name for case in cases[args.tier]]
     if args.case is not None and args.case not in names:
         parser.error(f"--case: tier {args.tier} has {', '.join(names)} for {args.method}; got {args.case!r}")
     if min(args.steps, args.repeats, args.threads) < 1 or args.warmup < 0:
@@ -534,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """Run the benchmark; returns the JSON file (the markdown table lies next to it)."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    cases = [c for c in TIERS[args.tier].cases[args.method] if args.case in (None, c.name)]
+    cases = [c for c in method_file(args.method).CASES[args.tier] if args.case in (None, c.name)]
     results = []
     for case in cases:
         results.append(run_case(args.method, case, args))

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from mimkit.config import load_run_config
+from mimkit.runs import load_run_config
 from support import load_benchmark
 
 bench = load_benchmark("step_throughput")
@@ -16,10 +16,8 @@ SUMMARY_KEYS = {
     "step_ms",
     "backbone_ms",
     "backbone_heads_ms",
-    "morphing_ms",
     "overhead",
     "outside_backbone_heads_share",
-    "morphing_share",
     "images_per_s",
     "view_ms_per_image",
     "peak_memory_mib",
@@ -42,20 +40,19 @@ def test_tiny_tier_writes_json_and_table(method: str, tmp_path) -> None:
     assert "data.source=synthetic" in case["overrides"] and case["batch_size"] == 4
     assert len(case["view_seconds_per_image"]) == 4 and min(case["view_seconds_per_image"]) > 0
     summary = case["summary"]
-    assert summary.keys() == SUMMARY_KEYS
+    extra = {"morphing_ms", "morphing_share"} if method == "dtm" else set()
+    assert summary.keys() == SUMMARY_KEYS | extra
     assert math.isfinite(summary["overhead"]) and summary["overhead"] > 0
     assert summary["images_per_s"] > 0 and summary["peak_memory_mib"] > 0 and math.isfinite(case["final_loss"])
     if method == "dtm":
         assert math.isfinite(summary["morphing_share"]) and summary["morphing_share"] > 0  # timings: no upper bound
-    else:
-        assert summary["morphing_share"] is None
     table = path.with_suffix(".md").read_text()
     assert "| vit_micro | 4 |" in table and "overhead" in table
 
 
 @pytest.mark.parametrize("method", ["ibot", "dtm"])
 def test_timed_step_trains_student_and_teacher(method: str) -> None:
-    (case,) = bench.TIERS["test"].cases[method]
+    (case,) = bench.method_file(method).CASES["test"]
     built = bench.build(bench.CONFIGS / case.recipe, bench.overrides_for(case, "cpu", "32-true", False))
     student = {k: v.clone() for k, v in built.method.student.state_dict().items()}
     teacher = {k: v.clone() for k, v in built.method.teacher.state_dict().items()}
@@ -63,13 +60,15 @@ def test_timed_step_trains_student_and_teacher(method: str) -> None:
     assert math.isfinite(built.last_loss)
     assert any(not torch.equal(v, built.method.student.state_dict()[k]) for k, v in student.items())
     assert any(not torch.equal(v, built.method.teacher.state_dict()[k]) for k, v in teacher.items())
-    bench.FLOORS[method](built, True)()
+    bench.method_file(method).floor(built, True)()
     assert all(p.grad is None for p in built.method.parameters()), "floors must leave no gradients behind"
 
 
 def test_every_tier_case_is_a_valid_recipe_of_the_specified_shape() -> None:
-    for name, tier in bench.TIERS.items():
-        for method, cases in tier.cases.items():
+    assert {"ibot", "dtm"} <= set(bench.METHODS)
+    for method in bench.METHODS:
+        for name, cases in bench.method_file(method).CASES.items():
+            tier = bench.TIERS[name]
             for case in cases:
                 overrides = bench.overrides_for(case, tier.device, tier.precision, True)
                 cfg = load_run_config(bench.CONFIGS / case.recipe, overrides)

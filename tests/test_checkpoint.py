@@ -16,10 +16,10 @@ from mimkit.engine.checkpoint import (
     epoch_checkpoint,
     last_checkpoint,
     last_path,
-    read_checkpoint,
     rng_state,
     set_rng_state,
 )
+from mimkit.methods.saved import read_checkpoint
 
 
 class FakeFabric:

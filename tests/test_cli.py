@@ -9,7 +9,8 @@ import yaml
 
 from mimkit import __version__
 from mimkit.cli import main
-from mimkit.config import dump_yaml, load_run_config
+from mimkit.config import dump_yaml
+from mimkit.runs import load_run_config
 from support import ROOT
 
 TOY = str(ROOT / "tests" / "recipes" / "toy.yaml")

@@ -7,16 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mimkit.config import (
-    ConfigError,
-    DataConfig,
-    RunConfig,
-    apply_overrides,
-    describe_fields,
-    dump_yaml,
-    load_run_config,
-    read_yaml,
-)
+from mimkit.config import ConfigError, apply_overrides, describe_fields, dump_yaml, read_yaml
+from mimkit.data.config import DataConfig
+from mimkit.runs import RunConfig, load_run_config
 from support import IBOT_RECIPE, ROOT
 from toy_method import ToyConfig
 

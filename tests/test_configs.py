@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mimkit.config import load_run_config
 from mimkit.engine.train import pretrain
+from mimkit.runs import load_run_config
 from support import QUIET_CPU_RUN, ROOT
 
 RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))

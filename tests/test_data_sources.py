@@ -13,8 +13,8 @@ import torch
 import torchvision.datasets as tvd
 from PIL import Image
 
-from mimkit.config import DataConfig
 from mimkit.data import fashion_mnist
+from mimkit.data.config import DataConfig
 from mimkit.data.info import DataError, UnreadableImage
 from mimkit.data.sources import (
     GRAY_MEAN,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mimkit.engine.checkpoint import read_checkpoint
 from mimkit.engine.logs import read_metrics
+from mimkit.methods.saved import read_checkpoint
 from support import ROOT
 
 TOY = ROOT / "tests" / "recipes" / "toy.yaml"

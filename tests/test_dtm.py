@@ -10,13 +10,14 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from mimkit.config import ConfigError, load_run_config
+from mimkit.config import ConfigError
 from mimkit.data.loader import ViewDataset, collate
 from mimkit.data.sources import SyntheticShapes
 from mimkit.engine.train import pretrain
 from mimkit.losses.regression import regression_loss
-from mimkit.methods.base import Progress
 from mimkit.methods.dtm import DTM
+from mimkit.runs import load_run_config
+from mimkit.schedules import Progress
 from support import IBOT_RECIPE, ROOT, SYNTHETIC_28
 
 RECIPE = ROOT / "configs" / "dtm" / "vit_tiny_fmnist_ema.yaml"

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimkit.config import ConfigError, load_run_config
-from mimkit.engine.checkpoint import read_checkpoint
+from mimkit.config import ConfigError
 from mimkit.engine.logs import read_metrics
 from mimkit.engine.train import NonFiniteLossError, pretrain
+from mimkit.eval.online import online_knn
+from mimkit.methods.saved import read_checkpoint
+from mimkit.runs import load_run_config
 from support import ROOT
 
 TOY = ROOT / "tests" / "recipes" / "toy.yaml"
@@ -127,7 +129,8 @@ def _logged_step(run: Path, at_least: int) -> bool:
 
 
 def test_online_knn_is_logged_every_n_epochs(tmp_path: Path) -> None:
-    run = pretrain(toy_config(tmp_path / "run", "train.knn_every_epochs=1", "train.knn_limit=32"))
+    cfg = toy_config(tmp_path / "run", "train.knn_every_epochs=1", "train.knn_limit=32")
+    run = pretrain(cfg, online_knn(cfg))  # what `mimkit pretrain` hands the engine
     knn = [row for row in read_metrics(run) if "knn_top1" in row]
     assert [int(row["epoch"]) for row in knn] == [0, 1]
     assert all(0.0 <= row["knn_top1"] <= 1.0 for row in knn)

@@ -14,13 +14,14 @@ from safetensors.torch import load_file
 
 from mimkit.cli import build_parser, main
 from mimkit.commands import eval as eval_command
-from mimkit.config import ConfigError, load_run_config
+from mimkit.config import ConfigError
 from mimkit.engine.train import pretrain
 from mimkit.eval import knn, linear
 from mimkit.eval.finetune import FinetuneConfig
 from mimkit.eval.probe import LastBlocksCLS, probe_features
-from mimkit.eval.run import load_run
-from mimkit.models.vit import BackboneConfig, MaskableViT, create_vit
+from mimkit.models.backbones import BackboneConfig, create_timm_model
+from mimkit.models.vit import MaskableViT
+from mimkit.runs import load_run, load_run_config
 from support import IBOT_RECIPE, QUIET_CPU_RUN, SYNTHETIC_28, TINY_IBOT_HEADS
 
 TINY_RUN = [
@@ -88,7 +89,7 @@ def test_last4_features_of_a_source_in_dataset_order(run_dir: Path) -> None:
 
 
 def test_last4_needs_four_blocks() -> None:
-    vit = create_vit(BackboneConfig(img_size=28, patch_size=4, embed_dim=32, depth=2, num_heads=2), in_chans=1)
+    vit = create_timm_model(BackboneConfig(img_size=28, patch_size=4, embed_dim=32, depth=2, num_heads=2), 1)[0]
     with pytest.raises(ConfigError, match="at least 4 blocks"):
         LastBlocksCLS(MaskableViT(vit))
 
@@ -208,7 +209,7 @@ def test_finetune_writes_accuracies_and_weights(run_dir: Path, capsys: pytest.Ca
     assert result["settings"]["layer_decay"] == 0.75 and result["num_classes"] == 4
     weights = load_file(str(run_dir / "eval" / "finetune.safetensors"))
     assert weights["head.weight"].shape == (4, 32)
-    vit = create_vit(BackboneConfig(img_size=28, patch_size=4, embed_dim=32, depth=4, num_heads=2), in_chans=1)
+    vit = create_timm_model(BackboneConfig(img_size=28, patch_size=4, embed_dim=32, depth=4, num_heads=2), 1)[0]
     vit.reset_classifier(4)
     vit.load_state_dict(weights)  # a plain timm ViT with a 4-class head
     assert "top-1" in out
@@ -250,4 +251,4 @@ def test_raw_pixel_features_are_the_pixels_for_every_pooling(pooling: str) -> No
 
     images = torch.randn(3, 1, 4, 4)
     tokens = RawPixels()(images)
-    torch.testing.assert_close(pool_tokens(tokens, RawPixels.num_prefix_tokens, pooling), images.flatten(1))
+    torch.testing.assert_close(pool_tokens(tokens, RawPixels(), pooling), images.flatten(1))

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 
 from mimkit.cli import main
-from mimkit.config import ConfigError, load_run_config
+from mimkit.config import ConfigError
 from mimkit.engine.train import pretrain
-from mimkit.eval.run import load_run
 from mimkit.export import export_timm, load_exported
+from mimkit.runs import load_run, load_run_config
 from support import IBOT_RECIPE, QUIET_CPU_RUN, ROOT, SYNTHETIC_28, TINY_IBOT_HEADS
 
 TINY_IBOT = [
@@ -159,7 +159,7 @@ def test_methods_without_the_network_are_clear_errors(tmp_path: Path, capsys: py
     run = pretrain(toy)
     assert main(["export", str(run), "--format", "timm", "--network", "student"]) == 2
     assert "has no student network; use --network encoder" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="is not a timm VisionTransformer"):
+    with pytest.raises(ConfigError, match="wraps no timm model"):
         export_timm(run)
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         load_exported(tmp_path)

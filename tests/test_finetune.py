@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 from timm.layers import DropPath
+from timm.models.vision_transformer import Block
 from torch import nn
 
-from mimkit.config import ConfigError, load_run_config
+from mimkit.config import ConfigError
 from mimkit.data.sources import SyntheticShapes
 from mimkit.eval.finetune import FinetuneConfig, finetune, layer_decay_optimizer, set_drop_path
-from mimkit.models.vit import BackboneConfig, create_vit
+from mimkit.models.backbones import BackboneConfig, create_timm_model
+from mimkit.runs import load_run_config
 from support import ROOT
 
 DEPTH = 4
@@ -21,7 +23,7 @@ DEPTH = 4
 def tiny_vit() -> nn.Module:
     torch.manual_seed(0)
     cfg = BackboneConfig(img_size=16, patch_size=4, embed_dim=32, depth=DEPTH, num_heads=2, drop_path_rate=0.0)
-    vit = create_vit(cfg, in_chans=1)
+    vit = create_timm_model(cfg, 1)[0]
     vit.reset_classifier(4)
     return vit
 
@@ -50,7 +52,7 @@ def test_layer_decay_scales_decrease_towards_the_input() -> None:
 
 def test_drop_path_rises_linearly_to_the_last_block() -> None:
     vit = tiny_vit()
-    set_drop_path(vit, 0.3)
+    set_drop_path(vit, 0.3, (Block,))
     assert isinstance(vit.blocks[0].drop_path1, nn.Identity) and isinstance(vit.blocks[0].drop_path2, nn.Identity)
     rates = [block.drop_path1.drop_prob for block in vit.blocks[1:]]
     assert rates == pytest.approx([0.1, 0.2, 0.3])
@@ -76,7 +78,9 @@ def test_short_run_trains_every_layer_of_a_frozen_backbone() -> None:
     before = vit.patch_embed.proj.weight.detach().clone()
     cfg = FinetuneConfig(epochs=2, batch_size=8, warmup_epochs=1, mixup=0.0, cutmix=0.0, drop_path=0.1)
     rows = []
-    result = finetune(vit, synthetic("train"), synthetic("test", 8), 16, cfg, torch.device("cpu"), rows.append)
+    result = finetune(
+        vit, (Block,), synthetic("train"), synthetic("test", 8), 16, cfg, torch.device("cpu"), rows.append
+    )
     assert rows == result.history and [row["epoch"] for row in rows] == [1, 2]
     assert all(math.isfinite(row["loss"]) and 0 <= row["top1"] <= row["top5"] <= 1 for row in rows)
     assert result.top1 == rows[-1]["top1"] and result.best["top1"] == max(row["top1"] for row in rows)
@@ -88,4 +92,4 @@ def test_unlabelled_data_is_refused() -> None:
     source = synthetic("train")
     source.info = type(source.info)(**{**source.info.__dict__, "num_classes": 0})
     with pytest.raises(ConfigError, match="labelled data"):
-        finetune(tiny_vit(), source, source, 16, FinetuneConfig(epochs=1, batch_size=8), torch.device("cpu"))
+        finetune(tiny_vit(), (Block,), source, source, 16, FinetuneConfig(epochs=1, batch_size=8), torch.device("cpu"))

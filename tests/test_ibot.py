@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mimkit.config import ConfigError, load_run_config
+from mimkit.config import ConfigError
 from mimkit.data.info import DataInfo
 from mimkit.data.loader import ViewDataset, collate
 from mimkit.data.sources import SyntheticShapes
-from mimkit.methods.base import Progress
 from mimkit.methods.ibot import IBOT
-from mimkit.methods.morphing import MorphSchedule
+from mimkit.morphing import MorphSchedule
+from mimkit.runs import load_run_config
+from mimkit.schedules import Progress
 from support import IBOT_RECIPE, SYNTHETIC_28, TINY_IBOT_HEADS
 
 TINY = [

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimkit.engine.schedules import EpochWarmup
 from mimkit.losses.ibot import IBOTLoss
+from mimkit.schedules import EpochWarmup
 from support import load_case
 
 

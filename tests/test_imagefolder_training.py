@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mimkit.config import load_run_config
 from mimkit.data.info import DataError
-from mimkit.engine.checkpoint import read_checkpoint
 from mimkit.engine.train import pretrain
+from mimkit.methods.saved import read_checkpoint
+from mimkit.runs import load_run_config
 from support import ROOT
 
 TOY = ROOT / "tests" / "recipes" / "toy.yaml"

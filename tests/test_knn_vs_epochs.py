@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from mimkit.cli import main
-from mimkit.config import load_run_config
 from mimkit.engine.train import pretrain
+from mimkit.runs import load_run_config
 from support import IBOT_RECIPE, QUIET_CPU_RUN, SYNTHETIC_28, load_benchmark
 
 bench = load_benchmark("knn_vs_epochs")

@@ -8,13 +8,14 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from mimkit.config import DataConfig, load_run_config
+from mimkit.data.config import DataConfig
 from mimkit.data.info import DataError, DataInfo, UnreadableImage
 from mimkit.data.loader import EpochSampler, Skipped, ViewDataset, collate, seeded, train_loader
 from mimkit.data.masking import MaskGenerator
 from mimkit.data.sources import ImageSource, build_source
 from mimkit.data.views import EvalView, MultiCropViews
 from mimkit.methods import method_class
+from mimkit.runs import load_run_config
 from support import IBOT_RECIPE
 from toy_method import ToyViews
 
@@ -274,7 +275,9 @@ def data_info(channels: int) -> DataInfo:
 
 def ibot_views(channels: int) -> MultiCropViews:
     cfg = load_run_config(IBOT_RECIPE, IBOT_PATCH4).method
-    return MultiCropViews(cfg.views, data_info(channels), patch_size=4, masks=MaskGenerator(cfg.mask))
+    return MultiCropViews(
+        cfg.views, data_info(channels), (cfg.views.global_size // 4,) * 2, masks=MaskGenerator(cfg.mask)
+    )
 
 
 def has_color_jitter(views: MultiCropViews) -> bool:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mimkit.losses.regression import normalize_targets, regression_loss
-from mimkit.methods.morphing import (
+from mimkit.morphing import (
     MorphSchedule,
     ScheduleSampler,
     TokenGrouping,

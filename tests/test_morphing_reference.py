@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from mimkit.methods.morphing import MorphSchedule, TokenGrouping, group_tokens, merges_per_iteration, morph_loss
+from mimkit.morphing import MorphSchedule, TokenGrouping, group_tokens, merges_per_iteration, morph_loss
 from support import load_case
 
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}

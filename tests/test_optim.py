@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mimkit.config import OptimConfig
 from mimkit.data.info import DataInfo
+from mimkit.engine.config import OptimConfig
 from mimkit.engine.optim import Hyperparameters, build_optimizer, optimizer_step
 from mimkit.methods.base import ParamGroup, Progress
 from toy_method import ToyConfig, ToyMethod

@@ -9,13 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-from mimkit.engine.schedules import CosineSchedule, EpochWarmup, scaled_lr
-from mimkit.methods.base import Progress
+from mimkit.schedules import CosineSchedule, EpochWarmup, Progress, scaled_lr
 
 
 def test_schedules_module_imports_on_its_own() -> None:
     result = subprocess.run(
-        [sys.executable, "-c", "import mimkit.engine.schedules"], capture_output=True, text=True, check=False
+        [sys.executable, "-c", "import mimkit.schedules"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr[-2000:]
 

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from mimkit.config import ConfigError
-from mimkit.models.vit import BackboneConfig, MaskableViT, build_backbone, create_vit
+from mimkit.models.backbones import BackboneConfig, build_backbone, create_timm_model
+from mimkit.models.vit import MaskableViT
 
 TINY = BackboneConfig(
     name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.0
@@ -93,24 +94,26 @@ def test_grayscale_input_flows_into_the_patch_embedding() -> None:
 
 def test_bad_backbone_configs_fail_with_clear_messages() -> None:
     with pytest.raises(ConfigError, match=r"unknown timm model 'vit_tinny.*did you mean"):
-        create_vit(BackboneConfig(name="vit_tinny_patch16_224"), 3)
-    with pytest.raises(ConfigError, match="not a timm VisionTransformer"):
-        create_vit(BackboneConfig(name="resnet18", img_size=32), 3)
+        create_timm_model(BackboneConfig(name="vit_tinny_patch16_224"), 3)[0]
+    with pytest.raises(
+        ConfigError, match="swin_transformer model; mimkit encoders wrap the timm families beit, convnext"
+    ):
+        create_timm_model(BackboneConfig(name="swin_tiny_patch4_window7_224"), 3)
     with pytest.raises(ConfigError, match="not divisible by patch size 8"):
-        create_vit(BackboneConfig(name="vit_tiny_patch16_224", img_size=30, patch_size=8), 3)
+        create_timm_model(BackboneConfig(name="vit_tiny_patch16_224", img_size=30, patch_size=8), 3)[0]
 
 
 def test_weights_file_loads_and_mismatches_are_clear(tmp_path: Path) -> None:
     source = tiny().vit
     good = tmp_path / "vit.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(good))
-    loaded = create_vit(BackboneConfig(**{**TINY.__dict__, "weights": str(good)}), 3)
+    loaded = create_timm_model(BackboneConfig(**{**TINY.__dict__, "weights": str(good)}), 3)[0]
     torch.testing.assert_close(loaded.pos_embed, source.pos_embed)
     with pytest.raises(ConfigError, match="does not exist"):
-        create_vit(BackboneConfig(**{**TINY.__dict__, "weights": str(tmp_path / "missing.pth")}), 3)
+        create_timm_model(BackboneConfig(**{**TINY.__dict__, "weights": str(tmp_path / "missing.pth")}), 3)[0]
     wrong = BackboneConfig(**{**TINY.__dict__, "embed_dim": 64, "weights": str(good)})
     with pytest.raises(ConfigError, match="does not match the model"):
-        create_vit(wrong, 3)
+        create_timm_model(wrong, 3)[0]
 
 
 def test_attention_is_fused() -> None:

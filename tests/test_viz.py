@@ -14,11 +14,12 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from mimkit.cli import main
-from mimkit.config import load_run_config
 from mimkit.engine.logs import read_metrics
 from mimkit.engine.train import pretrain
-from mimkit.models.vit import BackboneConfig, MaskableViT, build_backbone
-from mimkit.viz.attention import attention_maps, kept_mass, last_block_attention
+from mimkit.models.backbones import BackboneConfig, build_backbone
+from mimkit.models.vit import MaskableViT
+from mimkit.runs import load_run_config
+from mimkit.viz.attention import attention_maps, kept_mass
 from mimkit.viz.curves import curves_figure, smoothed
 from mimkit.viz.embedding import embedding_figure
 from mimkit.viz.masks import mask_overlay_figure, reconstruction_figure, to_display
@@ -71,7 +72,7 @@ def test_attention_matches_explicit_attention_on_the_block_input() -> None:
     block.register_forward_pre_hook(lambda _m, args: seen.update(block_input=args[0]))
     block.attn.register_forward_hook(lambda _m, _args, output: seen.update(attn_output=output))
 
-    attention = last_block_attention(encoder, images)
+    attention = encoder.last_attention(images)
 
     x = block.norm1(seen["block_input"])
     heads, dim = block.attn.num_heads, block.attn.head_dim

@@ -13,6 +13,7 @@ from torch import nn
 
 from mimkit.data.info import DataInfo
 from mimkit.methods.base import Method, MethodConfig, Progress, StepOutput
+from mimkit.models.encoder import Encoder
 
 
 @dataclass
@@ -41,14 +42,22 @@ class ToyViews:
         return {"clean": clean, "noisy": clean + 0.3 * torch.randn_like(clean)}
 
 
-class ToyEncoder(nn.Module):
+class ToyEncoder(Encoder):
+    """The hidden layer as one token: enough of the contract for feature extraction (online k-NN)."""
+
+    num_prefix_tokens = 0
+
     def __init__(self, net: nn.Sequential, image_size: int) -> None:
         super().__init__()
         self.net = net
         self.image_size = image_size
+        self.embed_dim = net[1].out_features
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.net[:3](images).unsqueeze(1)
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.mean(1)
 
 
 class ToyMethod(Method):
@@ -81,5 +90,8 @@ class ToyMethod(Method):
     def after_step(self, progress: Progress) -> None:
         self.steps_seen += 1
 
-    def encoder(self) -> nn.Module:
+    def encoder(self) -> Encoder:
         return ToyEncoder(self.net, self.cfg.crop)
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"net": self.net}

@@ -2,7 +2,7 @@
 
 OmegaConf does the reading, merging and `${...}` interpolation; the conversion into dataclasses is ours
 so that every error names the field, the value and what is allowed (OmegaConf has no `Literal`).
-A recipe's `method` section is typed by the config class of the method it names (see `mimkit.methods`).
+It knows no schema: the run schema (`mimkit.runs.RunConfig`) and its parts live beside the code they configure.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import itertools
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -32,142 +31,6 @@ def check(condition: bool, field_name: str, message: str) -> None:
     """Raise a ConfigError for `field_name` unless `condition` holds (used by `validate()` methods)."""
     if not condition:
         raise ConfigError(f"{field_name}: {message}")
-
-
-@dataclass
-class DataConfig:
-    """Where the images come from and how they are batched."""
-
-    source: Literal["fashion-mnist", "imagefolder", "torchvision", "synthetic"] = "fashion-mnist"
-    root: str | None = None
-    """Folder of the data. fashion-mnist: IDX files (default: the Debian package, then mimkit's cache)."""
-    name: str | None = None
-    """torchvision dataset class name (source=torchvision), e.g. CIFAR10."""
-    split: str = "train"
-    eval_split: str = "test"
-    download: bool = True
-    """Allow torchvision downloads (fashion-mnist fallback, torchvision sets)."""
-    channels: int | None = None
-    """Force 1 (grayscale) or 3 (RGB) channels; None keeps the source's own."""
-    strict: bool = False
-    """Fail on the first unreadable image instead of skipping it with a counted warning."""
-    limit: int | None = None
-    """Use only the first `limit` images (quick runs, tests)."""
-    batch_size: int = 64
-    """Images per device and optimizer micro-step."""
-    num_workers: int = 2
-    synthetic_images: int = 512
-    synthetic_size: int = 32
-    synthetic_classes: int = 4
-
-    def validate(self, prefix: str = "data") -> None:
-        check(
-            self.source != "torchvision" or bool(self.name),
-            f"{prefix}.name",
-            "source=torchvision needs the dataset class name, e.g. data.name=CIFAR10",
-        )
-        check(
-            self.source != "imagefolder" or bool(self.root),
-            f"{prefix}.root",
-            "source=imagefolder needs the folder of images, e.g. data.root=/data/imagenet",
-        )
-        check(self.channels in (None, 1, 3), f"{prefix}.channels", f"must be 1, 3 or null; got {self.channels}")
-        check(self.limit is None or self.limit > 0, f"{prefix}.limit", f"must be positive; got {self.limit}")
-        check(self.batch_size > 0, f"{prefix}.batch_size", f"must be positive; got {self.batch_size}")
-        check(self.num_workers >= 0, f"{prefix}.num_workers", f"must be >= 0; got {self.num_workers}")
-        check(
-            self.synthetic_classes > 0 and self.synthetic_images > 0 and self.synthetic_size >= 8,
-            f"{prefix}.synthetic_*",
-            "need positive counts and a size of at least 8 pixels",
-        )
-
-
-@dataclass
-class OptimConfig:
-    """AdamW with per-iteration cosine schedules for learning rate and weight decay."""
-
-    lr: float = 5e-4
-    """Base learning rate for `lr_reference_batch` images; scaled by the global batch size."""
-    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
-    lr_reference_batch: int = 256
-    min_lr: float = 1e-6
-    warmup_epochs: float = 10.0
-    warmup_start_lr: float = 0.0
-    weight_decay: float = 0.04
-    weight_decay_end: float | None = None
-    """Cosine-scheduled weight decay ends here; None keeps it constant."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    accumulate_grad_batches: int = 1
-
-    def validate(self, prefix: str = "optim") -> None:
-        check(self.lr > 0, f"{prefix}.lr", f"must be positive; got {self.lr}")
-        check(self.min_lr >= 0, f"{prefix}.min_lr", f"must be >= 0; got {self.min_lr}")
-        check(self.warmup_epochs >= 0, f"{prefix}.warmup_epochs", f"must be >= 0; got {self.warmup_epochs}")
-        check(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0; got {self.weight_decay}")
-        check(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", f"must lie in [0, 1); got {self.betas}")
-        check(self.lr_reference_batch > 0, f"{prefix}.lr_reference_batch", "must be positive")
-        check(
-            self.accumulate_grad_batches >= 1,
-            f"{prefix}.accumulate_grad_batches",
-            f"must be >= 1; got {self.accumulate_grad_batches}",
-        )
-
-
-@dataclass
-class TrainConfig:
-    """How the loop runs: length, hardware, precision, checkpoints and logs."""
-
-    epochs: int = 100
-    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
-    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
-    devices: int | Literal["auto"] = 1
-    num_nodes: int = 1
-    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = "auto"
-    checkpoint_every_epochs: int = 1
-    """Keep `epoch_NNNN.ckpt` every N epochs (0: only `last.ckpt`)."""
-    checkpoint_every_steps: int = 0
-    """Also refresh `last.ckpt` every N optimizer steps inside an epoch (0: only at epoch ends)."""
-    log_every_steps: int = 10
-    on_nonfinite: Literal["error", "skip"] = "error"
-    """A non-finite loss stops the run with a checkpoint of the last good state, or skips the step."""
-    compile: bool = False
-    progress_bar: bool = True
-    loggers: list[Literal["csv", "tensorboard", "wandb"]] = field(default_factory=lambda: ["csv", "tensorboard"])
-    knn_every_epochs: int = 0
-    """Online k-NN of `method.encoder()` every N epochs when the data has labels (0: never)."""
-    knn_limit: int | None = 10000
-    """Images per split used by the online k-NN (None: all)."""
-
-    def validate(self, prefix: str = "train") -> None:
-        check(self.epochs >= 1, f"{prefix}.epochs", f"must be >= 1; got {self.epochs}")
-        check(self.devices == "auto" or self.devices >= 1, f"{prefix}.devices", "must be >= 1 or auto")
-        check(self.num_nodes >= 1, f"{prefix}.num_nodes", f"must be >= 1; got {self.num_nodes}")
-        for name in ("checkpoint_every_epochs", "checkpoint_every_steps", "knn_every_epochs"):
-            check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
-        check(self.log_every_steps >= 1, f"{prefix}.log_every_steps", "must be >= 1")
-
-
-@dataclass
-class RunConfig:
-    """One pretraining run: a method recipe plus data, optimisation and loop settings."""
-
-    method: Any
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    seed: int = 0
-    output_dir: str = "runs/default"
-    resume: str | None = None
-    """null: fresh run (refuses a run folder that already has checkpoints); auto: continue if possible;
-    or the path of a checkpoint to continue from."""
-
-    def validate(self) -> None:
-        self.data.validate()
-        self.optim.validate()
-        self.train.validate()
-        if hasattr(self.method, "validate"):
-            self.method.validate()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -300,23 +163,6 @@ def to_dict(config: Any) -> Any:
 
 def dump_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
-
-
-def load_run_config(
-    path: str | Path | None, overrides: Sequence[str] = (), base: Mapping[str, Any] | None = None
-) -> RunConfig:
-    """Read a recipe (or start from `base`, e.g. a run's saved config), apply overrides, validate."""
-    from mimkit.methods import method_class  # the registry imports the methods, which import this module
-
-    data = read_yaml(path, overrides) if path is not None else apply_overrides(base or {}, overrides)
-    method_data = data.get("method")
-    if not isinstance(method_data, Mapping) or "name" not in method_data:
-        raise ConfigError("method.name: every recipe names its method, e.g. method.name=ibot")
-    method_cls = method_class(str(method_data["name"]))
-    config = from_dict(RunConfig, {**data, "method": None}, "")
-    config.method = from_dict(method_cls.Config, method_data, "method")
-    config.validate()
-    return config
 
 
 def _join(prefix: str, key: Any) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from mimkit.config import load_run_config
 from mimkit.data.info import DataError
 
 
@@ -31,6 +30,7 @@ def run_data_fetch(args: argparse.Namespace) -> int:
 
 def run_data_info(args: argparse.Namespace) -> int:
     from mimkit.data.sources import build_source, describe
+    from mimkit.runs import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
     for split in (cfg.data.split, cfg.data.eval_split):

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from mimkit.data.sources import ImageSource
     from mimkit.eval.features import Features
-    from mimkit.eval.run import LoadedRun
+    from mimkit.runs import LoadedRun
 
 DEFAULT_KS = (10, 20, 100, 200)
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
@@ -220,7 +220,7 @@ def run_knn(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from mimkit.eval.features import RawPixels
-    from mimkit.eval.run import load_run
+    from mimkit.runs import load_run
 
     run = load_run(args.run_path, args.overrides)
     splits = _labelled_splits(run, args, "k-NN")
@@ -260,7 +260,7 @@ def run_linear(args: argparse.Namespace) -> int:
     from mimkit.config import ConfigError
     from mimkit.eval.features import RawPixels
     from mimkit.eval.linear import train_linear_probes
-    from mimkit.eval.run import load_run
+    from mimkit.runs import load_run
 
     if not 0 <= args.val_fraction < 1:
         raise ConfigError(f"--val-fraction: must lie in [0, 1); got {args.val_fraction}")
@@ -332,18 +332,14 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     from rich.console import Console
     from safetensors.torch import save_file
-    from timm.models.vision_transformer import VisionTransformer
 
-    from mimkit.config import ConfigError
     from mimkit.eval.features import encoder_image_size
     from mimkit.eval.finetune import FinetuneConfig, finetune
-    from mimkit.eval.run import load_run
+    from mimkit.runs import load_run
 
     run = load_run(args.run_path, args.overrides, random_init=args.random_init)
     encoder = run.encoder()
-    vit = getattr(encoder, "vit", None)
-    if not isinstance(vit, VisionTransformer):
-        raise ConfigError(f"fine-tuning needs an encoder with a timm ViT at .vit; {run.cfg.method.name} has none")
+    model = encoder.timm_model()
     cfg = FinetuneConfig(
         epochs=args.epochs,
         lr=args.lr,
@@ -373,7 +369,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             f"top-5 {100 * row['top5']:.2f}%"
         )
 
-    result = finetune(vit, train_source, eval_source, size, cfg, device, report)
+    result = finetune(model, encoder.block_types, train_source, eval_source, size, cfg, device, report)
     best = result.best
     console.print(
         f"final top-1 {100 * result.top1:.2f}%, top-5 {100 * result.top5:.2f}% "
@@ -381,7 +377,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     )
     weights = run.run_dir / "eval" / f"finetune{_suffix(_label(run))}.safetensors"
     weights.parent.mkdir(parents=True, exist_ok=True)
-    save_file({name: t.detach().contiguous().cpu() for name, t in vit.state_dict().items()}, str(weights))
+    save_file({name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}, str(weights))
     _save(
         run,
         "finetune.json",

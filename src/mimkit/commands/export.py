@@ -24,11 +24,15 @@ def add(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--network",
         default="encoder",
-        metavar="{encoder,student,teacher}",
-        help="which network: the method's encoder (iBOT: the EMA teacher), or its student or teacher by name",
+        metavar="NETWORK",
+        help="which network: the method's encoder (iBOT: the EMA teacher; the default), or an encoder by its role "
+        "in the method (student, teacher, ...)",
     )
     p.add_argument(
-        "--image-size", type=int, metavar="N", help="input size of the export (resamples the positional embeddings)"
+        "--image-size",
+        type=int,
+        metavar="N",
+        help="input size of the export (a ViT resamples its positional embeddings)",
     )
     p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/export/<format>)")
     p.set_defaults(run=run_export)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mimkit.config import ConfigError, describe_fields, dump_yaml, load_run_config, read_yaml
+from mimkit.config import ConfigError, describe_fields, dump_yaml, read_yaml
 
 EPILOG = """examples:
   mimkit pretrain -c configs/ibot/vit_tiny_fmnist.yaml
@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and "=" in args.resume:  # `--resume key=value`: a bare --resume followed by an override
         args.overrides.append(args.resume)
         args.resume = ""
+    from mimkit.runs import load_run_config  # imports torch: only once the command runs
+
     overrides = pretrain_overrides(args)
     if args.config:
         cfg = load_run_config(args.config, overrides)
@@ -80,14 +82,15 @@ def run(args: argparse.Namespace) -> int:
         print(dump_yaml(cfg), end="")
         return 0
     from mimkit.engine.train import pretrain  # heavy imports only when training
+    from mimkit.eval.online import online_knn
 
-    pretrain(cfg)
+    pretrain(cfg, online_knn(cfg))
     return 0
 
 
 def print_fields(method_name: str) -> int:
-    from mimkit.config import RunConfig
     from mimkit.methods import method_class
+    from mimkit.runs import RunConfig
 
     method_cls = method_class(method_name)
     rows = list(describe_fields(method_cls.Config, "method"))

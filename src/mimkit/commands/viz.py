@@ -12,8 +12,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from mimkit.data.sources import Subset
-    from mimkit.eval.run import LoadedRun
-    from mimkit.models.vit import MaskableViT
+    from mimkit.models.encoder import Encoder
+    from mimkit.runs import LoadedRun
 
 FIGURES = ("attention", "masks", "pca", "embedding", "curves", "report")
 """What `--what` can name, in the order they are made (the report last: it shows the figures made before)."""
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.images < 1 or args.points < 1 or not 0 < args.threshold <= 1 or not 0 <= args.smooth < 1:
         raise ConfigError("viz: needs --images >= 1, --points >= 1, 0 < --threshold <= 1 and 0 <= --smooth < 1")
-    from mimkit.eval.run import load_run
+    from mimkit.runs import load_run
 
     loaded = load_run(args.run_path, args.overrides)
     out = Path(args.out) if args.out else loaded.run_dir / "report"
@@ -90,19 +90,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _encoder_and_images(loaded: LoadedRun, args: argparse.Namespace) -> tuple[MaskableViT, torch.Tensor]:
-    """The run's encoder (a MaskableViT) and `--images` evenly spaced images of the split through EvalView."""
+def _encoder_and_images(loaded: LoadedRun, args: argparse.Namespace) -> tuple[Encoder, torch.Tensor]:
+    """The run's encoder and `--images` evenly spaced images of the split through EvalView."""
     import torch
 
-    from mimkit.config import ConfigError
     from mimkit.data.views import EvalView
-    from mimkit.models.vit import MaskableViT
 
     encoder = loaded.encoder()
-    if not isinstance(encoder, MaskableViT):
-        raise ConfigError(
-            f"viz: attention and PCA need a ViT encoder; {loaded.cfg.method.name} gives a {type(encoder).__name__}"
-        )
     images = [view for view, _, _ in _samples(loaded, args, EvalView(loaded.method.data, encoder.image_size))]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return encoder.to(device).eval(), torch.stack(images).to(device)
@@ -133,9 +127,12 @@ def _samples(
     return samples
 
 
-def _attention(loaded: LoadedRun, args: argparse.Namespace) -> Figure:
+def _attention(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:
     from mimkit.viz.attention import attention_figure, attention_maps
 
+    if not loaded.encoder().has_attention:
+        print(f"attention: {loaded.encoder().describe()} has no attention maps; skipped")
+        return None
     encoder, images = _encoder_and_images(loaded, args)
     info = loaded.method.data
     return attention_figure(images, attention_maps(encoder, images, args.threshold), info.mean, info.std)
@@ -170,14 +167,16 @@ def _embedding(loaded: LoadedRun, args: argparse.Namespace) -> Figure:
 def _masks(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:
     import torch
 
-    from mimkit.viz.masks import mask_overlay_figure, masked_crops
+    from mimkit.viz.masks import mask_overlay_figure
 
-    pairs = [masked_crops(views) for views, _, _ in _samples(loaded, args, loaded.method.views())]
-    if not pairs[0][0]:
+    transform = loaded.method.views()
+    contents = [transform.contents(views) for views, _, _ in _samples(loaded, args, transform)]
+    masked = [[(c, m) for c, m in zip(v.crops, v.masks, strict=True) if m is not None] for v in contents]
+    if not masked[0]:
         print(f"masks: the views of {loaded.cfg.method.name} carry no patch masks; skipped")
         return None
-    crops = torch.stack([torch.stack(c) for c, _ in pairs])
-    masks = torch.stack([torch.stack(m) for _, m in pairs])
+    crops = torch.stack([torch.stack([c for c, _ in pairs]) for pairs in masked])
+    masks = torch.stack([torch.stack([m for _, m in pairs]) for pairs in masked])
     return mask_overlay_figure(crops, masks, loaded.method.data.mean, loaded.method.data.std)
 
 

@@ -49,6 +49,11 @@ class MaskConfig:
     start_epoch: int = 0
     """Crops are not masked before this epoch."""
 
+    @property
+    def masks_patches(self) -> bool:
+        """False when every ratio is 0: no crop is ever masked (the network needs no mask token)."""
+        return any(mean + var > 0 for mean, var in self.ratios)
+
     def validate(self, prefix: str = "method.mask") -> None:
         check(len(self.ratios) > 0, f"{prefix}.ratios", "needs at least one (mean, var) pair, e.g. [[0.3, 0.2]]")
         for i, (mean, var) in enumerate(self.ratios):

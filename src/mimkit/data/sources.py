@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mimkit.config import DataConfig
 from mimkit.data import fashion_mnist
+from mimkit.data.config import DataConfig
 from mimkit.data.info import DataError, DataInfo, UnreadableImage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")

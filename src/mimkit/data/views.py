@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torchvision.transforms import v2
@@ -18,6 +18,26 @@ from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskGenerator
 
 BICUBIC = v2.InterpolationMode.BICUBIC
+
+
+@dataclass
+class ViewContents:
+    """What one image's views carry, so figures can show any method's inputs without knowing the method."""
+
+    crops: list[torch.Tensor]
+    """Every crop a network sees, (C, H, W), normalised."""
+    masks: list[torch.Tensor | None]
+    """Per crop, its patch mask on the encoder's token grid (True = masked), or None when it is not masked."""
+
+
+class Views(Protocol):
+    """A method's view transform: one image (C, H, W uint8) and the epoch -> the views its training_step reads."""
+
+    def __call__(self, image: torch.Tensor, epoch: int) -> Any: ...
+
+    def contents(self, views: Any) -> ViewContents:
+        """The crops and masks inside what `__call__` returned for one image."""
+        ...
 
 
 @dataclass
@@ -76,22 +96,27 @@ def _crop_pipeline(
 class MultiCropViews:
     """Two masked global crops and `num_local` local crops of one image (iBOT's data pipeline)."""
 
-    def __init__(self, cfg: MultiCropConfig, data: DataInfo, patch_size: int, masks: MaskGenerator) -> None:
+    def __init__(self, cfg: MultiCropConfig, data: DataInfo, grid: tuple[int, int], masks: MaskGenerator) -> None:
         self.global_views = [
             _crop_pipeline(cfg, data, cfg.global_size, cfg.global_scale, cfg.blur_p[0], 0.0),
             _crop_pipeline(cfg, data, cfg.global_size, cfg.global_scale, cfg.blur_p[1], cfg.solarize_p),
         ]
         self.local_view = _crop_pipeline(cfg, data, cfg.local_size, cfg.local_scale, cfg.blur_p[2], 0.0)
         self.num_local = cfg.num_local
-        self.grid = cfg.global_size // patch_size
+        self.grid = grid
+        """The encoder's token grid of a global crop: masks are drawn on it."""
         self.masks = masks
 
     def __call__(self, image: torch.Tensor, epoch: int) -> dict[str, list[torch.Tensor]]:
         return {
             "global": [view(image) for view in self.global_views],
-            "masks": [self.masks(self.grid, self.grid, epoch) for _ in self.global_views],
+            "masks": [self.masks(*self.grid, epoch) for _ in self.global_views],
             "local": [self.local_view(image) for _ in range(self.num_local)],
         }
+
+    def contents(self, views: dict[str, list[torch.Tensor]]) -> ViewContents:
+        local = views["local"]
+        return ViewContents([*views["global"], *local], [*views["masks"], *[None] * len(local)])
 
 
 @dataclass
@@ -113,7 +138,7 @@ class MaskedViewConfig:
 class MaskedView:
     """`{"image": crop, "mask": (h, w) bool}` for one image."""
 
-    def __init__(self, cfg: MaskedViewConfig, data: DataInfo, patch_size: int, masks: MaskGenerator) -> None:
+    def __init__(self, cfg: MaskedViewConfig, data: DataInfo, grid: tuple[int, int], masks: MaskGenerator) -> None:
         self.pipeline = v2.Compose(
             [
                 v2.RandomResizedCrop(cfg.size, scale=cfg.scale, interpolation=BICUBIC, antialias=True),
@@ -122,11 +147,14 @@ class MaskedView:
                 v2.Normalize(data.mean, data.std),
             ]
         )
-        self.grid = cfg.size // patch_size
+        self.grid = grid
         self.masks = masks
 
     def __call__(self, image: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
-        return {"image": self.pipeline(image), "mask": self.masks(self.grid, self.grid, epoch)}
+        return {"image": self.pipeline(image), "mask": self.masks(*self.grid, epoch)}
+
+    def contents(self, views: dict[str, torch.Tensor]) -> ViewContents:
+        return ViewContents([views["image"]], [views["mask"]])
 
 
 class EvalView:

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-CHECKPOINT_DIR = "checkpoints"
-LAST = "last.ckpt"
+from mimkit.methods.saved import CHECKPOINT_DIR, LAST
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -127,19 +126,3 @@ def all_rng_states() -> list[dict[str, Any]]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, own)
     return gathered
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a mimkit checkpoint file on the CPU for evaluation, export or inspection."""
-    file = Path(path)
-    if not file.exists():
-        raise FileNotFoundError(f"checkpoint {file} does not exist")
-    if file.is_dir():
-        raise ValueError(
-            f"{file} is a sharded (FSDP) checkpoint folder; consolidate it first "
-            "(lightning.fabric.utilities.consolidate_checkpoint)"
-        )
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and torch errors all mean the same: unusable file
-        raise ValueError(f"{file} is not a readable mimkit checkpoint ({type(error).__name__}: {error})") from None

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from mimkit.engine.clipping import clip
-from mimkit.engine.schedules import CosineSchedule, scaled_lr
+from mimkit.schedules import CosineSchedule, scaled_lr
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
 
-    from mimkit.config import OptimConfig
+    from mimkit.engine.config import OptimConfig
     from mimkit.methods.base import Method, Progress
 
 

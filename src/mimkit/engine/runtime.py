@@ -12,10 +12,11 @@ import torch
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import Logger, TensorBoardLogger
 
-from mimkit.config import ConfigError, TrainConfig
+from mimkit.config import ConfigError
 from mimkit.engine.checkpoint import package_versions
+from mimkit.engine.config import TrainConfig
 from mimkit.engine.logs import MetricsCSV
-from mimkit.models.vit import MaskableViT
+from mimkit.models.encoder import block_types_of, encoders_of
 
 if TYPE_CHECKING:
     from mimkit.methods.base import Method
@@ -44,23 +45,35 @@ def setup_for_training(
     fabric: Fabric, method: Method, optimizer: torch.optim.Optimizer, compile_backbones: bool
 ) -> tuple[Any, Any]:
     """The Fabric-wrapped method (call `training_step` through it) and optimizer; backbones compiled on request."""
+    policy = getattr(fabric.strategy, "_fsdp_kwargs", {}).get("auto_wrap_policy")
+    if isinstance(policy, EncoderBlocks):
+        policy.types = block_types_of(method)  # before setup: FSDP wraps while it sets the method up
     module, optimizer = fabric.setup(method, optimizer)
     module.mark_forward_method("training_step")
     if compile_backbones:
-        for network in method.modules():
-            if isinstance(network, MaskableViT):
-                network.compile()
+        for encoder in encoders_of(method):
+            encoder.compile()
     return module, optimizer
+
+
+class EncoderBlocks:
+    """FSDP auto-wrap policy: one unit per block of the method's encoders (their `block_types`), whatever the
+    family. Fabric is made before the method exists, so `setup_for_training` fills in the types."""
+
+    def __init__(self) -> None:
+        self.types: tuple[type[torch.nn.Module], ...] = ()
+
+    def __call__(self, module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        return recurse or isinstance(module, self.types)
 
 
 def _strategy(name: str) -> Any:
     if name != "fsdp":
         return name
     from lightning.fabric.strategies import FSDPStrategy
-    from timm.models.vision_transformer import Block
 
-    # Shard per transformer block; full state dicts keep checkpoints single files that eval/export can read.
-    return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", use_orig_params=True)
+    # Shard per encoder block; full state dicts keep checkpoints single files that eval/export can read.
+    return FSDPStrategy(auto_wrap_policy=EncoderBlocks(), state_dict_type="full", use_orig_params=True)
 
 
 def _loggers(cfg: TrainConfig, run_dir: Path) -> list[Logger]:

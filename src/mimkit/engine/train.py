@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
-import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import yaml
 from lightning.fabric import Fabric
 
-from mimkit.config import ConfigError, RunConfig, dump_yaml
+from mimkit.config import ConfigError, dump_yaml
 from mimkit.data.loader import ViewDataset, train_loader
 from mimkit.data.sources import build_source, describe
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.logs import MetricsCSV, ProgressDisplay, log, setup_logging
-from mimkit.engine.optim import Hyperparameters, build_optimizer, optimizer_step
+from mimkit.engine.optim import Hyperparameters, build_optimizer
 from mimkit.engine.runtime import environment, make_fabric, setup_for_training
-from mimkit.eval.online import OnlineKNN
-from mimkit.methods.base import Method, Progress, method_class
+from mimkit.engine.step import train_step
+from mimkit.methods.base import Method, method_class
+from mimkit.runs import RunConfig
+from mimkit.schedules import Progress
+
+
+class EpochCallback(Protocol):
+    """Called on every rank when an epoch ends (online evaluation, say); returns values for that epoch's log row."""
+
+    def __call__(self, method: Method, epoch: int, fabric: Fabric) -> dict[str, float]: ...
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,8 +67,11 @@ def resolve_resume(cfg: RunConfig) -> Path | None:
     return path
 
 
-def pretrain(cfg: RunConfig) -> Path:
-    """Train `cfg.method` on `cfg.data`; returns the run folder (checkpoints, metrics.csv, logs, config)."""
+def pretrain(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> Path:
+    """Train `cfg.method` on `cfg.data`; returns the run folder (checkpoints, metrics.csv, logs, config).
+
+    `callbacks` run at the end of every epoch, before its checkpoint (`mimkit pretrain` passes the online k-NN).
+    """
     resume_path = resolve_resume(cfg)
     run_dir = Path(cfg.output_dir)
     fabric = make_fabric(cfg.train, run_dir)
@@ -69,14 +80,17 @@ def pretrain(cfg: RunConfig) -> Path:
     if fabric.global_rank == 0:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
         (run_dir / "environment.yaml").write_text(yaml.safe_dump(environment(fabric), sort_keys=False))
-    return Trainer(cfg, fabric, resume_path).fit()
+    return Trainer(cfg, fabric, resume_path, callbacks).fit()
 
 
 class Trainer:
     """One run: builds data, method and optimizer, restores a checkpoint, then loops over epochs."""
 
-    def __init__(self, cfg: RunConfig, fabric: Fabric, resume_path: Path | None) -> None:
+    def __init__(
+        self, cfg: RunConfig, fabric: Fabric, resume_path: Path | None, callbacks: Sequence[EpochCallback] = ()
+    ) -> None:
         self.cfg, self.fabric, self.run_dir = cfg, fabric, Path(cfg.output_dir)
+        self.callbacks = list(callbacks)
         fabric.seed_everything(cfg.seed, verbose=False)  # identical initial weights on every rank
         with fabric.rank_zero_first():
             source = build_source(cfg.data)
@@ -121,10 +135,6 @@ class Trainer:
             if isinstance(logger, MetricsCSV):
                 logger.start_at(self.position.step if resume_path is not None else None)
         self.method.on_train_start()
-        every = cfg.train.knn_every_epochs
-        self.online_knn = OnlineKNN(cfg.data, cfg.train.knn_limit) if every and source.info.num_classes else None
-        if every and self.online_knn is None:
-            log.warning("train.knn_every_epochs is set but %s has no labels: no online k-NN", source.info.name)
 
     # ------------------------------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -151,34 +161,27 @@ class Trainer:
     def _epoch(self, display: ProgressDisplay) -> None:
         pos, fabric = self.position, self.fabric
         self.sampler.set_position(pos.epoch, start=pos.batch_in_epoch * self.cfg.data.batch_size)
-        losses: list[torch.Tensor] = []
-        metrics: dict[str, Any] = {}
         window_start, window_images = time.perf_counter(), 0
         batches = iter(self.loader)
         while pos.batch_in_epoch < self.steps_per_epoch * self.accumulate:
             progress = Progress(pos.epoch, pos.step, self.steps_per_epoch, self.cfg.train.epochs)
-            self.hyperparameters.apply(self.optimizer, progress)
-            for micro in range(self.accumulate):
+            micro_batches = []
+            for _ in range(self.accumulate):
                 batch = fabric.to_device(next(batches))
                 pos.batch_in_epoch += 1
                 for where in batch["skipped"]:
                     pos.skipped_images += 1
                     log.warning("skipped unreadable image %s", where)
-                if batch["views"] is None:
-                    continue
-                window_images += len(batch["label"]) * fabric.world_size
-                sync = micro == self.accumulate - 1 or fabric.world_size == 1
-                with fabric.no_backward_sync(self.module, enabled=not sync), fabric.autocast():
-                    out = self.module.training_step(batch, progress)
-                fabric.backward(out.loss / self.accumulate)
-                losses.append(out.loss.detach())
-                metrics = out.metrics
-            step_loss = torch.stack(losses).mean() if losses else torch.tensor(math.nan)
-            losses.clear()
-            if not self._finite(step_loss):
+                if batch["views"] is not None:
+                    window_images += len(batch["label"]) * fabric.world_size
+                micro_batches.append(batch)
+            result = train_step(
+                fabric, self.module, self.method, self.optimizer, self.hyperparameters, micro_batches, progress
+            )
+            step_loss, metrics, norms = result.loss, result.metrics, result.norms
+            if norms is None:
                 self._on_nonfinite(step_loss, progress)
                 continue
-            norms = optimizer_step(fabric, self.method, self.optimizer, progress)
             pos.step += 1
             elapsed = time.perf_counter() - window_start
             images_per_second = window_images / max(elapsed, 1e-9)
@@ -202,10 +205,8 @@ class Trainer:
         finished = pos.epoch
         pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
         row = {"epoch": finished, "skipped_images": pos.skipped_images, "skipped_steps": pos.skipped_steps}
-        if self.online_knn is not None and (finished + 1) % cfg.train.knn_every_epochs == 0:
-            with self.fabric.autocast():
-                row["knn_top1"] = self.online_knn(self.method.encoder(), self.fabric.device, self.fabric.global_rank)
-            log.info("epoch %d: online k-NN top-1 %.2f%%", finished, 100 * row["knn_top1"])
+        for callback in self.callbacks:
+            row |= callback(self.method, finished, self.fabric)
         self.fabric.log_dict(row, step=pos.step)
         self.save(ckpt.last_path(self.run_dir))
         every = cfg.train.checkpoint_every_epochs
@@ -215,12 +216,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     def _current_lr(self) -> float:
         return max(g["lr"] for g in self.optimizer.param_groups)
-
-    def _finite(self, loss: torch.Tensor) -> bool:
-        flag = torch.isfinite(loss).float()
-        if self.fabric.world_size > 1:
-            flag = self.fabric.all_reduce(flag, reduce_op="min")
-        return bool(flag.item())
 
     def _on_nonfinite(self, loss: torch.Tensor, progress: Progress) -> None:
         self.optimizer.zero_grad(set_to_none=True)

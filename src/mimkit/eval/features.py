@@ -1,8 +1,8 @@
 """Features of an encoder over a dataset: [CLS], average-pooled patches, or both, for k-NN and linear probes.
 
-Any `Method.encoder()` works: it maps images (B, C, H, W) to tokens (B, prefix + N, D) and says how many
-prefix tokens it has (`num_prefix_tokens`, 1 for a ViT's [CLS]; 0 for encoders without one, whose
-[CLS] feature is then the patch average).
+Any encoder of the contract (`mimkit.models.encoder.Encoder`) works: it maps images (B, C, H, W) to tokens
+(B, prefix + N, D), says how many prefix tokens it has, and gives its image-level feature (`pooled`: a ViT's
+[CLS], a CNN's pooled map), which is the "cls" feature here.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from typing import Literal
 
 import torch
 from rich.progress import track
-from torch import nn
 
 from mimkit.data.info import DataError
 from mimkit.data.loader import ViewDataset, eval_loader
 from mimkit.data.sources import ImageSource
 from mimkit.data.views import EvalView
 from mimkit.distributed import all_gather_cat, world_size
+from mimkit.models.encoder import Encoder
 
 Pooling = Literal["cls", "avg", "cls+avg"]
 
@@ -31,33 +31,40 @@ class Features:
     """(N,) int64, -1 where unknown."""
 
 
-class RawPixels(nn.Module):
-    """The identity "encoder": the normalised pixels as one patch token (the raw-pixel k-NN baseline).
+class RawPixels(Encoder):
+    """The identity "encoder": the normalised pixels as one token (the raw-pixel baseline).
 
-    No prefix token, so every pooling ([CLS] falls back to the patch mean) yields the pixels themselves.
+    One token and no prefix, so every pooling yields the pixels themselves.
     """
 
     num_prefix_tokens = 0
+    image_size = 0
+    """No training resolution: features are taken at the data's own size."""
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return images.flatten(1).unsqueeze(1)
 
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, 0]
 
-def encoder_image_size(encoder: nn.Module, source: ImageSource) -> int:
+
+def encoder_image_size(encoder: Encoder, source: ImageSource) -> int:
     """The encoder's training resolution; the data's own size for encoders without one (raw pixels)."""
-    return getattr(encoder, "image_size", None) or (source.info.image_size or (224, 224))[0]
+    return encoder.image_size or (source.info.image_size or (224, 224))[0]
 
 
-def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, pooling: Pooling) -> torch.Tensor:
-    """[CLS] (first token), the mean of the patch tokens, or both concatenated."""
-    patches = tokens[:, num_prefix_tokens:].mean(1)
-    cls = tokens[:, 0] if num_prefix_tokens > 0 else patches
-    return {"cls": cls, "avg": patches, "cls+avg": torch.cat([cls, patches], dim=-1)}[pooling]
+def pool_tokens(tokens: torch.Tensor, encoder: Encoder, pooling: Pooling) -> torch.Tensor:
+    """The encoder's image feature ("cls"), the mean of its patch tokens ("avg"), or both concatenated."""
+    patches = tokens[:, encoder.num_prefix_tokens :].mean(1)
+    if pooling == "avg":
+        return patches
+    cls = encoder.pooled(tokens)
+    return cls if pooling == "cls" else torch.cat([cls, patches], dim=-1)
 
 
 @torch.no_grad()
 def extract_features(
-    encoder: nn.Module,
+    encoder: Encoder,
     source: ImageSource,
     image_size: int,
     pooling: Pooling = "cls",
@@ -75,14 +82,13 @@ def extract_features(
     encoder.eval()
     dataset = ViewDataset(source, EvalView(source.info, image_size), seed=0)
     loader = eval_loader(dataset, batch_size=batch_size, num_workers=num_workers, num_replicas=world_size(), rank=rank)
-    prefix = getattr(encoder, "num_prefix_tokens", 1)
     features, labels, indices = [], [], []
     batches = track(loader, description=description, transient=True) if description else loader
     for batch in batches:
         if batch["views"] is None:
             continue
         tokens = encoder(batch["views"].to(device, non_blocking=True))
-        features.append(pool_tokens(tokens, prefix, pooling).float())
+        features.append(pool_tokens(tokens, encoder, pooling).float())
         labels.append(batch["label"].to(device))
         indices.append(batch["index"].to(device))
     encoder.train(was_training)

@@ -1,10 +1,11 @@
-"""Full fine-tuning of a pretrained timm ViT for classification (the BEiT/MAE/iBOT recipe, scaled down).
+"""Full fine-tuning of an encoder's timm model for classification (the BEiT/MAE/iBOT recipe, scaled down).
 
-The encoder's timm ViT gets a fresh linear head and trains end to end with AdamW; layer-wise lr decay (block i
-of L, 0-based, gets lr x decay^(L - i), the embeddings lr x decay^(L + 1), the head the full lr: early layers
-hold the generic features pretraining built and should move least); stochastic depth rising linearly to
-`drop_path` in the last block; mixup/cutmix with label smoothing; a per-iteration warm-up + cosine lr; top-1 and
-top-5 on the eval split after each epoch.
+The encoder's plain timm model (ViT, BEiT or CNN) gets a fresh linear head and trains end to end with AdamW;
+layer-wise lr decay where timm groups the model's layers (block i of L, 0-based, gets lr x decay^(L - i), the
+embeddings lr x decay^(L + 1), the head the full lr: early layers hold the generic features pretraining built
+and should move least); stochastic depth rising linearly to `drop_path` in the last of the encoder's blocks;
+mixup/cutmix with label smoothing; a per-iteration warm-up + cosine lr; top-1 and top-5 on the eval split after
+each epoch.
 
 A plain loop on one device (the first GPU, else the CPU), bf16 autocast on CUDA: fine-tuning evaluates a
 backbone; it is not a training product, so it skips the engine's distribution, resume and logging.
@@ -22,7 +23,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from timm.data import Mixup
 from timm.layers import DropPath
 from timm.loss import SoftTargetCrossEntropy
-from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.utils.data import DataLoader
@@ -33,8 +33,8 @@ from mimkit.data.info import DataInfo
 from mimkit.data.loader import ViewDataset, eval_loader, train_loader
 from mimkit.data.sources import ImageSource
 from mimkit.data.views import BICUBIC, EvalView
-from mimkit.engine.schedules import CosineSchedule
-from mimkit.methods.base import Progress as TrainingProgress
+from mimkit.schedules import CosineSchedule
+from mimkit.schedules import Progress as TrainingProgress
 
 
 @dataclass
@@ -121,24 +121,27 @@ class TrainView:
         return self.pipeline(image)
 
 
-def set_drop_path(vit: VisionTransformer, rate: float) -> None:
+def set_drop_path(model: nn.Module, rate: float, block_types: tuple[type[nn.Module], ...]) -> None:
     """Stochastic depth rising linearly from 0 in the first block to `rate` in the last (timm's own rule)."""
-    depth = len(vit.blocks)
-    for i, block in enumerate(vit.blocks):
+    blocks = [module for module in model.modules() if isinstance(module, block_types)]
+    depth = len(blocks)
+    for i, block in enumerate(blocks):
         block_rate = rate * i / max(depth - 1, 1)
         for name in ("drop_path", "drop_path1", "drop_path2"):
             if hasattr(block, name):
                 setattr(block, name, DropPath(block_rate) if block_rate > 0 else nn.Identity())
 
 
-def layer_decay_optimizer(vit: VisionTransformer, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+def layer_decay_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     """AdamW with one group per (layer, decayed or not); each group's `lr_scale` multiplies the scheduled lr.
 
-    timm's grouping: patch/position embeddings and [CLS] form layer 0, block i (0-based) layer i + 1 (the
-    final norm joins the last block), the head the top layer (scale 1). 1-D parameters (biases, norms), the
-    position embedding and [CLS] get no weight decay.
+    timm's grouping (its `group_matcher`), for a ViT: patch/position embeddings and [CLS] form layer 0, block i
+    (0-based) layer i + 1 (the final norm joins the last block), the head the top layer (scale 1). 1-D parameters
+    (biases, norms), the position embedding and [CLS] get no weight decay. A model timm cannot group by layer
+    gets plain decayed / undecayed groups.
     """
-    return create_optimizer_v2(vit, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
+    decay = cfg.layer_decay if hasattr(model, "group_matcher") else None
+    return create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=decay)
 
 
 @torch.no_grad()
@@ -160,7 +163,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tupl
 
 
 def finetune(
-    vit: VisionTransformer,
+    model: nn.Module,
+    block_types: tuple[type[nn.Module], ...],
     train_source: ImageSource,
     eval_source: ImageSource,
     image_size: int,
@@ -168,7 +172,8 @@ def finetune(
     device: torch.device,
     report: Callable[[dict[str, float]], None] = lambda row: None,
 ) -> FinetuneResult:
-    """Fine-tune `vit` in place (a fresh head for the sources' classes) and evaluate it after every epoch.
+    """Fine-tune the timm `model` in place (a fresh head for the sources' classes; stochastic depth over its
+    blocks of `block_types`) and evaluate it after every epoch.
 
     `report` receives each epoch's row ({"epoch", "loss", "top1", "top5"}) as soon as it exists.
     """
@@ -178,11 +183,11 @@ def finetune(
         raise ConfigError(f"fine-tuning needs labelled data; {train_source.info.name} has no labels")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)  # timm's Mixup draws from numpy's global generator
-    vit.reset_classifier(num_classes)
-    set_drop_path(vit, cfg.drop_path)
-    vit.requires_grad_(True)  # EMA teachers come frozen
-    vit.to(device)
-    optimizer = layer_decay_optimizer(vit, cfg)
+    model.reset_classifier(num_classes)
+    set_drop_path(model, cfg.drop_path, block_types)
+    model.requires_grad_(True)  # EMA teachers come frozen
+    model.to(device)
+    optimizer = layer_decay_optimizer(model, cfg)
 
     train_data = ViewDataset(train_source, TrainView(train_source.info, image_size, cfg.crop_scale), seed=cfg.seed)
     loader = train_loader(train_data, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed)
@@ -202,7 +207,7 @@ def finetune(
     with Progress(*columns, TextColumn("loss {task.fields[loss]:.4f}"), transient=True) as bar:
         task = bar.add_task("fine-tuning", total=steps_per_epoch * cfg.epochs, loss=math.nan)
         for epoch in range(cfg.epochs):
-            vit.train()
+            model.train()
             loader.sampler.set_position(epoch)
             losses = []
             bar.update(task, description=f"fine-tuning epoch {epoch + 1}/{cfg.epochs}")
@@ -217,13 +222,13 @@ def finetune(
                 if mixup:
                     images, targets = mixup(images, targets)
                 with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                    loss = criterion(vit(images), targets)
+                    loss = criterion(model(images), targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.item())
                 bar.update(task, loss=losses[-1])
-            top1, top5 = evaluate(vit, test_loader, device)
+            top1, top5 = evaluate(model, test_loader, device)
             row = {"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "top1": top1, "top5": top5}
             result.history.append(row)
             report(row)

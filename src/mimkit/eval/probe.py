@@ -2,8 +2,7 @@
 
 DINO and iBOT probe small ViTs on the [CLS] token of each of the last 4 blocks, each passed through the final
 norm, concatenated: intermediate blocks carry information that the last block's [CLS] no longer separates
-linearly. `LastBlocksCLS` reads them with forward hooks on the timm blocks, so the encoder's own forward (mask
-token, positional embedding, prefix tokens) runs unchanged.
+linearly. Encoders give them through the contract (`Encoder.block_features`); CNNs have none and say so.
 """
 
 from __future__ import annotations
@@ -13,54 +12,37 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
-from torch import nn
 
-from mimkit.config import ConfigError
 from mimkit.data.sources import ImageSource
 from mimkit.eval.features import Features, Pooling, extract_features
+from mimkit.models.encoder import Encoder
 
 Variant = Pooling | Literal["last4"]
 VARIANTS: tuple[Variant, ...] = ("cls", "avg", "cls+avg", "last4")
 
 
-class LastBlocksCLS(nn.Module):
-    """Wraps an encoder with a timm ViT at `.vit`: [CLS] after each of its last `blocks` blocks, final-normed.
+class LastBlocksCLS(Encoder):
+    """An encoder's image feature after each of its last `blocks` blocks, concatenated as one token
+    (B, 1, blocks * D), so `extract_features(..., "cls")` takes them; the encoder's forward runs unchanged."""
 
-    Returns them concatenated as a single token (B, 1, blocks * D), so `extract_features(..., "cls")` takes them.
-    """
+    num_prefix_tokens = 0
 
-    num_prefix_tokens = 1
-
-    def __init__(self, encoder: nn.Module, blocks: int = 4) -> None:
+    def __init__(self, encoder: Encoder, blocks: int = 4) -> None:
         super().__init__()
-        vit = getattr(encoder, "vit", None)
-        if not isinstance(vit, VisionTransformer):
-            raise ConfigError(f"last-blocks features need an encoder with a timm ViT at .vit; got {type(encoder)}")
-        if vit.cls_token is None:
-            raise ConfigError("last-blocks [CLS] features need a ViT with a [CLS] token")
-        if len(vit.blocks) < blocks:
-            raise ConfigError(f"last-{blocks} features need at least {blocks} blocks; this ViT has {len(vit.blocks)}")
+        encoder.check_block_features(blocks)
         self.encoder = encoder
         self.blocks = blocks
+        self.image_size = encoder.image_size
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        vit = self.encoder.vit
-        captured: list[torch.Tensor] = []
-        hooks = [
-            block.register_forward_hook(lambda _module, _inputs, output: captured.append(output[:, 0]))
-            for block in vit.blocks[-self.blocks :]
-        ]
-        try:
-            self.encoder(images)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return torch.cat([vit.norm(cls) for cls in captured], dim=-1).unsqueeze(1)
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encoder.block_features(images, self.blocks).unsqueeze(1)
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, 0]
 
 
 def probe_features(
-    encoder: nn.Module,
+    encoder: Encoder,
     source: ImageSource,
     image_size: int,
     variant: Variant,

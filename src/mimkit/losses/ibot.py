@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimkit.distributed import all_reduce_mean
-from mimkit.engine.schedules import EpochWarmup
-from mimkit.methods.morphing import TokenGrouping
+from mimkit.morphing import TokenGrouping
+from mimkit.schedules import EpochWarmup
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:

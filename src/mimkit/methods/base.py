@@ -8,8 +8,10 @@ Everything generic (devices, precision, schedules, clipping, checkpoints, logs) 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -17,25 +19,9 @@ from torch import nn
 
 from mimkit.config import ConfigError, check
 from mimkit.data.info import DataInfo
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Where training stands; every schedule (lr, wd, momentum, temperatures) is a function of it."""
-
-    epoch: int
-    step: int
-    """Optimizer steps completed before this one (0-based index of the current step)."""
-    steps_per_epoch: int
-    epochs: int
-
-    @property
-    def total_steps(self) -> int:
-        return self.steps_per_epoch * self.epochs
-
-    @property
-    def fraction(self) -> float:
-        return self.step / max(self.total_steps, 1)
+from mimkit.data.views import Views
+from mimkit.models.encoder import Encoder
+from mimkit.schedules import Progress
 
 
 @dataclass
@@ -82,10 +68,6 @@ class MethodConfig:
         )
 
 
-ViewTransform = Callable[[torch.Tensor, int], Any]
-"""One image (C, H, W uint8) and the epoch -> whatever the method's training_step reads for that image."""
-
-
 class Method(nn.Module):
     """Base class of pretraining methods. Subclasses set `Config` and implement the abstract parts."""
 
@@ -96,14 +78,20 @@ class Method(nn.Module):
         self.cfg = cfg
         self.data = data
 
-    def views(self) -> ViewTransform:
+    def views(self) -> Views:
+        """The transform that turns one image into the typed views `training_step` reads."""
         raise NotImplementedError
 
     def training_step(self, batch: dict[str, Any], progress: Progress) -> StepOutput:
         raise NotImplementedError
 
-    def encoder(self) -> nn.Module:
-        """The backbone that evaluation and export use."""
+    def encoder(self) -> Encoder:
+        """The backbone that evaluation and export use (iBOT: the teacher; DTM: the student)."""
+        raise NotImplementedError
+
+    def networks(self) -> dict[str, nn.Module]:
+        """Every network of the method by role (student, teacher, heads, generator, enhancer, ...): what export can
+        write (`--network ROLE`) and what `clip_mode: per_module` clips one by one."""
         raise NotImplementedError
 
     def forward(self, batch: dict[str, Any], progress: Progress) -> StepOutput:
@@ -117,9 +105,11 @@ class Method(nn.Module):
         return ClipPolicy(self.cfg.clip_mode, self.cfg.clip_grad, self.clip_modules())
 
     def clip_modules(self) -> dict[str, nn.Module]:
-        """Modules clipped separately under `clip_mode: per_module` (default: each trainable child)."""
+        """Networks clipped separately under `clip_mode: per_module`: each trainable one of `networks()`."""
         return {
-            name: child for name, child in self.named_children() if any(p.requires_grad for p in child.parameters())
+            name: network
+            for name, network in self.networks().items()
+            if any(p.requires_grad for p in network.parameters())
         }
 
     def before_optimizer_step(self, progress: Progress) -> None:
@@ -148,12 +138,12 @@ def split_weight_decay(named: Iterator[tuple[str, nn.Parameter]], prefix: str = 
 # Registry
 
 _METHODS: dict[str, type[Method]] = {}
-_BUILTIN_MODULES = ("mimkit.methods.ibot", "mimkit.methods.dtm")
 
 
 def _load_builtins() -> None:
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
+    """Import every module of this package once: each method registers itself with `@register`."""
+    for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        importlib.import_module(f"{__package__}.{module.name}")
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:

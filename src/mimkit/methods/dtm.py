@@ -21,12 +21,14 @@ from mimkit.config import ConfigError, check
 from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskConfig, MaskGenerator
 from mimkit.data.views import MaskedView, MaskedViewConfig
-from mimkit.engine.schedules import CosineSchedule
 from mimkit.losses.regression import RegressionKind, normalize_targets, regression_loss
 from mimkit.methods.base import ClipMode, Method, MethodConfig, Progress, StepOutput, register
-from mimkit.methods.morphing import MorphConfig, ScheduleSampler, group_tokens, morph_loss
-from mimkit.models.teachers import EMA, TeacherConfig, build_token_teacher
-from mimkit.models.vit import BackboneConfig, MaskableViT, build_backbone
+from mimkit.methods.saved import open_encoder
+from mimkit.models.backbones import BackboneConfig, build_backbone
+from mimkit.models.encoder import Encoder
+from mimkit.models.teachers import EMA, TeacherConfig, build_token_teacher, encoder_teacher
+from mimkit.morphing import MorphConfig, ScheduleSampler, group_tokens, morph_loss
+from mimkit.schedules import CosineSchedule
 
 
 @dataclass
@@ -74,8 +76,8 @@ class DTM(Method):
     def __init__(self, cfg: DTMConfig, data: DataInfo) -> None:
         super().__init__(cfg, data)
         self.student = build_backbone(cfg.backbone, data.channels, mask_token=True)
-        grid = self.student.grid(cfg.views.size, cfg.views.size)
-        self.num_tokens = grid[0] * grid[1]
+        self.grid = self.student.grid(cfg.views.size, cfg.views.size)
+        self.num_tokens = self.grid[0] * self.grid[1]
         if cfg.teacher.kind == "ema":
             self.teacher: nn.Module = build_backbone(cfg.backbone, data.channels, mask_token=False, drop_path_rate=0.0)
             self.teacher.requires_grad_(False)
@@ -83,7 +85,10 @@ class DTM(Method):
             self.ema.copy_student()
             target_dim = self.student.embed_dim
         else:
-            self.teacher = build_token_teacher(cfg.teacher, data, cfg.views.size)
+            if cfg.teacher.kind == "mimkit":
+                self.teacher = encoder_teacher(*open_encoder(cfg.teacher.checkpoint or ""), data)
+            else:
+                self.teacher = build_token_teacher(cfg.teacher, data, cfg.views.size)
             self.ema = None
             target_dim = self._check_teacher_tokens()
         self.head = nn.Linear(self.student.embed_dim, target_dim)
@@ -104,12 +109,12 @@ class DTM(Method):
         return tokens.shape[-1]
 
     def views(self) -> MaskedView:
-        return MaskedView(self.cfg.views, self.data, self.student.patch_size, MaskGenerator(self.cfg.mask))
+        return MaskedView(self.cfg.views, self.data, self.grid, MaskGenerator(self.cfg.mask))
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """Teacher patch tokens of the unmasked images (B, N, C), without gradient."""
         with torch.no_grad():
-            if isinstance(self.teacher, MaskableViT):
+            if isinstance(self.teacher, Encoder):
                 return self.teacher(images)[:, self.teacher.num_prefix_tokens :]
             return self.teacher(images)
 
@@ -138,5 +143,8 @@ class DTM(Method):
         if self.ema is not None:
             self.ema.update(self.momentum(progress))
 
-    def encoder(self) -> MaskableViT:
+    def encoder(self) -> Encoder:
         return self.student
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"student": self.student, "head": self.head, "teacher": self.teacher}

@@ -20,17 +20,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from mimkit.config import check
+from mimkit.config import ConfigError, check
 from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskConfig, MaskGenerator
 from mimkit.data.views import MultiCropConfig, MultiCropViews
-from mimkit.engine.schedules import CosineSchedule, EpochWarmup
 from mimkit.losses.ibot import IBOTLoss
 from mimkit.methods.base import ClipMode, Method, MethodConfig, Progress, StepOutput, register
-from mimkit.methods.morphing import MorphConfig, ScheduleSampler, group_tokens
+from mimkit.models.backbones import BackboneConfig, build_backbone
+from mimkit.models.encoder import Encoder
 from mimkit.models.heads import PrototypeHead
 from mimkit.models.teachers import EMA, frozen_copy
-from mimkit.models.vit import BackboneConfig, MaskableViT, build_backbone
+from mimkit.morphing import MorphConfig, ScheduleSampler, group_tokens
+from mimkit.schedules import CosineSchedule, EpochWarmup
 
 
 @dataclass
@@ -93,15 +94,17 @@ class IBOT(Method):
 
     def __init__(self, cfg: IBOTConfig, data: DataInfo) -> None:
         super().__init__(cfg, data)
-        self.student = build_backbone(cfg.backbone, data.channels, mask_token=True)
+        self.student = build_backbone(cfg.backbone, data.channels, mask_token=cfg.mask.masks_patches)
         self.teacher = build_backbone(cfg.backbone, data.channels, mask_token=False, drop_path_rate=0.0)
         self.teacher.requires_grad_(False)
-        for size, name in ((cfg.views.global_size, "global_size"), (cfg.views.local_size, "local_size")):
-            check(
-                size % self.student.patch_size == 0,
-                f"method.views.{name}",
-                f"crop size {size} is not divisible by the patch size {self.student.patch_size}",
-            )
+        sizes = [(cfg.views.global_size, "global_size")] + [(cfg.views.local_size, "local_size")] * (
+            cfg.views.num_local > 0
+        )
+        for size, name in sizes:
+            try:
+                self.student.grid(size, size)
+            except ConfigError as error:
+                raise ConfigError(f"method.views.{name}: crop size {size}: {error}") from None
         dim = self.student.embed_dim
         self.student_head = PrototypeHead(
             dim,
@@ -134,11 +137,13 @@ class IBOT(Method):
             lambda_patch=cfg.lambda_patch,
         )
         self.momentum = CosineSchedule(cfg.momentum_teacher, 1.0)
-        grid = self.student.grid(cfg.views.global_size, cfg.views.global_size)
-        self.morph_sampler = ScheduleSampler(grid[0] * grid[1], cfg.morph.num_schedules, cfg.morph.max_iterations)
+        self.grid = self.student.grid(cfg.views.global_size, cfg.views.global_size)
+        self.morph_sampler = ScheduleSampler(
+            self.grid[0] * self.grid[1], cfg.morph.num_schedules, cfg.morph.max_iterations
+        )
 
     def views(self) -> MultiCropViews:
-        return MultiCropViews(self.cfg.views, self.data, self.student.patch_size, MaskGenerator(self.cfg.mask))
+        return MultiCropViews(self.cfg.views, self.data, self.grid, MaskGenerator(self.cfg.mask))
 
     def training_step(self, batch: dict[str, Any], progress: Progress) -> StepOutput:
         views = batch["views"]
@@ -148,10 +153,11 @@ class IBOT(Method):
         flat_masks = masks.flatten(0, 1).flatten(1)  # (G*B, N)
 
         morph = self.cfg.morph.enabled
+        prefix = self.student.num_prefix_tokens
         with torch.no_grad():
             teacher_tokens = self.teacher(torch.cat(global_crops))
-            teacher_cls = self.teacher_head.cls_logits(self.teacher_head.embed(teacher_tokens[:, 0]))
-            teacher_patch_embed = self.teacher_head.embed(teacher_tokens[:, 1:])
+            teacher_cls = self.teacher_head.cls_logits(self.teacher_head.embed(self.teacher.pooled(teacher_tokens)))
+            teacher_patch_embed = self.teacher_head.embed(teacher_tokens[:, prefix:])
             # only masked positions enter the loss, unless morphing mixes every token into the groups
             teacher_patch = self.teacher_head.patch_logits(
                 teacher_patch_embed if morph else teacher_patch_embed[flat_masks]
@@ -159,10 +165,11 @@ class IBOT(Method):
             # the prototype layer is linear, so the mean of its outputs is its output at the mean embedding
             teacher_patch_mean = self.teacher_head.patch_logits(teacher_patch_embed.mean(1))
 
-        student_tokens = self.student(torch.cat(global_crops), mask=masks.flatten(0, 1))
-        local_cls = [tokens[:, 0] for tokens in self.student.forward_crops(local_crops)] if local_crops else []
-        cls_tokens = torch.cat([student_tokens[:, 0], *local_cls])
-        patch_tokens = student_tokens[:, 1:] if morph else student_tokens[:, 1:][flat_masks]
+        student_mask = masks.flatten(0, 1) if self.student.supports_mask else None  # else never masked (config)
+        student_tokens = self.student(torch.cat(global_crops), mask=student_mask)
+        local = self.student.forward_crops(local_crops) if local_crops else []
+        cls_tokens = torch.cat([self.student.pooled(student_tokens), *map(self.student.pooled, local)])
+        patch_tokens = student_tokens[:, prefix:] if morph else student_tokens[:, prefix:][flat_masks]
         embedded = self.student_head.embed(torch.cat([cls_tokens, patch_tokens.flatten(0, -2)]))
         student_cls = self.student_head.cls_logits(embedded[: len(cls_tokens)])
         student_patch = self.student_head.patch_logits(embedded[len(cls_tokens) :])
@@ -171,7 +178,8 @@ class IBOT(Method):
             student_patch = student_patch.view(*patch_tokens.shape[:2], -1)
             protect = self.cfg.morph.protect_first_token
             groupings = [
-                group_tokens(teacher_tokens[:, 1:], s, protect) for s in self.cfg.morph.schedules(self.morph_sampler)
+                group_tokens(teacher_tokens[:, prefix:], s, protect)
+                for s in self.cfg.morph.schedules(self.morph_sampler)
             ]
 
         out = self.loss(
@@ -202,5 +210,13 @@ class IBOT(Method):
     def after_step(self, progress: Progress) -> None:
         self.ema.update(self.momentum(progress))
 
-    def encoder(self) -> MaskableViT:
+    def encoder(self) -> Encoder:
         return self.teacher
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {
+            "student": self.student,
+            "student_head": self.student_head,
+            "teacher": self.teacher,
+            "teacher_head": self.teacher_head,
+        }

@@ -14,6 +14,8 @@ from torch import nn
 from mimkit.config import ConfigError, check
 from mimkit.data.info import DataInfo
 from mimkit.data.sources import IMAGENET_MEAN, IMAGENET_STD
+from mimkit.models.backbones import BackboneConfig, build_backbone
+from mimkit.models.encoder import Encoder
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -130,24 +132,30 @@ def build_token_teacher(cfg: TeacherConfig, data: DataInfo, image_size: int) -> 
         return _timm_teacher(cfg, data, image_size)
     if cfg.kind == "open_clip":
         return _open_clip_teacher(cfg, data)
-    if cfg.kind == "mimkit":
-        return _mimkit_teacher(cfg, data)
-    raise ValueError(f"{cfg.kind} teachers are built by the method (EMA of its student)")
+    raise ValueError(f"{cfg.kind} teachers are built by the method (EMA of its student, or a saved mimkit run)")
+
+
+def encoder_teacher(encoder: Encoder, trained_on: DataInfo, data: DataInfo) -> TokenTeacher:
+    """A trained encoder as a frozen teacher: its patch/feature tokens of images normalised as it was trained."""
+    prefix = encoder.num_prefix_tokens
+
+    def tokens(x: torch.Tensor) -> torch.Tensor:
+        return encoder(x)[:, prefix:]
+
+    return TokenTeacher(tokens, encoder, trained_on.channels, trained_on.mean, trained_on.std, data)
 
 
 def _timm_teacher(cfg: TeacherConfig, data: DataInfo, image_size: int) -> TokenTeacher:
-    from mimkit.models.vit import BackboneConfig, create_vit
-
     shape = BackboneConfig(name=cfg.model or "", img_size=image_size, weights=cfg.weights, **cfg.model_args)
-    vit = create_vit(shape, in_chans=3, prefix="method.teacher")
-    prefix = vit.num_prefix_tokens
-    pretrained = vit.pretrained_cfg or {}
+    encoder = build_backbone(shape, in_chans=3, mask_token=False, prefix="method.teacher")
+    pretrained = encoder.timm_model().pretrained_cfg or {}
+    prefix = encoder.num_prefix_tokens
 
     def tokens(x: torch.Tensor) -> torch.Tensor:
-        return vit.forward_features(x)[:, prefix:]
+        return encoder(x)[:, prefix:]
 
     return TokenTeacher(
-        tokens, vit, 3, pretrained.get("mean", IMAGENET_MEAN), pretrained.get("std", IMAGENET_STD), data
+        tokens, encoder, 3, pretrained.get("mean", IMAGENET_MEAN), pretrained.get("std", IMAGENET_STD), data
     )
 
 
@@ -173,17 +181,3 @@ def _open_clip_teacher(cfg: TeacherConfig, data: DataInfo) -> TokenTeacher:
     mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
     std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
     return TokenTeacher(tokens, visual, 3, mean, std, data)
-
-
-def _mimkit_teacher(cfg: TeacherConfig, data: DataInfo) -> TokenTeacher:
-    from mimkit.eval.run import load_run
-
-    run = load_run(cfg.checkpoint or "")
-    encoder = run.encoder()
-    prefix = getattr(encoder, "num_prefix_tokens", 1)
-    info = run.method.data
-
-    def tokens(x: torch.Tensor) -> torch.Tensor:
-        return encoder(x)[:, prefix:]
-
-    return TokenTeacher(tokens, encoder, info.channels, info.mean, info.std, data)

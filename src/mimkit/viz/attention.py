@@ -1,8 +1,7 @@
-"""[CLS] attention of a ViT's last block, per head, and DINO-style "kept-mass" thresholded maps.
+"""[CLS] attention of an encoder's last block, per head, and DINO-style "kept-mass" thresholded maps.
 
-timm runs attention through fused SDPA, which never forms the probabilities. They are recomputed here from
-the last block's own qkv projection applied to that block's attention input, captured by a forward hook for
-one call, so timm is left untouched and the maps are exactly the weights the block used.
+The probabilities come from the encoder contract (`Encoder.last_attention`: ViT and BEiT encoders have them),
+so this module knows no backbone family.
 """
 
 from __future__ import annotations
@@ -12,9 +11,8 @@ from dataclasses import dataclass
 
 import torch
 from matplotlib.figure import Figure
-from timm.layers import Attention
 
-from mimkit.models.vit import MaskableViT
+from mimkit.models.encoder import Encoder
 from mimkit.viz.masks import figure_grid, overlay, show, to_display
 
 KEPT_MASS = 0.6
@@ -32,29 +30,6 @@ class AttentionMaps:
     fraction: float
 
 
-def attention_probabilities(attn: Attention, x: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T * scale) of a timm `Attention` for its input `x` (B, T, D), as its forward computes it."""
-    batch, tokens, _ = x.shape
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    return (q @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1)
-
-
-@torch.no_grad()
-def last_block_attention(encoder: MaskableViT, images: torch.Tensor) -> torch.Tensor:
-    """Attention probabilities (B, heads, T, T) of the encoder's last block on `images`."""
-    attn = encoder.vit.blocks[-1].attn
-    if not isinstance(attn, Attention):
-        raise TypeError(f"last block uses {type(attn).__name__}; attention maps need timm's standard Attention")
-    inputs: list[torch.Tensor] = []
-    handle = attn.register_forward_hook(lambda _module, args, _output: inputs.append(args[0]))
-    try:
-        encoder(images)
-    finally:
-        handle.remove()
-    return attention_probabilities(attn, inputs[0])
-
-
 def kept_mass(maps: torch.Tensor, fraction: float = KEPT_MASS) -> torch.Tensor:
     """Per (h, w) map, the smallest set of patches whose attention adds up to >= `fraction` of the map's total.
 
@@ -67,9 +42,9 @@ def kept_mass(maps: torch.Tensor, fraction: float = KEPT_MASS) -> torch.Tensor:
     return torch.zeros_like(keep).scatter(-1, order, keep).view_as(maps)
 
 
-def attention_maps(encoder: MaskableViT, images: torch.Tensor, fraction: float = KEPT_MASS) -> AttentionMaps:
+def attention_maps(encoder: Encoder, images: torch.Tensor, fraction: float = KEPT_MASS) -> AttentionMaps:
     """[CLS]->patch attention of the last block per head, reshaped to the patch grid, and its kept-mass masks."""
-    attention = last_block_attention(encoder, images)
+    attention = encoder.last_attention(images)
     grid = encoder.grid(*images.shape[-2:])
     maps = attention[:, :, 0, encoder.num_prefix_tokens :].reshape(*attention.shape[:2], *grid)
     return AttentionMaps(attention, maps, kept_mass(maps, fraction), fraction)

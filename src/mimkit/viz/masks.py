@@ -6,8 +6,7 @@ are mapped back to [0, 1] with the data's mean and std, so 1-channel and RGB dat
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -56,18 +55,6 @@ def figure_grid(rows: int, cols: int, cell: float = 1.6) -> tuple[Figure, np.nda
     for ax in axes.flat:
         ax.set_axis_off()
     return figure, axes
-
-
-def masked_crops(views: Mapping[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The (crop, mask) pairs in one image's views: iBOT's `global`/`masks` lists or a single `image`/`mask`.
-
-    Views of other shapes (no masks) give no pairs, so the caller can say so instead of failing.
-    """
-    if "global" in views and "masks" in views:
-        return list(views["global"]), list(views["masks"])
-    if "image" in views and "mask" in views:
-        return [views["image"]], [views["mask"]]
-    return [], []
 
 
 def mask_overlay_figure(

@@ -1,13 +1,30 @@
-"""Schedules as functions of training progress (per iteration, or per epoch where the papers say so)."""
+"""Training progress and the schedules computed from it (per iteration, or per epoch where the papers say so).
+
+On the ground floor: losses, methods, the engine and fine-tuning all read schedules; none of them owns one."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # only an annotation here; importing mimkit.methods would load every method
-    from mimkit.methods.base import Progress
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands; every schedule (lr, wd, momentum, temperatures) is a function of it."""
+
+    epoch: int
+    step: int
+    """Optimizer steps completed before this one (0-based index of the current step)."""
+    steps_per_epoch: int
+    epochs: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    @property
+    def fraction(self) -> float:
+        return self.step / max(self.total_steps, 1)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,85 @@
+"""What the ViT and BEiT encoders share: a mask token, attention maps and the features of the last blocks.
+
+Both wrap a timm transformer (`blocks` of timm blocks with an `attn` module each, a final `norm`). timm runs
+attention through fused SDPA, which never forms the probabilities; `last_attention` switches the last block to
+timm's own explicit path for one call and reads the probabilities where that path applies attention dropout,
+so timm is left untouched and the maps are exactly the weights the block used.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mimkit.config import ConfigError
+from mimkit.models.encoder import Encoder
+
+
+class TransformerEncoder(Encoder):
+    has_attention = True
+
+    def __init__(self, mask_token: nn.Parameter | None) -> None:
+        super().__init__()
+        self.mask_token = mask_token
+
+    @property
+    def supports_mask(self) -> bool:  # type: ignore[override]
+        return self.mask_token is not None
+
+    def transformer_blocks(self) -> nn.ModuleList:
+        return self.timm_model().blocks
+
+    def final_norm(self) -> nn.Module:
+        return self.timm_model().norm
+
+    def apply_mask(self, tokens: torch.Tensor, mask: torch.Tensor | None, grid: tuple[int, ...]) -> torch.Tensor:
+        """Patch embeddings (B, h, w, D) or (B, h * w, D) with the masked ones replaced by the mask token."""
+        if mask is None:
+            return tokens
+        if self.mask_token is None:
+            raise ValueError("this network has no mask token (teachers see unmasked images)")
+        if mask.shape[1:] != tuple(grid):
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the patch grid {tuple(grid)}")
+        mask = mask.reshape(tokens.shape[:-1])
+        shape = (1,) * (tokens.dim() - 1) + (-1,)
+        return torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype).view(shape), tokens)
+
+    @torch.no_grad()
+    def last_attention(self, images: torch.Tensor) -> torch.Tensor:
+        attn = self.transformer_blocks()[-1].attn
+        if not hasattr(attn, "fused_attn") or not isinstance(getattr(attn, "attn_drop", None), nn.Module):
+            raise TypeError(f"last block uses {type(attn).__name__}; attention maps need a timm attention module")
+        captured: list[torch.Tensor] = []
+        fused = attn.fused_attn
+        handle = attn.attn_drop.register_forward_hook(lambda _module, args, _output: captured.append(args[0]))
+        attn.fused_attn = False
+        try:
+            self(images)
+        finally:
+            attn.fused_attn = fused
+            handle.remove()
+        return captured[0]
+
+    def check_block_features(self, blocks: int) -> None:
+        if self.num_prefix_tokens < 1:
+            raise ConfigError("last-blocks [CLS] features need a transformer with a [CLS] token")
+        depth = len(self.transformer_blocks())
+        if depth < blocks:
+            raise ConfigError(f"last-{blocks} features need at least {blocks} blocks; this one has {depth}")
+
+    def block_features(self, images: torch.Tensor, blocks: int) -> torch.Tensor:
+        """[CLS] after each of the last `blocks` blocks through the final norm (DINO/iBOT's linear probe of ViT-S)."""
+        self.check_block_features(blocks)
+        timm_blocks = self.transformer_blocks()
+        captured: list[torch.Tensor] = []
+        hooks = [
+            block.register_forward_hook(lambda _module, _inputs, output: captured.append(output[:, 0]))
+            for block in timm_blocks[-blocks:]
+        ]
+        try:
+            self(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        norm = self.final_norm()
+        return torch.cat([norm(cls) for cls in captured], dim=-1)
