@@ -2,7 +2,8 @@
 
 The weights are the encoder's plain timm module's own state dict (no mask token, no head), for ViT, BEiT and
 CNN encoders alike, so anyone can load them with `timm.create_model` and no mimkit. `config.json` uses the
-layout of timm's Hugging Face configs (architecture, `model_args`, nested `pretrained_cfg`), so both `load_exported` here and timm's `local-dir:` loader read it.
+layout of timm's Hugging Face configs (architecture, `model_args`, nested `pretrained_cfg`), so both
+`load_exported` here and timm's `local-dir:` loader read it.
 """
 
 from __future__ import annotations
