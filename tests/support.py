@@ -10,6 +10,7 @@ from types import ModuleType
 
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get("MIMKIT_REFERENCE_DIR", ROOT.parent / "shared" / "fixtures" / "reference"))
@@ -24,6 +25,14 @@ TINY_IBOT_HEADS = [
     "method.head_bottleneck_dim=16",
 ]
 QUIET_CPU_RUN = ["data.num_workers=0", "train.accelerator=cpu", "train.progress_bar=false", "train.loggers=[csv]"]
+
+
+def tiny_overlay(name: str) -> dict:
+    """tests/tiny/<name>.yaml: the overrides that shrink a recipe family (ibot, dtm, ...) or the backbone families."""
+    path = ROOT / "tests" / "tiny" / f"{name}.yaml"
+    if not path.is_file():
+        pytest.fail(f"no tiny overlay for {name!r}: add {path.relative_to(ROOT)}")
+    return yaml.safe_load(path.read_text())
 
 
 def load_case(path: Path) -> dict:

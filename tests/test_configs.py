@@ -1,8 +1,9 @@
 """Every shipped recipe loads, validates and trains two steps once shrunk to a tiny backbone on synthetic images.
 
 Shrinking keeps what makes a recipe itself (method, views, masks, losses, schedules, clipping) and replaces what
-cannot run here: the backbone's width and depth, the data (synthetic images of the recipe's crop size and
-channels), GPU precision, and a CLIP teacher whose weights mimkit never downloads (an EMA teacher stands in).
+cannot run here: the backbone's width and depth, the data (synthetic images of the recipe's image size and
+channels), GPU precision, and what the recipe family's overlay in tests/tiny/ shrinks (heads; a CLIP teacher
+whose weights mimkit never downloads, for which an EMA teacher stands in).
 """
 
 from __future__ import annotations
@@ -15,32 +16,21 @@ import pytest
 
 from mimkit.engine.train import pretrain
 from mimkit.runs import load_run_config
-from support import QUIET_CPU_RUN, ROOT
+from support import QUIET_CPU_RUN, ROOT, tiny_overlay
 
 RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
 TINY_BACKBONE = ["method.backbone.embed_dim=32", "method.backbone.depth=1", "method.backbone.num_heads=2"]
-TINY_HEADS = {
-    "ibot": [
-        "method.out_dim=64",
-        "method.patch_out_dim=64",
-        "method.head_hidden_dim=32",
-        "method.head_bottleneck_dim=16",
-    ],
-    "dtm": [],
-}
-FILE_TEACHERS = ("open_clip", "timm", "mimkit")
 
 
 def shrunk(recipe: Path, output_dir: Path) -> list[str]:
+    """The recipe family's tiny overlay (tests/tiny/<family>.yaml) plus a tiny backbone and synthetic data."""
     cfg = load_run_config(recipe, [])
-    views = cfg.method.views
-    size = getattr(views, "global_size", None) or views.size
     channels = 1 if cfg.data.source == "fashion-mnist" else 3
-    overrides = [
+    return [
         *TINY_BACKBONE,
-        *TINY_HEADS[cfg.method.name],
+        *tiny_overlay(recipe.parent.name)["overrides"],
         "data.source=synthetic",
-        f"data.synthetic_size={size}",
+        f"data.synthetic_size={cfg.method.backbone.img_size}",
         "data.synthetic_images=4",
         f"data.channels={channels}",
         "data.limit=null",
@@ -52,11 +42,6 @@ def shrunk(recipe: Path, output_dir: Path) -> list[str]:
         "train.knn_every_epochs=0",
         f"output_dir={output_dir}",
     ]
-    teacher = getattr(cfg.method, "teacher", None)
-    if teacher is not None and teacher.kind in FILE_TEACHERS:
-        overrides += ["method.teacher.kind=ema", "method.teacher.model=null", "method.teacher.weights=null"]
-        overrides += ["method.teacher.checkpoint=null", "method.teacher.model_args={}"]
-    return overrides
 
 
 def test_every_method_has_a_recipe() -> None:
