@@ -275,3 +275,18 @@ def test_pretrain_runs_then_refuses_to_overwrite_then_resumes(
     code, _, err = run(capsys, *args, "--resume")
     assert code == 0, err
     assert "already complete" in (run_dir / "train.log").read_text()
+
+
+def test_fields_show_the_defaults_a_recipe_gets(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pretrain", "--fields", "ibot"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.split()[:4] == ["method.morph.enabled", "bool", "=", "False"] for line in lines)  # iBOT: off
+
+
+def test_help_names_exactly_the_methods_that_exist(capsys: pytest.CaptureFixture[str]) -> None:
+    from mimkit.methods import method_names
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    described = capsys.readouterr().out.split("vision backbones (", 1)[1].split(")", 1)[0]
+    assert {name.strip().lower() for name in described.split(",")} == set(method_names())

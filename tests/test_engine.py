@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mimkit.config import ConfigError
 from mimkit.engine.logs import read_metrics
@@ -46,6 +47,8 @@ def test_run_folder_holds_checkpoints_logs_and_config(tmp_path: Path) -> None:
     assert state["method"]["steps_seen"].item() == 16
     assert {"torch", "timm", "lightning"} <= set(state["versions"])
     assert (run / "environment.yaml").is_file() and (run / "train.log").is_file()
+    environment = yaml.safe_load((run / "environment.yaml").read_text())
+    assert environment["precision"] == "32-true" and environment["world_size"] == 1
 
 
 def test_crash_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:

@@ -198,6 +198,12 @@ def test_knn_writes_accuracies_with_baselines(run_dir: Path, capsys: pytest.Capt
         assert set(accuracies) == {"1", "5"} and all(0 <= v <= 1 for v in accuracies.values())
     assert result["pooling"] == "cls" and result["temperature"] == 0.07
     assert "k-NN accuracy" in out
+    baselines = {name: result["accuracy"][name] for name in ("random init", "raw pixels")}
+    assert cli(capsys, "eval", "knn", str(run_dir), "--k", "1", "5", "--batch-size", "8")[0] == 0
+    again = json.loads((run_dir / "eval" / "knn.json").read_text())["accuracy"]
+    assert {name: again[name] for name in baselines} == baselines  # a plain re-run keeps the baselines
+    assert cli(capsys, "eval", "knn", str(run_dir), "--k", "1", "--batch-size", "8", "--pooling", "avg")[0] == 0
+    assert set(json.loads((run_dir / "eval" / "knn.json").read_text())["accuracy"]) == {"pretrained"}
 
 
 def test_finetune_writes_accuracies_and_weights(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

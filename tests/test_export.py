@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,10 @@ def test_methods_without_the_network_are_clear_errors(tmp_path: Path, capsys: py
         export_timm(run)
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         load_exported(tmp_path)
+
+
+def test_exported_files_get_the_usual_file_mode(exported: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json"):
+        assert (exported / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

@@ -165,7 +165,7 @@ def test_morphing_with_identity_schedules_equals_plain_ibot(monkeypatch: pytest.
     plain, source = tiny_ibot()
     morphed, _ = tiny_ibot("method.morph.enabled=true")
     morphed.load_state_dict(plain.state_dict())
-    monkeypatch.setattr(morphed.morph_sampler, "sample", lambda: [MorphSchedule(0, 1, 0), MorphSchedule(0, 1, 0)])
+    monkeypatch.setattr(morphed.morph_sampler, "sample", lambda *_: [MorphSchedule(0, 1, 0), MorphSchedule(0, 1, 0)])
     batch = make_batch(plain, source)
     plain.eval(), morphed.eval()
     progress = Progress(1, 0, 10, 4)

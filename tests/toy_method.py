@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,8 @@ class ToyConfig(MethodConfig):
     """Raise at this optimizer step (simulates a crash)."""
     nan_at_step: int | None = None
     """Return a NaN loss at this optimizer step."""
+
+    runtime_fields: ClassVar[tuple[str, ...]] = ("step_delay", "fail_at_step", "nan_at_step")
 
 
 class ToyViews:

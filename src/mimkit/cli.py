@@ -24,12 +24,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as error:
         print(f"mimkit: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("mimkit: interrupted", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mimkit",
-        description="Masked-image-modeling pretraining of vision backbones (iBOT, DTM, CIM, SymMIM).",
+        description="Masked-image-modeling pretraining of vision backbones (iBOT, DTM).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )

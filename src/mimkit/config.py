@@ -169,21 +169,26 @@ def _join(prefix: str, key: Any) -> str:
     return f"{prefix}.{key}" if prefix else str(key)
 
 
-def describe_fields(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, str, Any, str]]:
-    """(dotted name, type, default, doc) for every field of a config class, for `--help`-style listings."""
+def describe_fields(cls: type, prefix: str = "", defaults: Any = None) -> typing.Iterator[tuple[str, str, Any, str]]:
+    """(dotted name, type, default, doc) for every field of a config class, for `--help`-style listings.
+
+    Nested configs report the defaults their parent gives them (a `default_factory` may differ from the nested
+    class's own defaults), so the listing shows what a recipe that omits the field gets.
+    """
     docs = _field_docs(cls)
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         name = _join(prefix, f.name)
         annotation = hints[f.name]
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(annotation):
-            yield from describe_fields(annotation, name)  # type: ignore[arg-type]
+            yield from describe_fields(annotation, name, default)  # type: ignore[arg-type]
             continue
-        default = (
-            f.default
-            if f.default is not dataclasses.MISSING
-            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        )
         yield name, _type_name(annotation), default, docs.get(f.name, "")
 
 

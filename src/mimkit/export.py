@@ -9,6 +9,7 @@ layout of timm's Hugging Face configs (architecture, `model_args`, nested `pretr
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,16 @@ def export_timm(
     out = run.run_dir / "export" / "timm" if out_dir is None else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    _readable_as_usual(out / WEIGHTS_FILE)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def _readable_as_usual(path: Path) -> None:
+    """safetensors writes files private (0600); an export is for sharing: the mode any new file gets here."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def _timm_config(model: nn.Module, name: str, model_args: dict[str, Any], data: DataInfo, size: int) -> dict[str, Any]:

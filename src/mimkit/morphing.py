@@ -47,8 +47,9 @@ class MorphSchedule:
 class ScheduleSampler:
     """Draws DTM's L schedules per iteration: m ~ U{0..N}, k ~ U{1..max_iterations}, shared by the whole batch.
 
-    Uses torch's global RNG unless a generator is given, so the engine's per-rank seeding and RNG checkpoints make
-    a resumed run draw the same schedules.
+    Uses torch's global RNG unless a generator is given. Methods pass `step_generator(seed, step)`: the same
+    schedules on every process at a step (so N processes train like one at the same global batch), and again
+    when a run resumes.
     """
 
     def __init__(self, num_tokens: int, num_schedules: int = 2, max_iterations: int = 14) -> None:
@@ -65,6 +66,16 @@ class ScheduleSampler:
             MorphSchedule.from_counts(m, k, self.num_tokens)
             for m, k in zip(removed.tolist(), iterations.tolist(), strict=True)
         ]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator determined by (seed, optimizer step) alone: identical on every rank, and after a resume."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
+
+
+def draw_seed() -> int:
+    """A seed from torch's global RNG; drawn while every rank holds the run's seed, it is the same on all."""
+    return int(torch.randint(0, 2**62, ()))
 
 
 @dataclass
@@ -84,10 +95,10 @@ class MorphConfig:
         check(self.num_schedules >= 1, f"{prefix}.num_schedules", f"must be >= 1; got {self.num_schedules}")
         check(self.max_iterations >= 1, f"{prefix}.max_iterations", f"must be >= 1; got {self.max_iterations}")
 
-    def schedules(self, sampler: ScheduleSampler) -> list[MorphSchedule]:
+    def schedules(self, sampler: ScheduleSampler, generator: torch.Generator | None = None) -> list[MorphSchedule]:
         """This iteration's schedules; the identity schedule (m = 0) when morphing is off."""
         if self.enabled:
-            return sampler.sample()
+            return sampler.sample(generator)
         return [MorphSchedule(0, 1, 0)]
 
 

@@ -236,18 +236,25 @@ def run_knn(args: argparse.Namespace) -> int:
     for name, accuracies in rows.items():
         table.add_row(name, *(f"{100 * accuracies[k]:.2f}" for k in args.k))
     Console().print(table)
-    _save(
-        run,
-        "knn.json",
-        {
-            "checkpoint": str(run.checkpoint),
-            "temperature": args.temperature,
-            "pooling": args.pooling,
-            "limit": args.limit,
-            "accuracy": {name: {str(k): v for k, v in acc.items()} for name, acc in rows.items()},
-        },
-    )
+    settings = {
+        "checkpoint": str(run.checkpoint),
+        "temperature": args.temperature,
+        "pooling": args.pooling,
+        "limit": args.limit,
+    }
+    accuracy = {name: {str(k): v for k, v in acc.items()} for name, acc in rows.items()}
+    _save(run, "knn.json", {**settings, "accuracy": {**_earlier_knn_rows(run, settings), **accuracy}})
     return 0
+
+
+def _earlier_knn_rows(run: LoadedRun, settings: dict) -> dict[str, dict[str, float]]:
+    """Rows of an earlier `eval knn` with the same settings (its --baselines, say), kept beside the new ones."""
+    path = run.run_dir / "eval" / "knn.json"
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    same = all(earlier.get(key) == value for key, value in settings.items())
+    return earlier.get("accuracy", {}) if same else {}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from mimkit.config import ConfigError, describe_fields, dump_yaml, read_yaml
@@ -31,6 +32,11 @@ def add(commands: argparse._SubParsersAction) -> None:
         const="",
         metavar="RUN_OR_CKPT",
         help="continue the run in output_dir (or the given run folder / checkpoint) where it stopped",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: apply changed optimisation settings (optim.lr, ...) to the run in progress",
     )
     p.add_argument("--output-dir", help="run folder (same as output_dir=...)")
     p.add_argument("--devices", help="devices per node: a number or auto (train.devices)")
@@ -81,10 +87,15 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
+    from mimkit.engine.stop import TrainingStopped
     from mimkit.engine.train import pretrain  # heavy imports only when training
     from mimkit.eval.online import online_knn
 
-    pretrain(cfg, online_knn(cfg))
+    try:
+        pretrain(cfg, online_knn(cfg), force=args.force)
+    except TrainingStopped as stopped:
+        print(f"mimkit: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     return 0
 
 

@@ -9,6 +9,7 @@ persistent workers (mask schedules need the epoch).
 from __future__ import annotations
 
 import random
+import signal
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -153,8 +154,14 @@ def train_loader(
         drop_last=True,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_interrupts,
         generator=torch.Generator().manual_seed(seed),
     )  # keeps the global RNG untouched
+
+
+def ignore_interrupts(_worker_id: int) -> None:
+    """`worker_init_fn` of training loaders: a worker ignores Ctrl-C, so the loop can stop cleanly and save."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def eval_loader(

@@ -55,8 +55,12 @@ def optimizer_step(
     fabric: Fabric, method: Method, optimizer: torch.optim.Optimizer, progress: Progress
 ) -> dict[str, torch.Tensor]:
     """After backward: unscale, clip by the method's policy, the method's hooks around AdamW's step; returns the
-    gradient norms before clipping (for the logs)."""
-    fabric.strategy.precision.unscale_gradients(optimizer)
+    gradient norms before clipping (for the logs).
+
+    The gradient scaler keys its per-optimizer state by the raw optimizer, which is what Fabric's wrapper steps:
+    unscaling through the wrapper would leave that state unset, and `scaler.step` would unscale a second time.
+    """
+    fabric.strategy.precision.unscale_gradients(getattr(optimizer, "optimizer", optimizer))
     norms = clip(method.clip_policy(), method)
     method.before_optimizer_step(progress)
     optimizer.step()

@@ -114,11 +114,13 @@ def machine() -> dict[str, Any]:
     }
 
 
-def environment(fabric: Fabric) -> dict[str, Any]:
+def environment(fabric: Fabric, precision: str) -> dict[str, Any]:
+    """What a run ran on: versions, machine, processes, device and precision (as configured, and Fabric's plugin)."""
     return {
         "versions": package_versions(),
         "machine": machine(),
         "world_size": fabric.world_size,
         "device": str(fabric.device),
-        "precision": str(type(fabric.strategy.precision).__name__),
+        "precision": precision,
+        "precision_plugin": type(fabric.strategy.precision).__name__,
     }

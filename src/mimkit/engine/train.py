@@ -18,8 +18,10 @@ from mimkit.data.sources import build_source, describe
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.logs import MetricsCSV, ProgressDisplay, log, setup_logging
 from mimkit.engine.optim import Hyperparameters, build_optimizer
+from mimkit.engine.resume import check_resume_changes, resolve_resume, saved_config
 from mimkit.engine.runtime import environment, make_fabric, setup_for_training
 from mimkit.engine.step import train_step
+from mimkit.engine.stop import StopRequest, TrainingStopped
 from mimkit.methods.base import Method, method_class
 from mimkit.runs import RunConfig
 from mimkit.schedules import Progress
@@ -46,41 +48,29 @@ class Position:
     skipped_images: int = 0
 
 
-def resolve_resume(cfg: RunConfig) -> Path | None:
-    """The checkpoint to continue from, or None; refuses to overwrite a run that has checkpoints."""
-    run_dir = Path(cfg.output_dir)
-    last = ckpt.last_checkpoint(run_dir)
-    if cfg.resume is None:
-        if last is not None:
-            raise ConfigError(
-                f"resume: {run_dir} already holds checkpoints; pass --resume (or resume=auto) to "
-                "continue that run, or choose another output_dir"
-            )
-        return None
-    if cfg.resume == "auto":
-        return last
-    path = Path(cfg.resume)
-    if path.is_dir():  # a run folder
-        path = ckpt.checkpoint_dir(path) / ckpt.LAST
-    if not path.exists():
-        raise ConfigError(f"resume: no checkpoint at {path}")
-    return path
-
-
-def pretrain(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> Path:
+def pretrain(cfg: RunConfig, callbacks: Sequence[EpochCallback] = (), *, force: bool = False) -> Path:
     """Train `cfg.method` on `cfg.data`; returns the run folder (checkpoints, metrics.csv, logs, config).
 
     `callbacks` run at the end of every epoch, before its checkpoint (`mimkit pretrain` passes the online k-NN).
+    A resumed run takes only the config changes it can (see `mimkit.engine.resume`; `force` for the
+    optimisation's); its config.yaml is rewritten only once its checkpoint is restored.
     """
     resume_path = resolve_resume(cfg)
+    saved = saved_config(resume_path) if resume_path is not None else None
+    notices = check_resume_changes(saved, cfg, force) if saved is not None else []
     run_dir = Path(cfg.output_dir)
     fabric = make_fabric(cfg.train, run_dir)
     fabric.launch()
     setup_logging(run_dir, fabric.global_rank)
+    for notice in notices:
+        log.warning("%s", notice)
+    trainer = Trainer(cfg, fabric, resume_path, callbacks)
     if fabric.global_rank == 0:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        (run_dir / "environment.yaml").write_text(yaml.safe_dump(environment(fabric), sort_keys=False))
-    return Trainer(cfg, fabric, resume_path, callbacks).fit()
+        (run_dir / "environment.yaml").write_text(
+            yaml.safe_dump(environment(fabric, cfg.train.precision), sort_keys=False)
+        )
+    return trainer.fit()
 
 
 class Trainer:
@@ -91,6 +81,7 @@ class Trainer:
     ) -> None:
         self.cfg, self.fabric, self.run_dir = cfg, fabric, Path(cfg.output_dir)
         self.callbacks = list(callbacks)
+        self.stop = StopRequest()
         fabric.seed_everything(cfg.seed, verbose=False)  # identical initial weights on every rank
         with fabric.rank_zero_first():
             source = build_source(cfg.data)
@@ -149,10 +140,14 @@ class Trainer:
             enabled=cfg.train.progress_bar and self.fabric.global_rank == 0,
             log_every=cfg.train.log_every_steps,
         )
+        epoch_batches = self.steps_per_epoch * self.accumulate
         try:
-            while pos.epoch < cfg.train.epochs:
-                self._epoch(display)
-                self._end_of_epoch()
+            with self.stop:
+                while pos.epoch < cfg.train.epochs:
+                    self._epoch(display)
+                    if pos.batch_in_epoch < epoch_batches:  # _epoch returns early only when asked to stop
+                        self._stop_with_checkpoint()
+                    self._end_of_epoch()
         finally:
             display.close()
         log.info("finished %d epochs; checkpoints in %s", cfg.train.epochs, ckpt.checkpoint_dir(self.run_dir))
@@ -189,9 +184,21 @@ class Trainer:
                 self._log_step(step_loss, metrics, norms, images_per_second)
                 window_start, window_images = time.perf_counter(), 0
             display.update(pos.step, pos.epoch, float(step_loss), self._current_lr(), images_per_second)
+            if self.stop.requested(fabric, pos.step, self.cfg.train.log_every_steps):
+                if pos.batch_in_epoch < self.steps_per_epoch * self.accumulate:
+                    return
+                self._end_of_epoch()
+                self._stop_with_checkpoint(saved=True)
             every = self.cfg.train.checkpoint_every_steps
             if every and pos.step % every == 0 and pos.batch_in_epoch < self.steps_per_epoch * self.accumulate:
                 self.save(ckpt.last_path(self.run_dir))
+
+    def _stop_with_checkpoint(self, saved: bool = False) -> None:
+        """Save where the loop stands (unless the epoch's end just did) and stop with how to resume."""
+        path = ckpt.last_path(self.run_dir)
+        if not saved:
+            self.save(path)
+        raise TrainingStopped(self.stop.name, self.stop.signal_number or 15, path, self.run_dir)
 
     def _end_of_epoch(self) -> None:
         pos, cfg = self.position, self.cfg

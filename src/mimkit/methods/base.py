@@ -60,6 +60,9 @@ class MethodConfig:
     clip_mode: ClipMode = "global"
     clip_grad: float = 3.0
 
+    runtime_fields: ClassVar[tuple[str, ...]] = ()
+    """Fields that do not shape the run (debugging hooks, say): a resumed run may change them."""
+
     def validate(self, prefix: str = "method") -> None:
         check(
             self.clip_mode == "none" or self.clip_grad > 0,

@@ -27,7 +27,7 @@ from mimkit.methods.saved import open_encoder
 from mimkit.models.backbones import BackboneConfig, build_backbone
 from mimkit.models.encoder import Encoder
 from mimkit.models.teachers import EMA, TeacherConfig, build_token_teacher, encoder_teacher
-from mimkit.morphing import MorphConfig, ScheduleSampler, group_tokens, morph_loss
+from mimkit.morphing import MorphConfig, ScheduleSampler, draw_seed, group_tokens, morph_loss, step_generator
 from mimkit.schedules import CosineSchedule
 
 
@@ -96,6 +96,7 @@ class DTM(Method):
         nn.init.zeros_(self.head.bias)
         self.sampler = ScheduleSampler(self.num_tokens, cfg.morph.num_schedules, cfg.morph.max_iterations)
         self.momentum = CosineSchedule(cfg.teacher.momentum, 1.0)
+        self.schedule_seed = draw_seed()  # last: the engine builds methods under the run's seed on every rank
 
     def _check_teacher_tokens(self) -> int:
         """Run the frozen teacher once: its token grid must match the student's, before any training."""
@@ -123,7 +124,7 @@ class DTM(Method):
         targets = self.targets(images)
         tokens = self.student(images, mask=masks)[:, self.student.num_prefix_tokens :]
         predictions = self.head(tokens)
-        schedules = self.cfg.morph.schedules(self.sampler)
+        schedules = self.cfg.morph.schedules(self.sampler, step_generator(self.schedule_seed, progress.step))
         groupings = [group_tokens(targets, s, self.cfg.morph.protect_first_token) for s in schedules]
         loss = morph_loss(
             predictions, targets, groupings, self.cfg.loss, self.cfg.beta, normalize_target=self.cfg.normalize_targets

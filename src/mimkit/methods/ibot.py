@@ -30,7 +30,7 @@ from mimkit.models.backbones import BackboneConfig, build_backbone
 from mimkit.models.encoder import Encoder
 from mimkit.models.heads import PrototypeHead
 from mimkit.models.teachers import EMA, frozen_copy
-from mimkit.morphing import MorphConfig, ScheduleSampler, group_tokens
+from mimkit.morphing import MorphConfig, ScheduleSampler, draw_seed, group_tokens, step_generator
 from mimkit.schedules import CosineSchedule, EpochWarmup
 
 
@@ -141,6 +141,7 @@ class IBOT(Method):
         self.morph_sampler = ScheduleSampler(
             self.grid[0] * self.grid[1], cfg.morph.num_schedules, cfg.morph.max_iterations
         )
+        self.schedule_seed = draw_seed() if cfg.morph.enabled else 0  # last: drawn under the run's seed
 
     def views(self) -> MultiCropViews:
         return MultiCropViews(self.cfg.views, self.data, self.grid, MaskGenerator(self.cfg.mask))
@@ -179,7 +180,7 @@ class IBOT(Method):
             protect = self.cfg.morph.protect_first_token
             groupings = [
                 group_tokens(teacher_tokens[:, prefix:], s, protect)
-                for s in self.cfg.morph.schedules(self.morph_sampler)
+                for s in self.cfg.morph.schedules(self.morph_sampler, step_generator(self.schedule_seed, progress.step))
             ]
 
         out = self.loss(
