@@ -48,6 +48,9 @@ class MaskConfig:
     """Smallest block area in patches; None: (min(height, width) // 3) ** 2 as in BEiT/iBOT."""
     start_epoch: int = 0
     """Crops are not masked before this epoch."""
+    exact: bool = False
+    """Block masks: top up with random unmasked patches to exactly round(ratio x patches) (DTM's reference: 75
+    of 196); false keeps BEiT/iBOT's blocks, which often fall slightly short."""
 
     @property
     def masks_patches(self) -> bool:
@@ -129,6 +132,16 @@ def random_mask(height: int, width: int, num_patches: int, rng: RandomLike = ran
     return mask.view(height, width)
 
 
+def top_up(mask: torch.Tensor, count: int, rng: RandomLike = random) -> torch.Tensor:
+    """`mask` with random unmasked patches added until exactly `count` are masked (never removes any)."""
+    flat = mask.flatten().clone()
+    visible = [i for i, masked in enumerate(flat.tolist()) if not masked]
+    missing = count - (len(flat) - len(visible))
+    if missing > 0:
+        flat[rng.sample(visible, min(missing, len(visible)))] = True
+    return flat.view_as(mask)
+
+
 class MaskGenerator:
     """Draws one (height, width) boolean mask per crop (True = masked) following a `MaskConfig`."""
 
@@ -155,4 +168,5 @@ class MaskGenerator:
         min_area = self.cfg.min_block_patches
         if min_area is None:
             min_area = (min(height, width) // 3) ** 2
-        return block_mask(height, width, target, min_area, self.cfg.aspect_ratio, self._random)
+        mask = block_mask(height, width, target, min_area, self.cfg.aspect_ratio, self._random)
+        return top_up(mask, round(target), self._random) if self.cfg.exact else mask

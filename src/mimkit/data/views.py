@@ -121,32 +121,40 @@ class MultiCropViews:
 
 @dataclass
 class MaskedViewConfig:
-    """One random-resized crop with a flip and a patch mask (BEiT-style inputs, as DTM uses them)."""
+    """One random-resized crop with a flip, colour jitter and a patch mask (BEiT-style inputs, as DTM uses them).
+
+    Defaults: DTM's reference code (RandomResizedCrop at torchvision's default scale, flip, ColorJitter(0.4, 0.4,
+    0.4) on every image)."""
 
     size: int = 224
-    scale: tuple[float, float] = (0.2, 1.0)
-    """Crop area range. ASSUMPTION (BEiT v2-like; DTM's paper does not list it)."""
+    scale: tuple[float, float] = (0.08, 1.0)
+    """Crop area range."""
     flip_p: float = 0.5
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.0)
+    """Brightness, contrast, saturation, hue (RGB data only; skipped on 1-channel data)."""
+    color_jitter_p: float = 1.0
 
     def validate(self, prefix: str = "method.views") -> None:
         check(self.size > 0, f"{prefix}.size", f"must be positive; got {self.size}")
         low, high = self.scale
         check(0 < low <= high <= 1, f"{prefix}.scale", f"needs 0 < min <= max <= 1; got {self.scale}")
         check(0 <= self.flip_p <= 1, f"{prefix}.flip_p", "must lie in [0, 1]")
+        check(0 <= self.color_jitter_p <= 1, f"{prefix}.color_jitter_p", "must lie in [0, 1]")
+        check(min(self.color_jitter) >= 0, f"{prefix}.color_jitter", f"must be >= 0; got {self.color_jitter}")
 
 
 class MaskedView:
     """`{"image": crop, "mask": (h, w) bool}` for one image."""
 
     def __init__(self, cfg: MaskedViewConfig, data: DataInfo, grid: tuple[int, int], masks: MaskGenerator) -> None:
-        self.pipeline = v2.Compose(
-            [
-                v2.RandomResizedCrop(cfg.size, scale=cfg.scale, interpolation=BICUBIC, antialias=True),
-                v2.RandomHorizontalFlip(cfg.flip_p),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(data.mean, data.std),
-            ]
-        )
+        steps: list[Any] = [
+            v2.RandomResizedCrop(cfg.size, scale=cfg.scale, interpolation=BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(cfg.flip_p),
+        ]
+        if data.channels == 3 and cfg.color_jitter_p > 0 and any(cfg.color_jitter):
+            steps.append(v2.RandomApply([v2.ColorJitter(*cfg.color_jitter)], p=cfg.color_jitter_p))
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.mean, data.std)]
+        self.pipeline = v2.Compose(steps)
         self.grid = grid
         self.masks = masks
 

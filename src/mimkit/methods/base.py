@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -126,13 +126,17 @@ class Method(nn.Module):
         """Once, after the method is on its device and before the first step (e.g. sync teachers)."""
 
 
-def split_weight_decay(named: Iterator[tuple[str, nn.Parameter]], prefix: str = "") -> list[ParamGroup]:
-    """Biases and 1-D parameters (norms, tokens' gains) get no weight decay, as in DINO/iBOT/MAE."""
+def split_weight_decay(
+    named: Iterator[tuple[str, nn.Parameter]], prefix: str = "", exempt: Sequence[str] = ()
+) -> list[ParamGroup]:
+    """Biases and 1-D parameters (norms, tokens' gains) get no weight decay, as in DINO/iBOT/MAE; nor do
+    parameters whose last name is in `exempt` (BEiT/DTM exempt `cls_token` and `pos_embed`)."""
     decay, no_decay = [], []
     for name, param in named:
         if not param.requires_grad:
             continue
-        (no_decay if name.endswith(".bias") or param.ndim <= 1 else decay).append(param)
+        undecayed = name.endswith(".bias") or param.ndim <= 1 or name.rsplit(".", 1)[-1] in exempt
+        (no_decay if undecayed else decay).append(param)
     groups = [ParamGroup(f"{prefix}decay", decay), ParamGroup(f"{prefix}no_decay", no_decay, weight_decay_scale=0.0)]
     return [g for g in groups if g.params]
 

@@ -22,7 +22,16 @@ from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskConfig, MaskGenerator
 from mimkit.data.views import MaskedView, MaskedViewConfig
 from mimkit.losses.regression import RegressionKind, normalize_targets, regression_loss
-from mimkit.methods.base import ClipMode, Method, MethodConfig, Progress, StepOutput, register
+from mimkit.methods.base import (
+    ClipMode,
+    Method,
+    MethodConfig,
+    ParamGroup,
+    Progress,
+    StepOutput,
+    register,
+    split_weight_decay,
+)
 from mimkit.methods.saved import open_encoder
 from mimkit.models.backbones import BackboneConfig, build_backbone
 from mimkit.models.encoder import Encoder
@@ -52,6 +61,8 @@ class DTMConfig(MethodConfig):
     """Per-token LayerNorm (no affine) of the morphed targets."""
     loss_weight: float = 1.0
     """w_dtm."""
+    no_weight_decay: list[str] = field(default_factory=lambda: ["cls_token", "pos_embed"])
+    """Parameters (by last name) without weight decay besides biases and 1-D ones (the reference's BEiT skip list)."""
 
     def validate(self, prefix: str = "method") -> None:
         super().validate(prefix)
@@ -108,6 +119,9 @@ class DTM(Method):
                 f"images, the student {self.num_tokens}; use a teacher with the same patch grid"
             )
         return tokens.shape[-1]
+
+    def param_groups(self) -> list[ParamGroup]:
+        return split_weight_decay(self.named_parameters(), exempt=self.cfg.no_weight_decay)
 
     def views(self) -> MaskedView:
         return MaskedView(self.cfg.views, self.data, self.grid, MaskGenerator(self.cfg.mask))

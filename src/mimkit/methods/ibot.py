@@ -48,7 +48,16 @@ class IBOTConfig(MethodConfig):
     patch_out_dim: int = 8192
     """Prototypes for patch tokens (must equal out_dim when shared_head)."""
     shared_head: bool = True
-    """Patch tokens use the [CLS] prototype layer too (every reference recipe)."""
+    """The student's patch tokens use its [CLS] prototype layer too (every reference recipe)."""
+    shared_head_teacher: bool | None = None
+    """The same for the teacher (the reference's separate flag); null: as `shared_head`. Student separate and
+    teacher shared: the teacher scores patches with its [CLS] prototypes; student shared and teacher separate: the
+    teacher's patch prototypes keep their initialisation (no student layer to follow), as in the reference."""
+
+    @property
+    def teacher_shares_head(self) -> bool:
+        return self.shared_head if self.shared_head_teacher is None else self.shared_head_teacher
+
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     norm_last_layer: bool = False
@@ -77,9 +86,10 @@ class IBOTConfig(MethodConfig):
         self.mask.validate(f"{prefix}.mask")
         self.morph.validate(f"{prefix}.morph")
         check(
-            not self.shared_head or self.patch_out_dim == self.out_dim,
+            not (self.shared_head or self.teacher_shares_head) or self.patch_out_dim == self.out_dim,
             f"{prefix}.patch_out_dim",
-            f"must equal out_dim ({self.out_dim}) when shared_head is true; got {self.patch_out_dim}",
+            f"must equal out_dim ({self.out_dim}) when shared_head or shared_head_teacher is true; "
+            f"got {self.patch_out_dim}",
         )
         check(0 <= self.momentum_teacher <= 1, f"{prefix}.momentum_teacher", "must lie in [0, 1]")
         for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "teacher_patch_temp"):
@@ -115,9 +125,22 @@ class IBOT(Method):
             norm_last_layer=cfg.norm_last_layer,
             shared_prototypes=cfg.shared_head,
         )
-        self.teacher_head = frozen_copy(self.student_head)
+        if cfg.teacher_shares_head == cfg.shared_head:
+            self.teacher_head = frozen_copy(self.student_head)
+        else:
+            self.teacher_head = PrototypeHead(
+                dim,
+                cfg.out_dim,
+                cfg.patch_out_dim,
+                cfg.head_hidden_dim,
+                cfg.head_bottleneck_dim,
+                norm_last_layer=cfg.norm_last_layer,
+                shared_prototypes=cfg.teacher_shares_head,
+            ).requires_grad_(False)
         self.ema = EMA(
-            nn.ModuleList([self.student, self.student_head]), nn.ModuleList([self.teacher, self.teacher_head])
+            nn.ModuleList([self.student, self.student_head]),
+            nn.ModuleList([self.teacher, self.teacher_head]),
+            allow_teacher_only=cfg.shared_head and not cfg.teacher_shares_head,
         )
         self.ema.copy_student()
         self.loss = IBOTLoss(

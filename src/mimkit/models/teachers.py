@@ -28,16 +28,17 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 class EMA:
     """teacher <- m * teacher + (1 - m) * student, over the parameters both networks share by name.
 
-    The student may own parameters the teacher lacks (e.g. the mask token); the reverse is an error.
-    The parameter lists are built once, so an update is one fused foreach call.
+    The student may own parameters the teacher lacks (e.g. the mask token); the reverse is an error unless
+    `allow_teacher_only`, when such teacher parameters keep their values (iBOT's teacher with its own patch
+    prototypes and a student without). The parameter lists are built once, so an update is one fused foreach call.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module, allow_teacher_only: bool = False) -> None:
         student_params = dict(student.named_parameters())
         missing = [name for name, _ in teacher.named_parameters() if name not in student_params]
-        if missing:
+        if missing and not allow_teacher_only:
             raise ValueError(f"teacher parameters without a student counterpart: {missing[:5]}")
-        pairs = [(p, student_params[name]) for name, p in teacher.named_parameters()]
+        pairs = [(p, student_params[name]) for name, p in teacher.named_parameters() if name in student_params]
         self.teacher_params = [t for t, _ in pairs]
         self.student_params = [s for _, s in pairs]
 
@@ -72,6 +73,9 @@ class TeacherConfig:
     """A mimkit run folder or checkpoint (kind mimkit); its encoder is the teacher."""
     momentum: float = 0.996
     """EMA teacher: momentum at the start, cosine to 1 over training."""
+    normalization: Literal["teacher", "student"] = "teacher"
+    """Frozen teachers: feed images normalised with the teacher's own mean/std ("teacher", correct), or the
+    student's input as it is ("student": DTM's reference feeds CLIP ImageNet-normalised pixels)."""
 
     def validate(self, prefix: str = "method.teacher") -> None:
         if self.kind in ("timm", "open_clip"):
@@ -104,8 +108,10 @@ class TokenTeacher(nn.Module):
         mean: Sequence[float],
         std: Sequence[float],
         data: DataInfo,
+        renormalize: bool = True,
     ) -> None:
         super().__init__()
+        self.renormalize = renormalize
         self.network = network.eval().requires_grad_(False)
         self.tokens, self.channels = tokens, channels
         self.register_buffer("data_mean", torch.tensor(data.mean).view(1, -1, 1, 1), persistent=False)
@@ -120,10 +126,11 @@ class TokenTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = images * self.data_std + self.data_mean
+        """Teacher tokens of student inputs; `renormalize` False feeds them as they are (channels still adapted)."""
+        pixels = images * self.data_std + self.data_mean if self.renormalize else images
         if pixels.shape[1] != self.channels:
             pixels = pixels.expand(-1, self.channels, -1, -1) if pixels.shape[1] == 1 else pixels.mean(1, keepdim=True)
-        return self.tokens((pixels - self.mean) / self.std)
+        return self.tokens((pixels - self.mean) / self.std if self.renormalize else pixels)
 
 
 def build_token_teacher(cfg: TeacherConfig, data: DataInfo, image_size: int) -> TokenTeacher:
@@ -154,9 +161,8 @@ def _timm_teacher(cfg: TeacherConfig, data: DataInfo, image_size: int) -> TokenT
     def tokens(x: torch.Tensor) -> torch.Tensor:
         return encoder(x)[:, prefix:]
 
-    return TokenTeacher(
-        tokens, encoder, 3, pretrained.get("mean", IMAGENET_MEAN), pretrained.get("std", IMAGENET_STD), data
-    )
+    mean, std = pretrained.get("mean", IMAGENET_MEAN), pretrained.get("std", IMAGENET_STD)
+    return TokenTeacher(tokens, encoder, 3, mean, std, data, renormalize=cfg.normalization == "teacher")
 
 
 def _open_clip_teacher(cfg: TeacherConfig, data: DataInfo) -> TokenTeacher:
@@ -180,4 +186,4 @@ def _open_clip_teacher(cfg: TeacherConfig, data: DataInfo) -> TokenTeacher:
 
     mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
     std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-    return TokenTeacher(tokens, visual, 3, mean, std, data)
+    return TokenTeacher(tokens, visual, 3, mean, std, data, renormalize=cfg.normalization == "teacher")
