@@ -86,7 +86,7 @@ class ToyMethod(Method):
         loss = F.mse_loss(self.net(noisy), clean.flatten(1))
         if cfg.nan_at_step == progress.step:
             loss = loss * float("nan")
-        return StepOutput(loss, {"noise_mse": F.mse_loss(noisy, clean).detach()})
+        return StepOutput(loss, {"loss_reconstruction": loss.detach(), "noise_mse": F.mse_loss(noisy, clean).detach()})
 
     @torch.no_grad()
     def after_step(self, progress: Progress) -> None:

@@ -20,6 +20,7 @@ from torch import nn
 from mimkit import __version__
 from mimkit.config import ConfigError, check
 from mimkit.data.info import DataInfo
+from mimkit.engine.checkpoint import ensure_writable
 from mimkit.models.encoder import Encoder
 from mimkit.runs import LoadedRun, load_run
 
@@ -47,6 +48,8 @@ def export_timm(
     encoder, role = _select_network(run, network)
     size = image_size or encoder.image_size
     name, model_args = encoder.timm_spec(size)
+    out = run.run_dir / "export" / "timm" if out_dir is None else Path(out_dir)
+    ensure_writable(out, "out", "choose a writable folder with --out")
     state = encoder.timm_state_dict(image_size)
     config = _timm_config(encoder.timm_model(), name, model_args, run.method.data, size)
     config["mimkit"] = {
@@ -56,8 +59,6 @@ def export_timm(
         "network": role,
         "trained_image_size": encoder.image_size,
     }
-    out = run.run_dir / "export" / "timm" if out_dir is None else Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     _readable_as_usual(out / WEIGHTS_FILE)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

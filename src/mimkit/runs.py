@@ -18,7 +18,7 @@ from mimkit.data.info import DataInfo
 from mimkit.data.sources import ImageSource, build_source
 from mimkit.engine.config import OptimConfig, TrainConfig
 from mimkit.methods.base import Method, method_class
-from mimkit.methods.saved import check_pretraining_checkpoint, read_checkpoint, resolve_checkpoint, restore_method
+from mimkit.methods.saved import check_pretraining_checkpoint, readable_checkpoint, resolve_checkpoint, restore_method
 from mimkit.models.encoder import Encoder
 
 
@@ -89,8 +89,7 @@ def load_run(
 
     `overrides` adjust the data config (e.g. `data.root=...` when evaluating on another machine).
     """
-    path = resolve_checkpoint(run_or_checkpoint)
-    state = read_checkpoint(path)
+    path, state = readable_checkpoint(resolve_checkpoint(run_or_checkpoint))
     check_pretraining_checkpoint(state, path)
     # a pretraining budget (`data.limit`) is not an evaluation protocol: evaluate on whole splits unless told
     base = {**state["config"], "data": {**state["config"]["data"], "limit": None}}

@@ -189,6 +189,13 @@ def _random_init_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _writable_results(run: LoadedRun) -> None:
+    """Fail before evaluating when RUN/eval cannot take the results (a read-only or full run folder)."""
+    from mimkit.engine.checkpoint import ensure_writable
+
+    ensure_writable(run.run_dir / "eval", "eval", "copy the run folder somewhere writable and evaluate it there")
+
+
 def _save(run: LoadedRun, name: str, result: dict, label: str = PRETRAINED) -> None:
     stem, ext = name.rsplit(".", 1)
     out = run.run_dir / "eval" / f"{stem}{_suffix(label)}.{ext}"
@@ -223,6 +230,7 @@ def run_knn(args: argparse.Namespace) -> int:
     from mimkit.runs import load_run
 
     run = load_run(args.run_path, args.overrides)
+    _writable_results(run)
     splits = _labelled_splits(run, args, "k-NN")
     rows = {PRETRAINED: _knn_row(run.encoder(), run, splits, args, PRETRAINED)}
     if args.baselines:
@@ -274,6 +282,7 @@ def run_linear(args: argparse.Namespace) -> int:
     if args.raw_pixels and args.random_init:
         raise ConfigError("--raw-pixels and --random-init are two different baselines; give one of them")
     run = load_run(args.run_path, args.overrides, random_init=args.random_init)
+    _writable_results(run)
     splits = _labelled_splits(run, args, "the linear probe")
     classes = splits[0][1].info.num_classes
     encoder, label, variant = (
@@ -345,6 +354,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from mimkit.runs import load_run
 
     run = load_run(args.run_path, args.overrides, random_init=args.random_init)
+    _writable_results(run)
     encoder = run.encoder()
     model = encoder.timm_model()
     cfg = FinetuneConfig(

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         print(dump_yaml(cfg), end="")
         return 0
     from mimkit.engine.stop import TrainingStopped
-    from mimkit.engine.train import pretrain  # heavy imports only when training
+    from mimkit.engine.train import NonFiniteLossError, pretrain  # heavy imports only when training
     from mimkit.eval.online import online_knn
 
     try:
@@ -96,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
     except TrainingStopped as stopped:
         print(f"mimkit: {stopped}", file=sys.stderr)
         return stopped.exit_code
+    except NonFiniteLossError as error:
+        print(f"mimkit: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -121,6 +121,9 @@ def _samples(
     dataset = ViewDataset(spread.source, transform, seed=loaded.cfg.seed)  # random views seeded by split index
     epoch = max(loaded.cfg.train.epochs - 1, 0)  # mask schedules (start_epoch) as at the end of training
     samples = [dataset[(epoch, i)] for i in spread.indices]
+    skipped = [s for s in samples if isinstance(s, Skipped)]
+    if skipped:
+        print(f"viz: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0].where} ({skipped[0].reason})")
     samples = [s for s in samples if not isinstance(s, Skipped)]
     if not samples:
         raise DataError(f"viz: none of the chosen images of {spread.info.name} could be read")

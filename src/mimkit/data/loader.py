@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import signal
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -63,8 +62,7 @@ class ViewDataset(Dataset):
                     f"unreadable image {error.where}: {error.reason} "
                     "(set data.strict=false to skip such files with a warning)"
                 ) from None
-            warnings.warn(f"skipping unreadable image {error.where}: {error.reason}", stacklevel=1)
-            return Skipped(error.where, error.reason)
+            return Skipped(error.where, error.reason)  # the batch carries it; its consumer reports it, once
         with seeded(self.seed, epoch, index):
             return self.transform(image, epoch), label, index
 

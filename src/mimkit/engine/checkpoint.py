@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mimkit.config import ConfigError
 from mimkit.methods.saved import CHECKPOINT_DIR, LAST
 
 
@@ -37,6 +38,36 @@ def last_checkpoint(run_dir: str | Path) -> Path | None:
 
 def epoch_checkpoint(run_dir: str | Path, epoch: int) -> Path:
     return checkpoint_dir(run_dir) / f"epoch_{epoch:04d}.ckpt"
+
+
+def ensure_writable(folder: Path, what: str, fix: str, needed_bytes: int = 0) -> None:
+    """A ConfigError naming the folder, the reason and `fix` unless a file can be written there and `needed_bytes`
+    fit on its disk: read-only, unwritable and full folders fail before any work is done, not after."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".mimkit-write-test-{os.getpid()}"
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * 4096)
+            handle.flush()
+            os.fsync(handle.fileno())
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"{what}: cannot write to {folder} ({error.strerror or error}); {fix}") from None
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise ConfigError(
+            f"{what}: {folder} has {free / 2**20:.0f} MiB free, and this needs about {needed_bytes / 2**20:.0f} MiB; "
+            f"{fix}"
+        )
+
+
+def checkpoint_bytes(module: torch.nn.Module) -> int:
+    """About what one checkpoint takes: every parameter and buffer, plus AdamW's two moments per trainable one, and
+    as much again while the new file is written beside the old."""
+    tensors = [*module.parameters(), *module.buffers()]
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    moments = sum(2 * p.numel() * 4 for p in module.parameters() if p.requires_grad)
+    return 2 * (total + moments)
 
 
 def atomic_save(fabric: Any, path: Path, state: dict[str, Any]) -> None:

@@ -12,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mimkit.config import ConfigError, to_dict
 from mimkit.engine import checkpoint as ckpt
+from mimkit.methods.saved import readable_checkpoint
 from mimkit.runs import RunConfig
 
 SAFE = (
@@ -69,15 +68,17 @@ def resolve_resume(cfg: RunConfig) -> Path | None:
     return path
 
 
-def saved_config(path: Path) -> dict[str, Any] | None:
-    """The config a checkpoint file was written with (memory-mapped: the weights are not read); None for a
-    sharded checkpoint folder."""
+def readable_resume(path: Path) -> tuple[Path, dict[str, Any] | None]:
+    """The checkpoint to resume from, falling back to the newest readable one of its folder if it is truncated or
+    corrupted (with a warning naming both), and the config it was written with (memory-mapped: the weights are
+    not read here); no config for a sharded checkpoint folder."""
     if path.is_dir():
-        return None
+        return path, None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config")
-    except Exception as error:  # an unreadable file is reported here, before anything is written
-        raise ConfigError(f"resume: {path} is not a readable mimkit checkpoint ({type(error).__name__})") from None
+        path, state = readable_checkpoint(path, mmap=True)
+    except ValueError as error:  # reported here, before anything is written
+        raise ConfigError(f"resume: {error}") from None
+    return path, state.get("config")
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:

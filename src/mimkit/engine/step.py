@@ -27,6 +27,8 @@ class StepResult:
     """The method's metrics of the last micro-batch."""
     norms: dict[str, torch.Tensor] | None = None
     """Gradient norms of the update; None when the loss was not finite and no update was made."""
+    images: int = 0
+    """Readable images of this process in the step (0: every one was unreadable, the loss is NaN)."""
 
 
 def train_step(
@@ -46,9 +48,11 @@ def train_step(
     hyperparameters.apply(optimizer, progress)
     losses: list[torch.Tensor] = []
     metrics: dict[str, Any] = {}
+    images = 0
     for micro, batch in enumerate(batches):
         if batch["views"] is None:
             continue
+        images += len(batch["label"])
         sync = micro == len(batches) - 1 or fabric.world_size == 1
         with fabric.no_backward_sync(module, enabled=not sync), fabric.autocast():
             out = module.training_step(batch, progress)
@@ -57,8 +61,8 @@ def train_step(
         metrics = out.metrics
     loss = torch.stack(losses).mean() if losses else torch.tensor(math.nan)
     if not all_finite(fabric, loss):
-        return StepResult(loss, metrics)
-    return StepResult(loss, metrics, optimizer_step(fabric, method, optimizer, progress))
+        return StepResult(loss, metrics, images=images)
+    return StepResult(loss, metrics, optimizer_step(fabric, method, optimizer, progress), images)
 
 
 def all_finite(fabric: Fabric, loss: torch.Tensor) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,18 +14,21 @@ import yaml
 from lightning.fabric import Fabric
 
 from mimkit.config import ConfigError, dump_yaml
+from mimkit.data.info import DataError
 from mimkit.data.loader import ViewDataset, train_loader
 from mimkit.data.sources import build_source, describe
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.logs import MetricsCSV, ProgressDisplay, log, setup_logging
 from mimkit.engine.optim import Hyperparameters, build_optimizer
-from mimkit.engine.resume import check_resume_changes, resolve_resume, saved_config
+from mimkit.engine.resume import check_resume_changes, readable_resume, resolve_resume
 from mimkit.engine.runtime import environment, make_fabric, setup_for_training
-from mimkit.engine.step import train_step
+from mimkit.engine.step import StepResult, train_step
 from mimkit.engine.stop import StopRequest, TrainingStopped
 from mimkit.methods.base import Method, method_class
 from mimkit.runs import RunConfig
 from mimkit.schedules import Progress
+
+OUTPUT_FIX = "choose another output_dir (or free space, or fix its permissions)"
 
 
 class EpochCallback(Protocol):
@@ -55,10 +59,10 @@ def pretrain(cfg: RunConfig, callbacks: Sequence[EpochCallback] = (), *, force: 
     A resumed run takes only the config changes it can (see `mimkit.engine.resume`; `force` for the
     optimisation's); its config.yaml is rewritten only once its checkpoint is restored.
     """
-    resume_path = resolve_resume(cfg)
-    saved = saved_config(resume_path) if resume_path is not None else None
+    resume_path, saved = readable_resume(resume) if (resume := resolve_resume(cfg)) is not None else (None, None)
     notices = check_resume_changes(saved, cfg, force) if saved is not None else []
     run_dir = Path(cfg.output_dir)
+    ckpt.ensure_writable(run_dir, "output_dir", OUTPUT_FIX)
     fabric = make_fabric(cfg.train, run_dir)
     fabric.launch()
     setup_logging(run_dir, fabric.global_rank)
@@ -81,12 +85,17 @@ class Trainer:
     ) -> None:
         self.cfg, self.fabric, self.run_dir = cfg, fabric, Path(cfg.output_dir)
         self.callbacks = list(callbacks)
+        self.last_skipped = ""
         self.stop = StopRequest()
         fabric.seed_everything(cfg.seed, verbose=False)  # identical initial weights on every rank
         with fabric.rank_zero_first():
             source = build_source(cfg.data)
         log.info("data  %s", describe(source))
         self.method: Method = method_class(cfg.method.name)(cfg.method, source.info)
+        if fabric.global_rank == 0:
+            ckpt.ensure_writable(
+                ckpt.checkpoint_dir(self.run_dir), "output_dir", OUTPUT_FIX, ckpt.checkpoint_bytes(self.method)
+            )
         self.loader = train_loader(
             ViewDataset(source, self.method.views(), seed=cfg.seed, strict=cfg.data.strict),
             batch_size=cfg.data.batch_size,
@@ -157,6 +166,7 @@ class Trainer:
         pos, fabric = self.position, self.fabric
         self.sampler.set_position(pos.epoch, start=pos.batch_in_epoch * self.cfg.data.batch_size)
         window_start, window_images = time.perf_counter(), 0
+        readable = 0
         batches = iter(self.loader)
         while pos.batch_in_epoch < self.steps_per_epoch * self.accumulate:
             progress = Progress(pos.epoch, pos.step, self.steps_per_epoch, self.cfg.train.epochs)
@@ -166,6 +176,7 @@ class Trainer:
                 pos.batch_in_epoch += 1
                 for where in batch["skipped"]:
                     pos.skipped_images += 1
+                    self.last_skipped = where
                     log.warning("skipped unreadable image %s", where)
                 if batch["views"] is not None:
                     window_images += len(batch["label"]) * fabric.world_size
@@ -174,8 +185,11 @@ class Trainer:
                 fabric, self.module, self.method, self.optimizer, self.hyperparameters, micro_batches, progress
             )
             step_loss, metrics, norms = result.loss, result.metrics, result.norms
+            readable += result.images
+            if result.images == 0:
+                self._check_readable(readable)
             if norms is None:
-                self._on_nonfinite(step_loss, progress)
+                self._on_nonfinite(result, progress)
                 continue
             pos.step += 1
             elapsed = time.perf_counter() - window_start
@@ -224,15 +238,34 @@ class Trainer:
     def _current_lr(self) -> float:
         return max(g["lr"] for g in self.optimizer.param_groups)
 
-    def _on_nonfinite(self, loss: torch.Tensor, progress: Progress) -> None:
+    def _check_readable(self, readable: int) -> None:
+        """A DataError once three global batches of this epoch brought not one readable image (every image of the
+        data unreadable, say), instead of a run of NaN losses."""
+        pos, batch = self.position, self.cfg.data.batch_size * self.fabric.world_size
+        seen = pos.batch_in_epoch * batch
+        if readable == 0 and seen >= min(3 * batch, self.steps_per_epoch * self.accumulate * batch):
+            raise DataError(
+                f"none of the first {seen} images of epoch {pos.epoch} could be read (the last: {self.last_skipped}); "
+                "check the files of the data source (data.root), or set data.strict=true to stop at the first one"
+            )
+
+    def _on_nonfinite(self, result: StepResult, progress: Progress) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         pos = self.position
+        if result.images == 0:  # every image of this step was unreadable: nothing to learn from, nothing wrong
+            pos.step += 1
+            log.warning("epoch %d step %d: no readable image in the batch; step skipped", pos.epoch, pos.step)
+            return
+        loss = result.loss
+        bad = [k for k, v in result.metrics.items() if k.startswith("loss") and not math.isfinite(float(v))]
+        terms = f" (non-finite: {', '.join(bad)})" if bad else ""
         if self.cfg.train.on_nonfinite == "skip":
             pos.skipped_steps += 1
             pos.step += 1
             log.warning(
-                "non-finite loss (%s) at epoch %d step %d: step skipped (%d so far)",
+                "non-finite loss (%s%s) at epoch %d step %d: step skipped (%d so far)",
                 float(loss),
+                terms,
                 pos.epoch,
                 pos.step,
                 pos.skipped_steps,
@@ -242,8 +275,8 @@ class Trainer:
         path = ckpt.last_path(self.run_dir)
         self.save(path)
         raise NonFiniteLossError(
-            f"loss is {float(loss)} at epoch {progress.epoch}, step {progress.step}. The last good state is saved "
-            f"in {path}. Lower optim.lr, clip harder (method.clip_grad) or use train.precision=32-true, then "
+            f"loss is {float(loss)}{terms} at epoch {progress.epoch}, step {progress.step}. The last good state is "
+            f"saved in {path}. Lower optim.lr, clip harder (method.clip_grad) or use train.precision=32-true, then "
             "continue with --resume; or set train.on_nonfinite=skip to skip such steps."
         )
 

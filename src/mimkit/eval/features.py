@@ -18,6 +18,7 @@ from mimkit.data.loader import ViewDataset, eval_loader
 from mimkit.data.sources import ImageSource
 from mimkit.data.views import EvalView
 from mimkit.distributed import all_gather_cat, world_size
+from mimkit.engine.logs import log
 from mimkit.models.encoder import Encoder
 
 Pooling = Literal["cls", "avg", "cls+avg"]
@@ -82,9 +83,10 @@ def extract_features(
     encoder.eval()
     dataset = ViewDataset(source, EvalView(source.info, image_size), seed=0)
     loader = eval_loader(dataset, batch_size=batch_size, num_workers=num_workers, num_replicas=world_size(), rank=rank)
-    features, labels, indices = [], [], []
+    features, labels, indices, skipped = [], [], [], []
     batches = track(loader, description=description, transient=True) if description else loader
     for batch in batches:
+        skipped += batch["skipped"]
         if batch["views"] is None:
             continue
         tokens = encoder(batch["views"].to(device, non_blocking=True))
@@ -93,7 +95,15 @@ def extract_features(
         indices.append(batch["index"].to(device))
     encoder.train(was_training)
     if not features:
-        raise DataError(f"none of the {len(source)} images of {source.info.name} could be read")
+        raise DataError(
+            f"none of the {len(source)} images of {source.info.name} could be read (e.g. {skipped[0]})"
+            if skipped
+            else f"none of the {len(source)} images of {source.info.name} could be read"
+        )
+    if skipped:
+        log.warning(
+            "%s: skipped %d unreadable image(s), e.g. %s", source.info.name, len(skipped), ", ".join(skipped[:3])
+        )
     return _in_dataset_order(torch.cat(features), torch.cat(labels), torch.cat(indices), len(source))
 
 

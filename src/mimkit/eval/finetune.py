@@ -33,6 +33,7 @@ from mimkit.data.info import DataInfo
 from mimkit.data.loader import ViewDataset, eval_loader, train_loader
 from mimkit.data.sources import ImageSource
 from mimkit.data.views import BICUBIC, EvalView
+from mimkit.engine.logs import log
 from mimkit.schedules import CosineSchedule
 from mimkit.schedules import Progress as TrainingProgress
 
@@ -203,6 +204,7 @@ def finetune(
     steps_per_epoch = len(loader)
 
     result = FinetuneResult()
+    skipped: list[str] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, TextColumn("loss {task.fields[loss]:.4f}"), transient=True) as bar:
         task = bar.add_task("fine-tuning", total=steps_per_epoch * cfg.epochs, loss=math.nan)
@@ -213,6 +215,8 @@ def finetune(
             bar.update(task, description=f"fine-tuning epoch {epoch + 1}/{cfg.epochs}")
             for i, batch in enumerate(loader):
                 bar.advance(task)
+                if epoch == 0:
+                    skipped += batch["skipped"]
                 if batch["views"] is None:
                     continue
                 lr = schedule(TrainingProgress(epoch, epoch * steps_per_epoch + i, steps_per_epoch, cfg.epochs))
@@ -228,6 +232,8 @@ def finetune(
                 optimizer.step()
                 losses.append(loss.item())
                 bar.update(task, loss=losses[-1])
+            if epoch == 0 and skipped:
+                log.warning("fine-tuning: skipped %d unreadable image(s), e.g. %s", len(skipped), skipped[0])
             top1, top5 = evaluate(model, test_loader, device)
             row = {"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "top1": top1, "top5": top5}
             result.history.append(row)

@@ -6,6 +6,7 @@ them and the evaluation that reads them, so a frozen mimkit teacher can be opene
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from mimkit.data.info import DataInfo
 from mimkit.methods.base import Method, MethodConfig, method_class
 from mimkit.models.encoder import Encoder
 
+log = logging.getLogger("mimkit")
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
 
@@ -30,8 +32,9 @@ def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
     return path
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a mimkit checkpoint file on the CPU for evaluation, export or inspection."""
+def read_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """Load a mimkit checkpoint file on the CPU for evaluation, export or inspection (`mmap`: map the tensors
+    instead of reading them, to look at the config or the position cheaply)."""
     file = Path(path)
     if not file.exists():
         raise FileNotFoundError(f"checkpoint {file} does not exist")
@@ -41,9 +44,32 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "(lightning.fabric.utilities.consolidate_checkpoint)"
         )
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # pickle, zip and torch errors all mean the same: unusable file
         raise ValueError(f"{file} is not a readable mimkit checkpoint ({type(error).__name__}: {error})") from None
+
+
+def readable_checkpoint(path: Path, *, mmap: bool = False) -> tuple[Path, dict[str, Any]]:
+    """`path` and its contents; if it is truncated or corrupted, the newest other checkpoint of its folder that
+    reads, with a warning naming both (a run keeps `epoch_NNNN.ckpt` files beside `last.ckpt`)."""
+    try:
+        return path, read_checkpoint(path, mmap=mmap)
+    except ValueError as error:
+        if path.is_dir():
+            raise
+        reason = error
+    others = sorted((p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: p.stat().st_mtime, reverse=True)
+    for other in others:
+        try:
+            state = read_checkpoint(other, mmap=mmap)
+        except ValueError:
+            continue
+        position = state.get("position", {})
+        log.warning(
+            "%s; using %s instead (epoch %s, step %s)", reason, other, position.get("epoch"), position.get("step")
+        )
+        return other, state
+    raise ValueError(f"{reason}; no other checkpoint in {path.parent} is readable either") from None
 
 
 def check_pretraining_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -65,8 +91,7 @@ def restore_method(
 
 def open_encoder(run_or_checkpoint: str | Path) -> tuple[Encoder, DataInfo]:
     """The trained encoder of a saved run and the data it was trained on (a frozen teacher's view of it)."""
-    path = resolve_checkpoint(run_or_checkpoint)
-    state = read_checkpoint(path)
+    path, state = readable_checkpoint(resolve_checkpoint(run_or_checkpoint))
     check_pretraining_checkpoint(state, path)
     saved = state["config"]["method"]
     method_cfg = from_dict(method_class(str(saved["name"])).Config, saved, "method")

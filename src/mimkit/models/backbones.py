@@ -42,6 +42,9 @@ class BackboneConfig:
     drop_path_rate: float = 0.1
     weights: str | None = None
     """A local file (safetensors or torch) of timm weights to start from; never downloaded."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: same gradients, less memory, about a third more
+    compute (large models on small GPUs)."""
     model_args: dict[str, Any] = field(default_factory=dict)
     """Further timm model arguments, e.g. layers/channels of a ResNet, depths/dims of a ConvNeXt, init_values of
     a BEiT."""
@@ -161,13 +164,17 @@ def build_backbone(
     """The encoder of `cfg.name`'s family around a fresh timm model; `mask_token` for networks that see masks."""
     model, args = create_timm_model(cfg, in_chans, drop_path_rate, prefix=prefix)
     kind = family(cfg.name)
+    encoder: Encoder
     if kind == "vit":
-        return MaskableViT(model, mask_token=mask_token, timm_name=cfg.name, timm_args=args)
-    if kind == "beit":
-        return MaskableBEiT(model, mask_token=mask_token, timm_name=cfg.name, timm_args=args)
-    if mask_token:
+        encoder = MaskableViT(model, mask_token=mask_token, timm_name=cfg.name, timm_args=args)
+    elif kind == "beit":
+        encoder = MaskableBEiT(model, mask_token=mask_token, timm_name=cfg.name, timm_args=args)
+    elif mask_token:
         raise ConfigError(
             f"{prefix}.name: {cfg.name} is a CNN, which takes no patch mask, and this network sees masked images; "
             f"use a ViT or BEiT backbone (e.g. vit_small_patch16_224, beit_base_patch16_224)"
         )
-    return CNNEncoder(model, timm_name=cfg.name, timm_args=args, image_size=cfg.img_size)
+    else:
+        encoder = CNNEncoder(model, timm_name=cfg.name, timm_args=args, image_size=cfg.img_size)
+    encoder.set_activation_checkpointing(cfg.activation_checkpointing)
+    return encoder

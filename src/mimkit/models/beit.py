@@ -45,8 +45,7 @@ class MaskableBEiT(TransformerEncoder):
             tokens = tokens + beit.pos_embed
         tokens = beit.pos_drop(tokens)
         shared_bias = beit.rel_pos_bias() if beit.rel_pos_bias is not None else None
-        for block in beit.blocks:
-            tokens = block(tokens, shared_rel_pos_bias=shared_bias)
+        tokens = self.run_blocks(beit.blocks, tokens, shared_rel_pos_bias=shared_bias)
         return beit.norm(tokens)
 
     def grid(self, height: int, width: int) -> tuple[int, int]:

@@ -8,8 +8,11 @@ so timm is left untouched and the maps are exactly the weights the block used.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mimkit.config import ConfigError
 from mimkit.models.encoder import Encoder
@@ -21,6 +24,17 @@ class TransformerEncoder(Encoder):
     def __init__(self, mask_token: nn.Parameter | None) -> None:
         super().__init__()
         self.mask_token = mask_token
+        self.activation_checkpointing = False
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        self.activation_checkpointing = enabled
+
+    def run_blocks(self, blocks: nn.ModuleList, tokens: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """The blocks in order; with activation checkpointing each block's activations are recomputed in backward."""
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
+        for block in blocks:
+            tokens = checkpoint(block, tokens, use_reentrant=False, **kwargs) if recompute else block(tokens, **kwargs)
+        return tokens
 
     @property
     def supports_mask(self) -> bool:  # type: ignore[override]
