@@ -27,6 +27,13 @@ class ConfigError(ValueError):
     """A config value is wrong; the message names the field and the fix."""
 
 
+def short_reason(error: BaseException) -> str:
+    """The error's type and first line, leaving out torch's advice on `weights_only` (mimkit never unpickles code,
+    so that advice would mislead)."""
+    first = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first}" if first and "weights_only" not in first else type(error).__name__
+
+
 def check(condition: bool, field_name: str, message: str) -> None:
     """Raise a ConfigError for `field_name` unless `condition` holds (used by `validate()` methods)."""
     if not condition:
@@ -54,6 +61,14 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-3)")
+        try:
+            yaml.safe_load(item.split("=", 1)[1])
+        except yaml.YAMLError as error:
+            problem = str(error).strip().splitlines()[0]
+            raise ConfigError(
+                f"override {item!r}: its value is not valid YAML ({problem}); quote it or close its brackets, "
+                "e.g. optim.betas=[0.9,0.95]"
+            ) from None
     try:
         merged = OmegaConf.merge(OmegaConf.create(dict(data)), OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]

@@ -119,6 +119,28 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Option values that cannot work, as a ConfigError naming the option (exit 2), before any run is opened."""
+    from mimkit.config import ConfigError
+
+    rules = [
+        ("k", lambda v: all(k >= 1 for k in v), "every k must be >= 1"),
+        ("lrs", lambda v: all(lr > 0 for lr in v), "every lr must be > 0"),
+        ("temperature", lambda v: v > 0, "must be > 0"),
+        ("epochs", lambda v: v >= 1, "must be >= 1"),
+        ("batch_size", lambda v: v >= 1, "must be >= 1"),
+        ("limit", lambda v: v is None or v >= 1, "must be >= 1"),
+        ("num_workers", lambda v: v is None or v >= 0, "must be >= 0"),
+        ("val_fraction", lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+        ("lr", lambda v: v > 0, "must be > 0"),
+    ]
+    for name, ok, rule in rules:
+        if hasattr(args, name) and not ok(getattr(args, name)):
+            value = getattr(args, name)
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            raise ConfigError(f"--{name.replace('_', '-')}: {rule}; got {shown}")
+
+
 def _labelled_splits(run: LoadedRun, args: argparse.Namespace, evaluation: str) -> list[tuple[str, ImageSource]]:
     """The run's train and eval splits by name (first `args.limit` images each); an error if unlabelled."""
     from mimkit.config import ConfigError
@@ -218,11 +240,19 @@ def _knn_row(
     from mimkit.eval.knn import knn_accuracy
 
     train, test = (_features(encoder, run, split, args, label, args.pooling) for split in splits)
+    if max(args.k) > len(train.labels):
+        from mimkit.config import ConfigError
+
+        raise ConfigError(
+            f"--k: {max(args.k)} neighbours of only {len(train.labels)} training images; use k <= "
+            f"{len(train.labels)} (or more images: a larger --limit)"
+        )
     classes = splits[0][1].info.num_classes
     return knn_accuracy(train.features, train.labels, test.features, test.labels, classes, args.k, args.temperature)
 
 
 def run_knn(args: argparse.Namespace) -> int:
+    _check_options(args)
     from rich.console import Console
     from rich.table import Table
 
@@ -270,6 +300,7 @@ def _earlier_knn_rows(run: LoadedRun, settings: dict) -> dict[str, dict[str, flo
 
 
 def run_linear(args: argparse.Namespace) -> int:
+    _check_options(args)
     import torch
 
     from mimkit.config import ConfigError
@@ -344,6 +375,7 @@ def run_linear(args: argparse.Namespace) -> int:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    _check_options(args)
     from dataclasses import asdict
 
     from rich.console import Console

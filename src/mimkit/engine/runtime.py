@@ -25,7 +25,20 @@ if TYPE_CHECKING:
 def make_fabric(cfg: TrainConfig, run_dir: Path) -> Fabric:
     """Fabric for the configured accelerator, devices, nodes, strategy and precision, with the run's loggers."""
     accelerator = cfg.accelerator
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"train.accelerator: {accelerator}, but torch sees no CUDA device (torch.cuda.is_available() is "
+            "False); use --accelerator cpu (or auto), or a machine with a GPU and a CUDA build of torch"
+        )
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.accelerator: mps, but this machine has no Apple GPU; use --accelerator cpu")
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    cores = os.cpu_count() or 1
+    if on_cpu and isinstance(cfg.devices, int) and cfg.devices > cores:
+        raise ConfigError(
+            f"train.devices: {cfg.devices} processes on a CPU with {cores} cores; each needs a core of its own, "
+            f"so use --devices {cores} or fewer"
+        )
     if cfg.precision == "16-mixed" and on_cpu:
         raise ConfigError(
             "train.precision: 16-mixed needs a GPU (its gradient scaler is CUDA-only); "

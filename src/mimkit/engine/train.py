@@ -92,6 +92,14 @@ class Trainer:
             source = build_source(cfg.data)
         log.info("data  %s", describe(source))
         self.method: Method = method_class(cfg.method.name)(cfg.method, source.info)
+        size, image = self.method.encoder().image_size, source.info.image_size
+        if image is not None and size > min(image):
+            log.warning(
+                "the images are %dx%d and the encoder trains at %d px: every crop is upsampled (set "
+                "method.backbone.img_size and the crop sizes to the data's size to train at its resolution)",
+                *image,
+                size,
+            )
         if fabric.global_rank == 0:
             ckpt.ensure_writable(
                 ckpt.checkpoint_dir(self.run_dir), "output_dir", OUTPUT_FIX, ckpt.checkpoint_bytes(self.method)

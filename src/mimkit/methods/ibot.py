@@ -91,6 +91,18 @@ class IBOTConfig(MethodConfig):
             f"must equal out_dim ({self.out_dim}) when shared_head or shared_head_teacher is true; "
             f"got {self.patch_out_dim}",
         )
+        check(
+            self.views.global_size <= self.backbone.img_size,
+            f"{prefix}.views.global_size",
+            f"{self.views.global_size} is larger than the backbone's img_size ({self.backbone.img_size}), the size "
+            f"it is evaluated at; use global_size <= img_size (usually equal)",
+        )
+        check(
+            self.views.num_local == 0 or self.views.local_size <= self.views.global_size,
+            f"{prefix}.views.local_size",
+            f"local crops ({self.views.local_size}) larger than the global ones ({self.views.global_size}); "
+            "local crops are the small views",
+        )
         check(0 <= self.momentum_teacher <= 1, f"{prefix}.momentum_teacher", "must lie in [0, 1]")
         for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "teacher_patch_temp"):
             check(getattr(self, name) > 0, f"{prefix}.{name}", "temperatures must be positive")

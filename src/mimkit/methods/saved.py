@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mimkit.config import ConfigError, from_dict
+from mimkit.config import ConfigError, from_dict, short_reason
 from mimkit.data.info import DataInfo
 from mimkit.methods.base import Method, MethodConfig, method_class
 from mimkit.models.encoder import Encoder
@@ -46,7 +46,10 @@ def read_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # pickle, zip and torch errors all mean the same: unusable file
-        raise ValueError(f"{file} is not a readable mimkit checkpoint ({type(error).__name__}: {error})") from None
+        raise ConfigError(
+            f"{file} is not a readable mimkit checkpoint ({short_reason(error)}); give a run folder or a .ckpt "
+            "file written by mimkit pretrain"
+        ) from None
 
 
 def readable_checkpoint(path: Path, *, mmap: bool = False) -> tuple[Path, dict[str, Any]]:
@@ -55,7 +58,7 @@ def readable_checkpoint(path: Path, *, mmap: bool = False) -> tuple[Path, dict[s
     try:
         return path, read_checkpoint(path, mmap=mmap)
     except ValueError as error:
-        if path.is_dir():
+        if path.is_dir() or path.parent.name != CHECKPOINT_DIR:  # only a run's own checkpoints have siblings
             raise
         reason = error
     others = sorted((p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: p.stat().st_mtime, reverse=True)

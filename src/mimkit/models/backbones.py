@@ -15,7 +15,7 @@ import timm
 import torch
 from torch import nn
 
-from mimkit.config import ConfigError, check
+from mimkit.config import ConfigError, check, short_reason
 from mimkit.models.beit import MaskableBEiT
 from mimkit.models.cnn import CNNEncoder
 from mimkit.models.encoder import Encoder
@@ -132,13 +132,25 @@ def load_weights(model: nn.Module, path: str, field_name: str = "method.backbone
             f"{field_name}: weights file {file} does not exist (mimkit never downloads weights; "
             "give the path of a .safetensors or .pth file)"
         )
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(file))
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+            state = load_file(str(file))
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # a file that is not one: safetensors, zip and pickle errors alike
+        raise ConfigError(
+            f"{field_name}: {file} is not a weights file ({short_reason(error)}); give timm weights as "
+            ".safetensors or a torch state dict (.pth)"
+        ) from None
+    if isinstance(state, dict) and "config" in state and "method" in state:
+        raise ConfigError(
+            f"{field_name}: {file} is a mimkit checkpoint, not timm weights; export its encoder first "
+            "(mimkit export RUN --format timm) and give RUN/export/timm/model.safetensors"
+        )
+    if isinstance(state, dict):
+        state = state.get("state_dict", state.get("model", state))
     own = model.state_dict()
     wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state]

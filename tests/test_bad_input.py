@@ -1,0 +1,150 @@
+"""The bad-input catalogue of docs/troubleshooting.md: every user mistake exits 2 (or warns) with a message that
+names the problem and the fix, and never with a Python traceback. Each case's id is a heading of that page."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mimkit.cli import main
+from mimkit.engine.train import pretrain
+from mimkit.runs import load_run_config
+from support import IBOT_RECIPE, QUIET_CPU_RUN, ROOT, SYNTHETIC_28, TINY_IBOT_HEADS
+
+TOY = str(ROOT / "tests" / "recipes" / "toy.yaml")
+RECIPE = str(IBOT_RECIPE)
+TINY = ["method.backbone.embed_dim=32", "method.backbone.depth=1", "method.backbone.num_heads=2", *TINY_IBOT_HEADS]
+DOC = ROOT / "docs" / "troubleshooting.md"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    overrides = [*TINY, *SYNTHETIC_28, "data.synthetic_images=8", "data.batch_size=4", "train.epochs=1"]
+    out = tmp_path_factory.mktemp("run") / "ibot"
+    return pretrain(load_run_config(IBOT_RECIPE, [*overrides, *QUIET_CPU_RUN, f"output_dir={out}"]))
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("files") / "image.png"
+    Image.new("RGB", (8, 8)).save(path)
+    return path
+
+
+Case = Callable[[Path, Path, Path], list[str]]
+CASES: dict[str, tuple[Case, str]] = {
+    "crop-larger-than-img-size": (
+        lambda run, image, tmp: ["pretrain", "-c", RECIPE, "method.views.global_size=56", "--print-config"],
+        r"method.views.global_size: 56 is larger than the backbone's img_size \(28\)",
+    ),
+    "local-crops-larger-than-global": (
+        lambda run, image, tmp: ["pretrain", "-c", RECIPE, "method.views.local_size=42", "--print-config"],
+        r"method.views.local_size: local crops \(42\) larger than the global ones \(28\)",
+    ),
+    "more-cpu-processes-than-cores": (
+        lambda run, image, tmp: ["pretrain", "-c", TOY, f"output_dir={tmp}", "--devices", "999"],
+        r"train.devices: 999 processes on a CPU with \d+ cores; each needs a core of its own, so use --devices \d+",
+    ),
+    "broken-override": (
+        lambda run, image, tmp: ["pretrain", "-c", RECIPE, "optim.betas=[0.9,", "--print-config"],
+        r"override 'optim.betas=\[0.9,': its value is not valid YAML .*close its brackets",
+    ),
+    "not-a-weights-file": (
+        lambda run, image, tmp: [
+            *["pretrain", "-c", RECIPE, *TINY, "data.source=synthetic", f"output_dir={tmp}"],
+            f"method.backbone.weights={image}",
+        ],
+        r"method.backbone.weights: .*image.png is not a weights file .*give timm weights",
+    ),
+    "mimkit-checkpoint-as-weights": (
+        lambda run, image, tmp: [
+            *["pretrain", "-c", RECIPE, *TINY, "data.source=synthetic", f"output_dir={tmp}"],
+            f"method.backbone.weights={run / 'checkpoints' / 'last.ckpt'}",
+        ],
+        r"is a mimkit checkpoint, not timm weights; export its encoder first \(mimkit export RUN --format timm\)",
+    ),
+    "not-a-checkpoint": (
+        lambda run, image, tmp: ["eval", "linear", str(image)],
+        r"image.png is not a readable mimkit checkpoint \(UnpicklingError\); give a run folder or a .ckpt file",
+    ),
+    "k-below-one": (
+        lambda run, image, tmp: ["eval", "knn", str(run), "--k", "0"],
+        r"--k: every k must be >= 1; got 0",
+    ),
+    "lr-not-positive": (
+        lambda run, image, tmp: ["eval", "linear", str(run), "--lrs", "0.1", "-1"],
+        r"--lrs: every lr must be > 0; got 0.1 -1.0",
+    ),
+    "k-larger-than-the-bank": (
+        lambda run, image, tmp: ["eval", "knn", str(run), "--k", "500", "--limit", "8"],
+        r"--k: 500 neighbours of only 8 training images; use k <= 8",
+    ),
+    "no-such-run": (
+        lambda run, image, tmp: ["eval", "knn", str(tmp / "missing")],
+        r"no checkpoint at .*missing \(give a run folder or a .ckpt file\)",
+    ),
+    "unknown-field": (
+        lambda run, image, tmp: ["pretrain", "-c", RECIPE, "optim.lrr=1", "--print-config"],
+        r"optim.lrr: unknown field; did you mean 'optim.lr'\?",
+    ),
+}
+if not torch.cuda.is_available():
+    CASES["gpu-without-a-gpu"] = (
+        lambda run, image, tmp: ["pretrain", "-c", TOY, f"output_dir={tmp}", "--accelerator", "gpu"],
+        r"train.accelerator: gpu, but torch sees no CUDA device .*use --accelerator cpu",
+    )
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_mistake_exits_2_with_a_message_that_names_the_fix(
+    case: str, run: Path, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    build, expected = CASES[case]
+    capsys.readouterr()
+    code = main(build(run, image, tmp_path / "out"))
+    out, err = capsys.readouterr()
+    assert code == 2, (out + err)[-2000:]
+    assert re.search(expected, err), err
+    assert "Traceback" not in err and "weights_only" not in err
+    assert err.count("\n") <= 3, err  # one message, not a dump
+
+
+def test_every_case_is_in_the_troubleshooting_page() -> None:
+    headings = set(re.findall(r"^### `?([a-z0-9-]+)`?", DOC.read_text(), flags=re.M))
+    documented = {"unwritable-output-dir", "full-disk", "non-finite-loss", "unreadable-images", "resume-changes"}
+    assert set(CASES) | documented <= headings, sorted(set(CASES) | documented - headings)
+
+
+def test_overrides_are_accepted_after_flags(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "knn", str(run), "--k", "1", "data.num_workers=0", "--limit", "8"]) == 0
+    assert main(["pretrain", "-c", RECIPE, "--precision", "32-true", "optim.lr=0.5", "--print-config"]) == 0
+    assert "lr: 0.5" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["data", "fetch", "fashion-mnist", "optim.lr=1"])  # a command without overrides says so
+
+
+def test_a_data_error_in_a_worker_shows_its_message_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "photos" / "a"
+    folder.mkdir(parents=True)
+    for i in range(7):
+        Image.new("RGB", (16, 16), (i * 30, 0, 0)).save(folder / f"{i}.png")
+    (folder / "broken.png").write_text("not an image")
+    args = ["pretrain", "-c", TOY, f"output_dir={tmp_path / 'run'}", "data.source=imagefolder"]
+    args += [f"data.root={tmp_path / 'photos'}", "data.batch_size=4", "method.crop=8", "data.strict=true"]
+    assert main([*args, "data.num_workers=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unreadable image" in err and "broken.png" in err and "data.strict=false" in err
+    assert "Original Traceback" not in err and "Traceback" not in err
+
+
+def test_crops_larger_than_the_images_warn_that_they_are_upsampled(tmp_path: Path) -> None:
+    sizes = ["method.backbone.img_size=56", "method.views.global_size=56", "method.views.local_size=28"]
+    overrides = [*TINY, *SYNTHETIC_28, "data.synthetic_images=4", "data.batch_size=4", "train.epochs=1", *sizes]
+    run = pretrain(load_run_config(IBOT_RECIPE, [*overrides, *QUIET_CPU_RUN, f"output_dir={tmp_path / 'run'}"]))
+    log = (run / "train.log").read_text()
+    assert "the images are 28x28 and the encoder trains at 56 px: every crop is upsampled" in log
