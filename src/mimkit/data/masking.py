@@ -1,4 +1,5 @@
-"""Patch masks for masked image modeling: iBOT's ratio policy with BEiT-style block or uniform random masks.
+"""Patch masks for masked image modeling: iBOT's ratio policy with BEiT-style block or uniform random masks, and
+SymMIM's symmetric checkerboards (fine: every other patch; coarse: every other k x k cell).
 
 Masks are drawn in the data workers, once per global crop. Randomness comes from Python's `random` module,
 which the data pipeline seeds per (seed, epoch, image), so a mask depends neither on the number of workers
@@ -38,8 +39,14 @@ class RandomLike(Protocol):
 class MaskConfig:
     """Which patches of a global crop the student sees masked, and how many."""
 
-    shape: Literal["block", "rand"] = "block"
-    """block: BEiT-style rectangles (iBOT); rand: uniformly random patches."""
+    shape: Literal["block", "rand", "symmetric"] = "block"
+    """block: BEiT-style rectangles (iBOT); rand: uniformly random patches; symmetric: a checkerboard (SymMIM),
+    half of the patches, every masked one surrounded by visible ones (`ratios` do not apply)."""
+    symmetric_block: int = 1
+    """symmetric: patches per checker cell side, 1 (fine) or k > 1 (coarse)."""
+    symmetric_random: bool = True
+    """symmetric: a random phase (which colour is masked) and offset of the cell grid per crop; false: always the
+    same board (the top-left cell masked)."""
     ratios: list[tuple[float, float]] = field(default_factory=lambda: [(0.0, 0.0), (0.3, 0.2)])
     """(mean, var) pairs; per crop one is picked at random and the ratio drawn from U(mean - var, mean + var)."""
     aspect_ratio: tuple[float, float] = (0.3, 1 / 0.3)
@@ -58,6 +65,7 @@ class MaskConfig:
         return any(mean + var > 0 for mean, var in self.ratios)
 
     def validate(self, prefix: str = "method.mask") -> None:
+        check(self.symmetric_block >= 1, f"{prefix}.symmetric_block", f"must be >= 1; got {self.symmetric_block}")
         check(len(self.ratios) > 0, f"{prefix}.ratios", "needs at least one (mean, var) pair, e.g. [[0.3, 0.2]]")
         for i, (mean, var) in enumerate(self.ratios):
             check(
@@ -132,6 +140,19 @@ def random_mask(height: int, width: int, num_patches: int, rng: RandomLike = ran
     return mask.view(height, width)
 
 
+def checkerboard(
+    height: int, width: int, block: int = 1, phase: int = 0, offset: tuple[int, int] = (0, 0)
+) -> torch.Tensor:
+    """A (height, width) checkerboard of `block` x `block` cells, True = masked: the cell at the grid's origin is
+    masked for `phase` 0 and visible for 1; `offset` (rows, columns) shifts the cell grid. Half of the patches
+    on an even board (the nearest whole number otherwise for block 1); any grid size."""
+    if block < 1 or phase not in (0, 1):
+        raise ValueError(f"need block >= 1 and phase 0 or 1; got block {block}, phase {phase}")
+    rows = (torch.arange(height) + offset[0]) // block
+    cols = (torch.arange(width) + offset[1]) // block
+    return (rows[:, None] + cols[None, :] + phase) % 2 == 0
+
+
 def top_up(mask: torch.Tensor, count: int, rng: RandomLike = random) -> torch.Tensor:
     """`mask` with random unmasked patches added until exactly `count` are masked (never removes any)."""
     flat = mask.flatten().clone()
@@ -163,6 +184,15 @@ class MaskGenerator:
 
     def __call__(self, height: int, width: int, epoch: int) -> torch.Tensor:
         target = self.ratio(epoch) * height * width
+        if self.cfg.shape == "symmetric":
+            if epoch < self.cfg.start_epoch:
+                return torch.zeros(height, width, dtype=torch.bool)
+            block = self.cfg.symmetric_block
+            if not self.cfg.symmetric_random:
+                return checkerboard(height, width, block)
+            rng = self._random
+            offset = (rng.randint(0, block - 1), rng.randint(0, block - 1))
+            return checkerboard(height, width, block, phase=rng.randint(0, 1), offset=offset)
         if self.cfg.shape == "rand":
             return random_mask(height, width, int(target), self._random)
         min_area = self.cfg.min_block_patches
