@@ -46,7 +46,7 @@ class MaskConfig:
     """symmetric: patches per checker cell side, 1 (fine) or k > 1 (coarse)."""
     symmetric_random: bool = True
     """symmetric: a random phase (which colour is masked) and offset of the cell grid per crop; false: always the
-    same board (the top-left cell masked)."""
+    same board (phase 0: the top-left cell visible)."""
     ratios: list[tuple[float, float]] = field(default_factory=lambda: [(0.0, 0.0), (0.3, 0.2)])
     """(mean, var) pairs; per crop one is picked at random and the ratio drawn from U(mean - var, mean + var)."""
     aspect_ratio: tuple[float, float] = (0.3, 1 / 0.3)
@@ -143,14 +143,15 @@ def random_mask(height: int, width: int, num_patches: int, rng: RandomLike = ran
 def checkerboard(
     height: int, width: int, block: int = 1, phase: int = 0, offset: tuple[int, int] = (0, 0)
 ) -> torch.Tensor:
-    """A (height, width) checkerboard of `block` x `block` cells, True = masked: the cell at the grid's origin is
-    masked for `phase` 0 and visible for 1; `offset` (rows, columns) shifts the cell grid. Half of the patches
-    on an even board (the nearest whole number otherwise for block 1); any grid size."""
+    """A (height, width) checkerboard of `block` x `block` cells, True = masked:
+    M(i, j) = (floor((i + offset_i) / block) + floor((j + offset_j) / block) + phase) mod 2 == 1 (METHODS.md
+    section 4), so the cell at the origin is visible for `phase` 0 and masked for 1. Half of the patches on an
+    even board (the nearest whole number otherwise for block 1); any grid size."""
     if block < 1 or phase not in (0, 1):
         raise ValueError(f"need block >= 1 and phase 0 or 1; got block {block}, phase {phase}")
     rows = (torch.arange(height) + offset[0]) // block
     cols = (torch.arange(width) + offset[1]) // block
-    return (rows[:, None] + cols[None, :] + phase) % 2 == 0
+    return (rows[:, None] + cols[None, :] + phase) % 2 == 1
 
 
 def top_up(mask: torch.Tensor, count: int, rng: RandomLike = random) -> torch.Tensor:
