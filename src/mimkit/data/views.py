@@ -119,6 +119,37 @@ class MultiCropViews:
         return ViewContents([*views["global"], *local], [*views["masks"], *[None] * len(local)])
 
 
+class PairedMaskedViews:
+    """Two augmented crops of one image (the global views of `MultiCropConfig`: MoCo v3 / BYOL augmentations),
+    each with a mask for the online network and one for the momentum network (SymMIM's fine and coarse boards)."""
+
+    def __init__(
+        self,
+        cfg: MultiCropConfig,
+        data: DataInfo,
+        grid: tuple[int, int],
+        online: MaskGenerator,
+        momentum: MaskGenerator,
+    ) -> None:
+        self.views = [
+            _crop_pipeline(cfg, data, cfg.global_size, cfg.global_scale, cfg.blur_p[0], 0.0),
+            _crop_pipeline(cfg, data, cfg.global_size, cfg.global_scale, cfg.blur_p[1], cfg.solarize_p),
+        ]
+        self.grid, self.online, self.momentum = grid, online, momentum
+
+    def __call__(self, image: torch.Tensor, epoch: int) -> dict[str, list[torch.Tensor]]:
+        return {
+            "views": [view(image) for view in self.views],
+            "online_masks": [self.online(*self.grid, epoch) for _ in self.views],
+            "momentum_masks": [self.momentum(*self.grid, epoch) for _ in self.views],
+        }
+
+    def contents(self, views: dict[str, list[torch.Tensor]]) -> ViewContents:
+        """Each crop twice: with the online network's mask, then with the momentum network's."""
+        crops = views["views"]
+        return ViewContents([*crops, *crops], [*views["online_masks"], *views["momentum_masks"]])
+
+
 @dataclass
 class MaskedViewConfig:
     """One random-resized crop with a flip, colour jitter and a patch mask (BEiT-style inputs, as DTM uses them).

@@ -1,4 +1,5 @@
-"""Projection heads: the DINO/iBOT prototype head (MLP -> L2 norm -> weight-normalised prototypes)."""
+"""Projection heads: the DINO/iBOT prototype head (MLP -> L2 norm -> weight-normalised prototypes), and MoCo v3's
+projector and predictor MLPs with batch norm."""
 
 from __future__ import annotations
 
@@ -81,3 +82,19 @@ def _init_linear(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         nn.init.zeros_(module.bias)
+
+
+def batch_norm_mlp(
+    in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, last_norm: bool = True
+) -> nn.Sequential:
+    """MoCo v3's MLP: Linear (no bias) -> BatchNorm -> ReLU between layers, an affine-free BatchNorm after the last
+    (`last_norm`). Projector: 3 layers to 256; predictor: 2 layers."""
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        last = i == num_layers - 1
+        layers.append(nn.Linear(in_dim if i == 0 else hidden_dim, out_dim if last else hidden_dim, bias=False))
+        if not last:
+            layers += [nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+        elif last_norm:
+            layers.append(nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*layers)

@@ -1,0 +1,30 @@
+"""Pixel targets for masked image modelling: images cut into patch vectors, normalised per patch (MAE's
+`norm_pix_loss`), and a regression loss on the masked patches alone."""
+
+from __future__ import annotations
+
+import torch
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, h * w, patch * patch * C), patches in row-major order, each patch's pixels (p, p, C)."""
+    batch, channels, height, width = images.shape
+    if height % patch or width % patch:
+        raise ValueError(f"image {height}x{width} is not divisible by the patch size {patch}")
+    h, w = height // patch, width // patch
+    patches = images.reshape(batch, channels, h, patch, w, patch).permute(0, 2, 4, 3, 5, 1)
+    return patches.reshape(batch, h * w, patch * patch * channels)
+
+
+def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each patch vector minus its mean, over its standard deviation (the target MAE and SimMIM regress)."""
+    mean = patches.mean(-1, keepdim=True)
+    var = patches.var(-1, keepdim=True, unbiased=True)
+    return (patches - mean) / (var + eps).sqrt()
+
+
+def masked_mse(predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per patch, averaged over the masked patches (mask (B, N) bool) of the whole batch."""
+    per_patch = (predictions.float() - targets.float()).square().mean(-1)
+    weights = mask.flatten(1).float()
+    return (per_patch * weights).sum() / weights.sum().clamp(min=1.0)
