@@ -125,3 +125,14 @@ def test_the_momentum_encoder_follows_the_online_one() -> None:
         method.online.mask_token.add_(1.0)
     method.after_step(Progress(0, 0, 10, 1))
     torch.testing.assert_close(method.momentum_encoder.mask_token, before + 0.01)  # momentum 0.99 at the start
+
+
+def test_reconstructions_come_back_in_the_images_normalisation(monkeypatch: pytest.MonkeyPatch) -> None:
+    method, batch = tiny_symmim()
+    images = batch["views"]["views"][0]
+    perfect = normalize_patches(patchify(images, 7))  # what a perfect pixel head predicts
+    monkeypatch.setattr(method.pixel_head, "forward", lambda tokens: perfect)
+    with torch.no_grad():
+        found = method.reconstruct(batch["views"])
+    assert torch.equal(found.masks, batch["views"]["online_masks"][0]) and torch.equal(found.originals, images)
+    torch.testing.assert_close(found.reconstructions, images, atol=1e-4, rtol=1e-4)  # per-patch scale restored

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from mimkit.models.encoder import Encoder
     from mimkit.runs import LoadedRun
 
-FIGURES = ("attention", "masks", "pca", "embedding", "curves", "report")
+FIGURES = ("attention", "masks", "reconstructions", "pca", "embedding", "curves", "report")
 """What `--what` can name, in the order they are made (the report last: it shows the figures made before)."""
 
 EPILOG = """examples:
@@ -74,7 +74,14 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_run(args.run_path, args.overrides)
     out = Path(args.out) if args.out else loaded.run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    makers = {"attention": _attention, "masks": _masks, "pca": _pca, "embedding": _embedding, "curves": _curves}
+    makers = {
+        "attention": _attention,
+        "masks": _masks,
+        "reconstructions": _reconstructions,
+        "pca": _pca,
+        "embedding": _embedding,
+        "curves": _curves,
+    }
     for name in FIGURES:
         if name not in args.what:
             continue
@@ -181,6 +188,22 @@ def _masks(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:
     crops = torch.stack([torch.stack([c for c, _ in pairs]) for pairs in masked])
     masks = torch.stack([torch.stack([m for _, m in pairs]) for pairs in masked])
     return mask_overlay_figure(crops, masks, loaded.method.data.mean, loaded.method.data.std)
+
+
+def _reconstructions(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:
+    import torch
+
+    from mimkit.data.loader import collate
+    from mimkit.viz.masks import reconstruction_figure
+
+    method = loaded.method.eval()
+    with torch.no_grad():
+        found = method.reconstruct(collate(_samples(loaded, args, method.views()))["views"])
+    if found is None:
+        print(f"reconstructions: {loaded.cfg.method.name} predicts no pixels; skipped")
+        return None
+    info = method.data
+    return reconstruction_figure(found.originals, found.reconstructions, found.masks, info.mean, info.std)
 
 
 def _curves(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:

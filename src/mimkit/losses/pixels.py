@@ -16,6 +16,14 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     return patches.reshape(batch, h * w, patch * patch * channels)
 
 
+def unpatchify(patches: torch.Tensor, patch: int, height: int, width: int) -> torch.Tensor:
+    """The inverse of `patchify`: (B, h * w, patch * patch * C) -> (B, C, height, width)."""
+    batch, _, size = patches.shape
+    channels, h, w = size // (patch * patch), height // patch, width // patch
+    images = patches.reshape(batch, h, w, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)
+    return images.reshape(batch, channels, height, width)
+
+
 def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Each patch vector minus its mean, over its standard deviation (the target MAE and SimMIM regress)."""
     mean = patches.mean(-1, keepdim=True)

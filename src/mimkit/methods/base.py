@@ -31,6 +31,18 @@ class StepOutput:
 
 
 @dataclass
+class Reconstruction:
+    """Pixels a method predicts for masked patches, to draw beside the originals (`mimkit viz`)."""
+
+    originals: torch.Tensor
+    """(B, C, H, W), normalised as the networks see them."""
+    reconstructions: torch.Tensor
+    """(B, C, H, W) in the same normalisation."""
+    masks: torch.Tensor
+    """(B, h, w) bool, True where the network saw the mask token."""
+
+
+@dataclass
 class ParamGroup:
     """Optimizer group: the engine sets lr = scheduled_lr * lr_scale, wd = scheduled_wd * weight_decay_scale."""
 
@@ -114,6 +126,11 @@ class Method(nn.Module):
             for name, network in self.networks().items()
             if any(p.requires_grad for p in network.parameters())
         }
+
+    def reconstruct(self, views: Any) -> Reconstruction | None:
+        """The pixels the method predicts for a collated batch of its views; None for methods without pixel
+        predictions (viz then skips the figure)."""
+        return None
 
     def before_optimizer_step(self, progress: Progress) -> None:
         """After clipping, before the update (e.g. cancel the gradients of a frozen layer)."""

@@ -27,8 +27,8 @@ from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskConfig, MaskGenerator
 from mimkit.data.views import MultiCropConfig, PairedMaskedViews
 from mimkit.losses.contrastive import info_nce
-from mimkit.losses.pixels import masked_mse, normalize_patches, patchify
-from mimkit.methods.base import ClipMode, Method, MethodConfig, StepOutput, register
+from mimkit.losses.pixels import masked_mse, normalize_patches, patchify, unpatchify
+from mimkit.methods.base import ClipMode, Method, MethodConfig, Reconstruction, StepOutput, register
 from mimkit.models.backbones import BackboneConfig, build_backbone
 from mimkit.models.encoder import Encoder
 from mimkit.models.heads import batch_norm_mlp
@@ -130,6 +130,18 @@ class SymMIM(Method):
             "momentum_mask_ratio": momentum_masks.float().mean(),
         }
         return StepOutput(loss_mim + self.cfg.lambda_con * loss_con, metrics)
+
+    @torch.no_grad()
+    def reconstruct(self, views: dict[str, Any]) -> Reconstruction:
+        """The online encoder's pixels for the first view under its mask, brought back from per-patch normalised
+        values with each original patch's mean and standard deviation (as MAE's figures do)."""
+        images, masks = views["views"][0], views["online_masks"][0]
+        patch = self.online.patch_size
+        predicted = self.pixel_head(self.online(images, mask=masks)[:, self.online.num_prefix_tokens :])
+        patches = patchify(images, patch)
+        scale = (patches.var(-1, keepdim=True, unbiased=True) + 1e-6).sqrt()
+        pixels = unpatchify(predicted * scale + patches.mean(-1, keepdim=True), patch, *images.shape[-2:])
+        return Reconstruction(images, pixels, masks)
 
     @torch.no_grad()
     def after_step(self, progress: Progress) -> None:
