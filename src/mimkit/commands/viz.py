@@ -182,12 +182,13 @@ def _masks(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:
     transform = loaded.method.views()
     contents = [transform.contents(views) for views, _, _ in _samples(loaded, args, transform)]
     masked = [[(c, m) for c, m in zip(v.crops, v.masks, strict=True) if m is not None] for v in contents]
+    names = [n for n, m in zip(contents[0].names, contents[0].masks, strict=False) if m is not None]
     if not masked[0]:
         print(f"masks: the views of {loaded.cfg.method.name} carry no patch masks; skipped")
         return None
     crops = torch.stack([torch.stack([c for c, _ in pairs]) for pairs in masked])
     masks = torch.stack([torch.stack([m for _, m in pairs]) for pairs in masked])
-    return mask_overlay_figure(crops, masks, loaded.method.data.mean, loaded.method.data.std)
+    return mask_overlay_figure(crops, masks, loaded.method.data.mean, loaded.method.data.std, names)
 
 
 def _reconstructions(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:

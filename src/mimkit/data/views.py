@@ -7,7 +7,7 @@ apply to RGB data: on 1-channel data they are skipped (never a crash).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -28,6 +28,8 @@ class ViewContents:
     """Every crop a network sees, (C, H, W), normalised."""
     masks: list[torch.Tensor | None]
     """Per crop, its patch mask on the encoder's token grid (True = masked), or None when it is not masked."""
+    names: list[str] = field(default_factory=list)
+    """Per crop, what it is ("view 1, online mask"); empty: crops are numbered."""
 
 
 class Views(Protocol):
@@ -147,7 +149,8 @@ class PairedMaskedViews:
     def contents(self, views: dict[str, list[torch.Tensor]]) -> ViewContents:
         """Each crop twice: with the online network's mask, then with the momentum network's."""
         crops = views["views"]
-        return ViewContents([*crops, *crops], [*views["online_masks"], *views["momentum_masks"]])
+        names = [f"view {i + 1}, {branch}" for branch in ("online", "momentum") for i in range(len(crops))]
+        return ViewContents([*crops, *crops], [*views["online_masks"], *views["momentum_masks"]], names)
 
 
 @dataclass

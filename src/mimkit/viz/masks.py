@@ -58,16 +58,22 @@ def figure_grid(rows: int, cols: int, cell: float = 1.6) -> tuple[Figure, np.nda
 
 
 def mask_overlay_figure(
-    crops: torch.Tensor, masks: torch.Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+    crops: torch.Tensor,
+    masks: torch.Tensor,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    names: Sequence[str] = (),
 ) -> Figure:
-    """Crops (R, K, C, H, W) with their masks (R, K, h, w) shaded: one row per image, one column per crop."""
+    """Crops (R, K, C, H, W) with their masks (R, K, h, w) shaded: one row per image, one column per crop, titled
+    by `names` (default "crop 1", "crop 2", ...) and the masked fraction."""
     images = to_display(crops, mean, std)
     rows, cols = masks.shape[:2]
+    names = list(names) or [f"crop {c + 1}" for c in range(cols)]
     figure, axes = figure_grid(rows, cols)
     for r in range(rows):
         for c in range(cols):
             ratio = masks[r, c].float().mean().item()
-            show(axes[r, c], images[r, c], f"crop {c + 1}: {100 * ratio:.0f}% masked")
+            show(axes[r, c], images[r, c], f"{names[c]}: {100 * ratio:.0f}% masked")
             overlay(axes[r, c], masks[r, c].cpu().numpy(), *images.shape[2:4])
     return figure
 
