@@ -29,7 +29,7 @@ class ViewContents:
     masks: list[torch.Tensor | None]
     """Per crop, its patch mask on the encoder's token grid (True = masked), or None when it is not masked."""
     names: list[str] = field(default_factory=list)
-    """Per crop, what it is ("view 1, online mask"); empty: crops are numbered."""
+    """Per crop, what it is ("online 1": view 1 with the online mask); empty: crops are numbered."""
 
 
 class Views(Protocol):
@@ -149,7 +149,7 @@ class PairedMaskedViews:
     def contents(self, views: dict[str, list[torch.Tensor]]) -> ViewContents:
         """Each crop twice: with the online network's mask, then with the momentum network's."""
         crops = views["views"]
-        names = [f"view {i + 1}, {branch}" for branch in ("online", "momentum") for i in range(len(crops))]
+        names = [f"{branch} {i + 1}" for branch in ("online", "momentum") for i in range(len(crops))]
         return ViewContents([*crops, *crops], [*views["online_masks"], *views["momentum_masks"]], names)
 
 
