@@ -35,6 +35,21 @@ def tiny_overlay(name: str) -> dict:
     return yaml.safe_load(path.read_text())
 
 
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    """Step -> loss of a run's metrics.csv."""
+    from mimkit.engine.logs import read_metrics
+
+    return {int(r["step"]): r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def logged_step(run: Path, at_least: int) -> bool:
+    """Whether a (running) run has logged a step >= `at_least` yet."""
+    try:
+        return max(logged_losses(run), default=0) >= at_least
+    except (FileNotFoundError, ValueError, KeyError):
+        return False
+
+
 def load_case(path: Path) -> dict:
     """A reference case file; fails (never skips) when the fixtures folder has no cases."""
     if not path.is_file():

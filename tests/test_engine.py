@@ -19,17 +19,13 @@ from mimkit.engine.train import NonFiniteLossError, pretrain
 from mimkit.eval.online import online_knn
 from mimkit.methods.saved import read_checkpoint
 from mimkit.runs import load_run_config
-from support import ROOT
+from support import ROOT, logged_losses, logged_step
 
 TOY = ROOT / "tests" / "recipes" / "toy.yaml"
 
 
 def toy_config(run_dir: Path, *overrides: str):
     return load_run_config(TOY, [f"output_dir={run_dir}", *overrides])
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {int(r["step"]): r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 def test_run_folder_holds_checkpoints_logs_and_config(tmp_path: Path) -> None:
@@ -39,7 +35,7 @@ def test_run_folder_holds_checkpoints_logs_and_config(tmp_path: Path) -> None:
         "epoch_0001.ckpt",
         "last.ckpt",
     ]
-    assert sorted(losses(run)) == list(range(1, 17))
+    assert sorted(logged_losses(run)) == list(range(1, 17))
     saved = load_run_config(run / "config.yaml")
     assert saved.seed == 3 and saved.method.name == "toy_method:ToyMethod"
     state = read_checkpoint(run / "checkpoints" / "last.ckpt")
@@ -58,7 +54,7 @@ def test_crash_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
         pretrain(toy_config(crashed, "train.checkpoint_every_steps=3", "method.fail_at_step=11"))
     assert read_checkpoint(crashed / "checkpoints" / "last.ckpt")["position"]["step"] == 9  # mid-epoch 2
     pretrain(toy_config(crashed, "resume=auto", "method.fail_at_step=null"))
-    expected, got = losses(reference), losses(crashed)
+    expected, got = logged_losses(reference), logged_losses(crashed)
     assert sorted(got) == sorted(expected)
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
@@ -99,7 +95,7 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path: Path) -> None:
 
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path: Path) -> None:
     run = pretrain(toy_config(tmp_path / "run", "train.precision=bf16-mixed", "train.epochs=1"))
-    assert all(torch.isfinite(torch.tensor(v)) for v in losses(run).values())
+    assert all(torch.isfinite(torch.tensor(v)) for v in logged_losses(run).values())
 
 
 def test_sigkill_during_an_epoch_then_resume_matches(tmp_path: Path) -> None:
@@ -111,24 +107,17 @@ def test_sigkill_during_an_epoch_then_resume_matches(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "mimkit", "pretrain", "-c", str(TOY), f"output_dir={run}", *common]
     process = subprocess.Popen([*command, "method.step_delay=0.15"], env=env, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not _logged_step(run, at_least=7):
+    while time.time() < deadline and not logged_step(run, at_least=7):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
     step = read_checkpoint(run / "checkpoints" / "last.ckpt")["position"]["step"]
     assert 0 < step < 24 and step % 12 != 0, "the kill should land inside an epoch"
     subprocess.run([*command, "--resume"], env=env, check=True, stderr=subprocess.DEVNULL)
-    expected, got = losses(reference), losses(run)
+    expected, got = logged_losses(reference), logged_losses(run)
     assert sorted(got) == sorted(expected)
     for s in expected:
         assert got[s] == pytest.approx(expected[s], rel=1e-6, abs=1e-7), s
-
-
-def _logged_step(run: Path, at_least: int) -> bool:
-    try:
-        return max(losses(run), default=0) >= at_least
-    except (FileNotFoundError, ValueError, KeyError):
-        return False
 
 
 def test_online_knn_is_logged_every_n_epochs(tmp_path: Path) -> None:

@@ -15,18 +15,13 @@ import yaml
 
 from mimkit.cli import main
 from mimkit.config import ConfigError, to_dict
-from mimkit.engine.logs import read_metrics
 from mimkit.engine.resume import check_resume_changes, config_changes
 from mimkit.engine.train import pretrain
 from mimkit.methods.saved import read_checkpoint
 from mimkit.runs import load_run_config
-from support import ROOT
+from support import ROOT, logged_losses, logged_step
 
 TOY = ROOT / "tests" / "recipes" / "toy.yaml"
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {int(r["step"]): r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 @pytest.fixture
@@ -74,13 +69,6 @@ def test_change_classification() -> None:
         check_resume_changes(saved, load_run_config(TOY, ["seed=4"]), force=True)
 
 
-def _logged_step(run: Path, at_least: int) -> bool:
-    try:
-        return max(losses(run), default=0) >= at_least
-    except (FileNotFoundError, ValueError, KeyError):
-        return False
-
-
 def test_sigint_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     common = ["data.synthetic_images=96", "train.epochs=2", "data.num_workers=1"]
     reference = pretrain(load_run_config(TOY, [f"output_dir={tmp_path / 'reference'}", *common]))
@@ -91,16 +79,16 @@ def test_sigint_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_p
         [*command, "method.step_delay=0.15"], env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     deadline = time.time() + 120
-    while time.time() < deadline and not _logged_step(run, at_least=5):
+    while time.time() < deadline and not logged_step(run, at_least=5):
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group, DataLoader worker included
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err[-2000:]
     assert "Traceback" not in err and f"mimkit pretrain --resume {run}" in err
     step = read_checkpoint(run / "checkpoints" / "last.ckpt")["position"]["step"]
-    assert step == max(losses(run)) and 0 < step < 24 and step % 12 != 0, "stopped inside an epoch, nothing lost"
+    assert step == max(logged_losses(run)) and 0 < step < 24 and step % 12 != 0, "stopped inside an epoch, nothing lost"
     subprocess.run([*command, "--resume"], env=env, check=True, stderr=subprocess.DEVNULL)
-    expected, got = losses(reference), losses(run)
+    expected, got = logged_losses(reference), logged_losses(run)
     assert sorted(got) == sorted(expected)
     for s in expected:
         assert got[s] == pytest.approx(expected[s], rel=1e-6, abs=1e-7), s

@@ -127,28 +127,21 @@ class IBOT(Method):
                 self.student.grid(size, size)
             except ConfigError as error:
                 raise ConfigError(f"method.views.{name}: crop size {size}: {error}") from None
-        dim = self.student.embed_dim
-        self.student_head = PrototypeHead(
-            dim,
-            cfg.out_dim,
-            cfg.patch_out_dim,
-            cfg.head_hidden_dim,
-            cfg.head_bottleneck_dim,
-            norm_last_layer=cfg.norm_last_layer,
-            shared_prototypes=cfg.shared_head,
-        )
+
+        def head(shared_prototypes: bool) -> PrototypeHead:
+            dims = (cfg.out_dim, cfg.patch_out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim)
+            return PrototypeHead(
+                self.student.embed_dim,
+                *dims,
+                norm_last_layer=cfg.norm_last_layer,
+                shared_prototypes=shared_prototypes,
+            )
+
+        self.student_head = head(cfg.shared_head)
         if cfg.teacher_shares_head == cfg.shared_head:
             self.teacher_head = frozen_copy(self.student_head)
         else:
-            self.teacher_head = PrototypeHead(
-                dim,
-                cfg.out_dim,
-                cfg.patch_out_dim,
-                cfg.head_hidden_dim,
-                cfg.head_bottleneck_dim,
-                norm_last_layer=cfg.norm_last_layer,
-                shared_prototypes=cfg.teacher_shares_head,
-            ).requires_grad_(False)
+            self.teacher_head = head(cfg.teacher_shares_head).requires_grad_(False)
         self.ema = EMA(
             nn.ModuleList([self.student, self.student_head]),
             nn.ModuleList([self.teacher, self.teacher_head]),
