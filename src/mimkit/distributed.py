@@ -40,3 +40,12 @@ def all_gather_grad(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(tensor.contiguous()))
+
+
+def all_reduce_sum_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of `tensor` over all processes, differentiable (batch statistics that gradients flow through)."""
+    if world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(tensor)

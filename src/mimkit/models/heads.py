@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimkit.distributed import all_reduce_sum_grad, world_size
+
 
 class WeightNormLinear(nn.Module):
     """Linear map without bias whose rows are `magnitude * direction / ||direction||` (weight normalisation).
@@ -84,17 +86,41 @@ def _init_linear(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm over the global batch of all processes (SyncBatchNorm for (B, D) features, on any device): N
+    processes normalise like one process at the same global batch. One process: plain BatchNorm1d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if world_size() == 1 or not self.training:
+            return super().forward(x)
+        sums = all_reduce_sum_grad(torch.cat([x.sum(0), x.new_tensor([float(len(x))])]))
+        total = sums[-1]
+        mean = sums[:-1] / total
+        # two passes, as one process computes it: features whose spread is small next to their mean (the [CLS]
+        # of a fresh network) lose E[x^2] - E[x]^2 to cancellation
+        var = all_reduce_sum_grad((x - mean).square().sum(0)) / total
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = self.momentum if self.momentum is not None else 0.1
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(var.detach() * total / (total - 1), momentum)
+        y = (x - mean) / torch.sqrt(var + self.eps)
+        return y * self.weight + self.bias if self.affine else y
+
+
 def batch_norm_mlp(
     in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, last_norm: bool = True
 ) -> nn.Sequential:
     """MoCo v3's MLP: Linear (no bias) -> BatchNorm -> ReLU between layers, an affine-free BatchNorm after the last
-    (`last_norm`). Projector: 3 layers to 256; predictor: 2 layers."""
+    (`last_norm`); the norms use the global batch (MoCo v3's SyncBatchNorm). Projector: 3 layers to 256;
+    predictor: 2 layers."""
     layers: list[nn.Module] = []
     for i in range(num_layers):
         last = i == num_layers - 1
         layers.append(nn.Linear(in_dim if i == 0 else hidden_dim, out_dim if last else hidden_dim, bias=False))
         if not last:
-            layers += [nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+            layers += [GlobalBatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
         elif last_norm:
-            layers.append(nn.BatchNorm1d(out_dim, affine=False))
+            layers.append(GlobalBatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*layers)
