@@ -42,6 +42,14 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
     return {int(r["step"]): r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
+def assert_same_losses(run: Path, reference: Path) -> None:
+    """The run logged the same steps as the reference with the same losses (to float32 precision)."""
+    expected, got = logged_losses(reference), logged_losses(run)
+    assert sorted(got) == sorted(expected)
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+
+
 def logged_step(run: Path, at_least: int) -> bool:
     """Whether a (running) run has logged a step >= `at_least` yet."""
     try:

@@ -19,7 +19,7 @@ from mimkit.engine.train import NonFiniteLossError, pretrain
 from mimkit.eval.online import online_knn
 from mimkit.methods.saved import read_checkpoint
 from mimkit.runs import load_run_config
-from support import ROOT, logged_losses, logged_step
+from support import ROOT, assert_same_losses, logged_losses, logged_step
 
 TOY = ROOT / "tests" / "recipes" / "toy.yaml"
 
@@ -54,10 +54,7 @@ def test_crash_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
         pretrain(toy_config(crashed, "train.checkpoint_every_steps=3", "method.fail_at_step=11"))
     assert read_checkpoint(crashed / "checkpoints" / "last.ckpt")["position"]["step"] == 9  # mid-epoch 2
     pretrain(toy_config(crashed, "resume=auto", "method.fail_at_step=null"))
-    expected, got = logged_losses(reference), logged_losses(crashed)
-    assert sorted(got) == sorted(expected)
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+    assert_same_losses(crashed, reference)
 
 
 def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path: Path) -> None:
@@ -114,10 +111,7 @@ def test_sigkill_during_an_epoch_then_resume_matches(tmp_path: Path) -> None:
     step = read_checkpoint(run / "checkpoints" / "last.ckpt")["position"]["step"]
     assert 0 < step < 24 and step % 12 != 0, "the kill should land inside an epoch"
     subprocess.run([*command, "--resume"], env=env, check=True, stderr=subprocess.DEVNULL)
-    expected, got = logged_losses(reference), logged_losses(run)
-    assert sorted(got) == sorted(expected)
-    for s in expected:
-        assert got[s] == pytest.approx(expected[s], rel=1e-6, abs=1e-7), s
+    assert_same_losses(run, reference)
 
 
 def test_online_knn_is_logged_every_n_epochs(tmp_path: Path) -> None:

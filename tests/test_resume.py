@@ -19,7 +19,7 @@ from mimkit.engine.resume import check_resume_changes, config_changes
 from mimkit.engine.train import pretrain
 from mimkit.methods.saved import read_checkpoint
 from mimkit.runs import load_run_config
-from support import ROOT, logged_losses, logged_step
+from support import ROOT, assert_same_losses, logged_losses, logged_step
 
 TOY = ROOT / "tests" / "recipes" / "toy.yaml"
 
@@ -88,10 +88,7 @@ def test_sigint_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_p
     step = read_checkpoint(run / "checkpoints" / "last.ckpt")["position"]["step"]
     assert step == max(logged_losses(run)) and 0 < step < 24 and step % 12 != 0, "stopped inside an epoch, nothing lost"
     subprocess.run([*command, "--resume"], env=env, check=True, stderr=subprocess.DEVNULL)
-    expected, got = logged_losses(reference), logged_losses(run)
-    assert sorted(got) == sorted(expected)
-    for s in expected:
-        assert got[s] == pytest.approx(expected[s], rel=1e-6, abs=1e-7), s
+    assert_same_losses(run, reference)
 
 
 def test_a_second_sigint_stops_at_once(tmp_path: Path) -> None:
