@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from support import REFERENCE_DIR
+from support import REFERENCE_DIR, TINY_TOKENIZER
 
 REFERENCE_CASES = {"ibot_case": "ibot_loss", "dtm_case": "dtm_morph"}
 
@@ -27,3 +29,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture
 def reference_dir() -> Path:
     return REFERENCE_DIR
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_tiny_tokenizer() -> Iterator[None]:
+    """The session's tiny CIM tokenizer (fitted on first use) goes with the session."""
+    yield
+    shutil.rmtree(TINY_TOKENIZER.parent, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -24,15 +25,19 @@ TINY_IBOT_HEADS = [
     "method.head_hidden_dim=48",
     "method.head_bottleneck_dim=16",
 ]
+TINY_TOKENIZER = Path(tempfile.gettempdir()) / f"mimkit-tests-{os.getpid()}" / "tiny_kmeans.pt"
+"""The tiny CIM overlay's tokenizer file: fitted by the first CIM run of a test session (tests/tiny/tokenizer.yaml)."""
 QUIET_CPU_RUN = ["data.num_workers=0", "train.accelerator=cpu", "train.progress_bar=false", "train.loggers=[csv]"]
 
 
 def tiny_overlay(name: str) -> dict:
-    """tests/tiny/<name>.yaml: the overrides that shrink a recipe family (ibot, dtm, ...) or the backbone families."""
+    """tests/tiny/<name>.yaml: the overrides that shrink a recipe family (ibot, dtm, ...) or the backbone families;
+    `{root}` in it stands for the repository, `{tiny_tokenizer}` for TINY_TOKENIZER."""
     path = ROOT / "tests" / "tiny" / f"{name}.yaml"
     if not path.is_file():
         pytest.fail(f"no tiny overlay for {name!r}: add {path.relative_to(ROOT)}")
-    return yaml.safe_load(path.read_text())
+    text = path.read_text().replace("{root}", str(ROOT)).replace("{tiny_tokenizer}", str(TINY_TOKENIZER))
+    return yaml.safe_load(text)
 
 
 def logged_losses(run_dir: Path) -> dict[int, float]:

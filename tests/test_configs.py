@@ -9,25 +9,35 @@ whose weights mimkit never downloads, for which an EMA teacher stands in).
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
 import pytest
 
 from mimkit.engine.train import pretrain
+from mimkit.models.backbones import family
 from mimkit.runs import load_run_config
 from support import QUIET_CPU_RUN, ROOT, tiny_overlay
 
-RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
+RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "tokenizers")
+"""Pretraining recipes; the tokenizer recipes of configs/tokenizers have their own test (tests/test_tokenizers.py)."""
 TINY_BACKBONE = ["method.backbone.embed_dim=32", "method.backbone.depth=1", "method.backbone.num_heads=2"]
+TINY_CNN = {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 32]}
+"""model_args that shrink a timm ResNet (a CNN recipe's other model_args, its output stride say, are kept)."""
 
 
 def shrunk(recipe: Path, output_dir: Path) -> list[str]:
     """The recipe family's tiny overlay (tests/tiny/<family>.yaml) plus a tiny backbone and synthetic data."""
     cfg = load_run_config(recipe, [])
     channels = 1 if cfg.data.source == "fashion-mnist" else 3
+    cnn = family(cfg.method.backbone.name) == "cnn"
     return [
-        *TINY_BACKBONE,
+        *(
+            [f"method.backbone.model_args={json.dumps(cfg.method.backbone.model_args | TINY_CNN)}"]
+            if cnn
+            else TINY_BACKBONE
+        ),
         *tiny_overlay(recipe.parent.name)["overrides"],
         "data.source=synthetic",
         f"data.synthetic_size={cfg.method.backbone.img_size}",
@@ -45,7 +55,7 @@ def shrunk(recipe: Path, output_dir: Path) -> list[str]:
 
 
 def test_every_method_has_a_recipe() -> None:
-    assert {load_run_config(r, []).method.name for r in RECIPES} >= {"ibot", "dtm"}
+    assert {load_run_config(r, []).method.name for r in RECIPES} >= {"ibot", "dtm", "symmim", "cim"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")

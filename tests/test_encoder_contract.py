@@ -133,7 +133,9 @@ REFUSED = [case for case in CASES if refusal(*case) is not None]
 
 
 def run_overrides(method: str, backbone: str, output_dir: Path) -> tuple[Path, list[str]]:
-    recipe = next(p for p in sorted((ROOT / "configs" / method).glob("*.yaml")) if "fmnist" in p.stem)
+    # a method's first Fashion-MNIST ViT recipe: the families' overrides replace its ViT shape (not a CNN's model_args)
+    fmnist = sorted(p for p in (ROOT / "configs" / method).glob("*.yaml") if "fmnist" in p.stem)
+    recipe = next(p for p in fmnist if p.stem.startswith("vit"))
     tiny = tiny_overlay(method)
     family = BACKBONES[backbone]["family"]
     overrides = [

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from mimkit.models.encoder import Encoder
     from mimkit.runs import LoadedRun
 
-FIGURES = ("attention", "masks", "reconstructions", "pca", "embedding", "curves", "report")
+FIGURES = ("attention", "masks", "reconstructions", "panels", "pca", "embedding", "curves", "report")
 """What `--what` can name, in the order they are made (the report last: it shows the figures made before)."""
 
 EPILOG = """examples:
@@ -30,8 +30,9 @@ def add(commands: argparse._SubParsersAction) -> None:
         "viz",
         help="figures of a run and an HTML report",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Draw [CLS] attention maps, masked views, patch-feature PCA, a 2-D PCA of image features and "
-        "training curves of a run as PNGs, and an index.html that gathers them with the config and the evaluation "
+        description="Draw [CLS] attention maps, masked views, reconstructions, a method's own panels (CIM: its "
+        "corrupted images and predictions), patch-feature PCA, a 2-D PCA of image features and training curves of "
+        "a run as PNGs, and an index.html that gathers them with the config and the evaluation "
         "results.",
         epilog=EPILOG,
     )
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         "attention": _attention,
         "masks": _masks,
         "reconstructions": _reconstructions,
+        "panels": _panels,
         "pca": _pca,
         "embedding": _embedding,
         "curves": _curves,
@@ -205,6 +207,23 @@ def _reconstructions(loaded: LoadedRun, args: argparse.Namespace) -> Figure | No
         return None
     info = method.data
     return reconstruction_figure(found.originals, found.reconstructions, found.masks, info.mean, info.std)
+
+
+def _panels(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:
+    """The method's own rows of inputs and outputs (CIM: masks, tokenizer images, corrupted images, predictions)."""
+    import torch
+
+    from mimkit.data.loader import collate
+    from mimkit.viz.masks import panels_figure
+
+    method = loaded.method.eval()
+    with torch.no_grad():
+        panels = method.panels(collate(_samples(loaded, args, method.views()))["views"])
+    if not panels:
+        print(f"panels: {loaded.cfg.method.name} draws no panels beyond its masks; skipped")
+        return None
+    info = method.data
+    return panels_figure([(panel.title, panel.values) for panel in panels], info.mean, info.std)
 
 
 def _curves(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:

@@ -201,14 +201,15 @@ class MaskedView:
 
 class EvalView:
     """Deterministic view for features: resize (shorter side to size / 0.875) and centre-crop larger images,
-    resize smaller ones, then normalise."""
+    resize smaller ones, then normalise (or, with `pixels`, keep values in [0, 1]: what tokenizers read)."""
 
-    def __init__(self, data: DataInfo, size: int, crop_ratio: float = 0.875) -> None:
+    def __init__(self, data: DataInfo, size: int, crop_ratio: float = 0.875, pixels: bool = False) -> None:
         self.size = size
         self.resize_large = v2.Resize(round(size / crop_ratio), interpolation=BICUBIC, antialias=True)
         self.resize_small = v2.Resize(size, interpolation=BICUBIC, antialias=True)
         self.crop = v2.CenterCrop(size)
-        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.mean, data.std)])
+        scale = v2.ToDtype(torch.float32, scale=True)
+        self.normalize = scale if pixels else v2.Compose([scale, v2.Normalize(data.mean, data.std)])
 
     def __call__(self, image: torch.Tensor, epoch: int = 0) -> torch.Tensor:
         height, width = image.shape[-2:]

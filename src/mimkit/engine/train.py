@@ -88,10 +88,12 @@ class Trainer:
         self.last_skipped = ""
         self.stop = StopRequest()
         fabric.seed_everything(cfg.seed, verbose=False)  # identical initial weights on every rank
+        method_cls = method_class(cfg.method.name)
         with fabric.rank_zero_first():
             source = build_source(cfg.data)
+            method_cls.prepare(cfg.method, source)
         log.info("data  %s", describe(source))
-        self.method: Method = method_class(cfg.method.name)(cfg.method, source.info)
+        self.method: Method = method_cls(cfg.method, source.info)
         size, image = self.method.encoder().image_size, source.info.image_size
         if image is not None and size > min(image):
             log.warning(

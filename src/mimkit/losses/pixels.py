@@ -1,9 +1,10 @@
 """Pixel targets for masked image modelling: images cut into patch vectors, normalised per patch (MAE's
-`norm_pix_loss`), and a regression loss on the masked patches alone."""
+`norm_pix_loss`), a regression loss on the masked patches alone, and CIM's sliding-window normalised target."""
 
 from __future__ import annotations
 
 import torch
+from torch.nn import functional as F
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -36,3 +37,27 @@ def masked_mse(predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
     per_patch = (predictions.float() - targets.float()).square().mean(-1)
     weights = mask.flatten(1).float()
     return (per_patch * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def sliding_window_stats(images: torch.Tensor, window: int, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel and channel, the mean and (population) standard deviation of the `window` x `window`
+    neighbourhood centred on it; windows are cut at the border (statistics of the pixels inside). An even window
+    has one more pixel after the centre than before it. (B, C, H, W) -> two tensors of that shape."""
+    before, after = (window - 1) // 2, window // 2
+    padding = (before, after, before, after)
+    x = images.float()
+
+    def window_sum(values: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(F.pad(values, padding), window, stride=1) * (window * window)
+
+    count = window_sum(torch.ones_like(x[:, :1]))
+    mean = window_sum(x) / count
+    variance = (window_sum(x * x) / count - mean * mean).clamp(min=0)
+    return mean, (variance + eps).sqrt()
+
+
+def sliding_window_normalize(images: torch.Tensor, window: int, eps: float = 1e-6) -> torch.Tensor:
+    """CIM's ResPix target: each pixel of each channel minus the mean of the `window` x `window` neighbourhood
+    centred on it, over that neighbourhood's standard deviation (`sliding_window_stats`); same shape out."""
+    mean, std = sliding_window_stats(images, window, eps)
+    return (images.float() - mean) / std

@@ -19,6 +19,7 @@ from torch import nn
 
 from mimkit.config import ConfigError, check
 from mimkit.data.info import DataInfo
+from mimkit.data.sources import ImageSource
 from mimkit.data.views import Views
 from mimkit.models.encoder import Encoder
 from mimkit.schedules import Progress
@@ -40,6 +41,19 @@ class Reconstruction:
     """(B, C, H, W) in the same normalisation."""
     masks: torch.Tensor
     """(B, h, w) bool, True where the network saw the mask token."""
+
+
+@dataclass
+class Panel:
+    """One row of a method's figure of its inputs and outputs (`mimkit viz`: panels.png), one column per image."""
+
+    title: str
+    values: torch.Tensor
+    """(B, C, H, W) images in the networks' normalisation, or (B, h, w) maps in [0, 1] (drawn as heat maps)."""
+
+    @property
+    def is_map(self) -> bool:
+        return self.values.ndim == 3
 
 
 @dataclass
@@ -131,6 +145,16 @@ class Method(nn.Module):
         """The pixels the method predicts for a collated batch of its views; None for methods without pixel
         predictions (viz then skips the figure)."""
         return None
+
+    def panels(self, views: Any) -> list[Panel]:
+        """Rows of a figure of what the method does to a collated batch of its views (CIM: masks, corrupted
+        images, predictions); empty for methods whose inputs the masks figure already shows."""
+        return []
+
+    @classmethod
+    def prepare(cls, cfg: MethodConfig, source: ImageSource) -> None:
+        """Before the networks are built (on one rank first): make the files the method reads, or raise a
+        ConfigError naming the command that makes them (CIM: its tokenizer)."""
 
     def before_optimizer_step(self, progress: Progress) -> None:
         """After clipping, before the update (e.g. cancel the gradients of a frozen layer)."""

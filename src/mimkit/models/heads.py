@@ -1,5 +1,5 @@
 """Projection heads: the DINO/iBOT prototype head (MLP -> L2 norm -> weight-normalised prototypes), and MoCo v3's
-projector and predictor MLPs with batch norm."""
+projector and predictor MLPs with batch norm, and CIM's pixel-shuffle heads."""
 
 from __future__ import annotations
 
@@ -124,3 +124,21 @@ def batch_norm_mlp(
         elif last_norm:
             layers.append(GlobalBatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*layers)
+
+
+class PixelShuffleHead(nn.Module):
+    """Tokens on an encoder's grid -> a map `upscale` times finer: a 1 x 1 convolution to out * upscale**2
+    channels, then a pixel shuffle (CIM's enhancer heads).
+
+    On a ViT's patch tokens with upscale = patch size this is exactly a per-token linear layer to p x p x C
+    pixels put back in place; on a CNN's last feature map it is the 1 x 1 conv + PixelShuffle head."""
+
+    def __init__(self, in_dim: int, out_channels: int, upscale: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_dim, out_channels * upscale * upscale, 1)
+        self.shuffle = nn.PixelShuffle(upscale)
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, h * w, D) tokens in row-major order -> (B, out, h * upscale, w * upscale)."""
+        feature_map = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
+        return self.shuffle(self.proj(feature_map))

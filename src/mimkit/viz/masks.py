@@ -100,3 +100,27 @@ def reconstruction_figure(
             show(axes[r, c], images[r], titles[c] if r == 0 else None)
         overlay(axes[r, 1], masks[r].cpu().numpy(), height, width, alpha=0.9)
     return figure
+
+
+def panels_figure(
+    panels: Sequence[tuple[str, torch.Tensor]],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Figure:
+    """One row per image, one column per panel: (title, (B, C, H, W) images normalised with mean/std, or in
+    [0, 1] without them) or (title, (B, h, w) maps in [0, 1], drawn as heat maps stretched over the image)."""
+    count = len(panels[0][1])
+    figure, axes = figure_grid(count, len(panels))
+    for c, (title, values) in enumerate(panels):
+        if values.ndim == 3:
+            maps = values.detach().float().cpu().numpy()
+            for r in range(count):
+                axes[r, c].imshow(maps[r], cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+                axes[r, c].set_axis_off()
+                if r == 0:
+                    axes[r, c].set_title(title, fontsize=8)
+            continue
+        images = to_display(values, mean, std)
+        for r in range(count):
+            show(axes[r, c], images[r], title if r == 0 else None)
+    return figure

@@ -1,0 +1,320 @@
+"""CIM: Corrupted Image Modeling (Fang et al., ICLR 2023).
+
+No code of CIM is public; the paper fixes the pipeline, and every number here is our documented assumption
+(docs/methods/cim.md), each a config field.
+
+Algorithm, per batch:
+  views      one random-resized crop per image with a BEiT block mask on the token grid (40-50 % of the tokens)
+  tokenizer  frozen; z = its tokens of the crop (one per enhancer patch)
+  generator  small ViT with a mask token on the masked crop -> logits over the vocabulary at masked positions;
+             L_gen = cross-entropy against z there
+  corrupt    z' = z outside the mask, tokens sampled from the generator's softmax (temperature) inside, no
+             gradient; the tokenizer decodes the whole grid z' into the corrupted image
+  enhancer   any encoder (ViT, BEiT, CNN) on the corrupted image, no mask token:
+             ResPix: all original pixels, sliding-window normalised (MSE over every pixel), or
+             RevDet: per token, was it replaced (masked and z' != z)? (BCE over every position)
+  loss       L_gen + L_enh; no gradient flows from the enhancer into the generator, each is clipped on its own
+The enhancer is what evaluation and export use.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mimkit.config import ConfigError, check
+from mimkit.data.info import DataInfo
+from mimkit.data.masking import MaskConfig, MaskGenerator
+from mimkit.data.sources import ImageSource
+from mimkit.data.views import MaskedView, MaskedViewConfig
+from mimkit.losses.pixels import sliding_window_normalize, sliding_window_stats
+from mimkit.methods.base import (
+    ClipMode,
+    Method,
+    MethodConfig,
+    Panel,
+    ParamGroup,
+    Reconstruction,
+    StepOutput,
+    register,
+    split_weight_decay,
+)
+from mimkit.models.backbones import BackboneConfig, build_backbone
+from mimkit.models.encoder import Encoder
+from mimkit.models.heads import PixelShuffleHead
+from mimkit.models.tokenizers.files import load_tokenizer
+from mimkit.schedules import Progress
+
+log = logging.getLogger("mimkit")
+TOKENIZER_FIX = "make it with: mimkit tokenizer fit -c configs/tokenizers/<recipe>.yaml output={file}"
+
+
+@dataclass
+class CIMConfig(MethodConfig):
+    """CIM defaults for a ViT-B/16 enhancer at 224 px (METHODS.md section 3; every value is an ASSUMPTION)."""
+
+    name: str = "cim"
+    clip_mode: ClipMode = "per_module"
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="vit_base_patch16_224"))
+    """The enhancer: any ViT, BEiT or CNN (it sees no mask token)."""
+    generator: BackboneConfig = field(
+        default_factory=lambda: BackboneConfig(name="vit_base_patch16_224", depth=4, drop_path_rate=0.0)
+    )
+    """A small ViT or BEiT with a mask token: about a third of the enhancer's depth, its width."""
+    objective: Literal["respix", "revdet"] = "respix"
+    tokenizer: str = "tokenizers/dall_e.pt"
+    """The tokenizer file (`mimkit tokenizer fit`)."""
+    tokenizer_recipe: str | None = None
+    """A tokenizer recipe that makes `tokenizer` when the file is missing (fitted before training starts)."""
+    token_patch: int | None = None
+    """Pixels per token side at the enhancer's input; None: the enhancer's patch size (set it for CNNs, e.g. 16)."""
+    views: MaskedViewConfig = field(default_factory=lambda: MaskedViewConfig(color_jitter_p=0.0))
+    mask: MaskConfig = field(default_factory=lambda: MaskConfig(ratios=[(0.45, 0.05)]))
+    """Generator mask: BEiT blocks over 40-50 % of the tokens, the smallest block 16 tokens on a 14 x 14 grid."""
+    sampling: Literal["sample", "argmax"] = "sample"
+    temperature: float = 1.0
+    """Softmax temperature of the sampled replacements."""
+    window: int | None = None
+    """ResPix: side of the sliding normalisation window in pixels; None: `token_patch`."""
+    generator_weight: float = 1.0
+    """Weight of the generator's cross-entropy in the summed loss (the two share no parameters)."""
+
+    def validate(self, prefix: str = "method") -> None:
+        super().validate(prefix)
+        self.backbone.validate(f"{prefix}.backbone")
+        self.generator.validate(f"{prefix}.generator")
+        self.views.validate(f"{prefix}.views")
+        self.mask.validate(f"{prefix}.mask")
+        check(
+            self.views.size == self.backbone.img_size,
+            f"{prefix}.views.size",
+            f"must equal the enhancer's img_size ({self.backbone.img_size}); got {self.views.size}",
+        )
+        check(
+            self.generator.img_size == self.backbone.img_size,
+            f"{prefix}.generator.img_size",
+            f"the generator sees the enhancer's images: set it to {self.backbone.img_size}",
+        )
+        check(self.temperature > 0, f"{prefix}.temperature", f"must be positive; got {self.temperature}")
+        check(self.window is None or self.window >= 2, f"{prefix}.window", f"must be >= 2; got {self.window}")
+        check(self.token_patch is None or self.token_patch >= 1, f"{prefix}.token_patch", "must be >= 1")
+        check(self.generator_weight >= 0, f"{prefix}.generator_weight", "must be >= 0")
+
+
+@register("cim")
+class CIM(Method):
+    Config = CIMConfig
+    cfg: CIMConfig
+
+    @classmethod
+    def prepare(cls, cfg: MethodConfig, source: ImageSource) -> None:
+        """Fit the tokenizer from `tokenizer_recipe` when its file is missing; without a recipe, stop with the
+        command that makes it."""
+        assert isinstance(cfg, CIMConfig)
+        if Path(cfg.tokenizer).is_file():
+            return
+        if cfg.tokenizer_recipe is None:
+            raise ConfigError(
+                f"method.tokenizer: {cfg.tokenizer} does not exist; {TOKENIZER_FIX.format(file=cfg.tokenizer)} "
+                "(or name a tokenizer recipe in method.tokenizer_recipe to fit it before training)"
+            )
+        from mimkit.models.tokenizers.fit import describe_metrics, fit_tokenizer, load_tokenizer_recipe
+
+        log.info("method.tokenizer: %s does not exist; fitting it with %s", cfg.tokenizer, cfg.tokenizer_recipe)
+        fitted = fit_tokenizer(load_tokenizer_recipe(cfg.tokenizer_recipe, [f"output={cfg.tokenizer}"]))
+        log.info("tokenizer %s: %s", fitted.path, describe_metrics(fitted.metrics))
+
+    def __init__(self, cfg: CIMConfig, data: DataInfo) -> None:
+        super().__init__(cfg, data)
+        self.tokenizer, self.tokenizer_metrics = load_tokenizer(cfg.tokenizer)
+        self.enhancer = build_backbone(cfg.backbone, data.channels, mask_token=False)
+        self.generator = build_backbone(cfg.generator, data.channels, mask_token=True, prefix="method.generator")
+        size = cfg.backbone.img_size
+        token_patch = cfg.token_patch or self.enhancer.patch_size
+        check(
+            size % token_patch == 0,
+            "method.token_patch",
+            f"image size {size} is not divisible by {token_patch} pixels per token; choose a divisor",
+        )
+        self.token_grid = (size // token_patch, size // token_patch)
+        check(
+            self.generator.grid(size, size) == self.token_grid,
+            "method.generator.patch_size",
+            f"the generator's grid {self.generator.grid(size, size)} must be the token grid {self.token_grid}: "
+            f"give it patch size {token_patch}",
+        )
+        self.window = cfg.window or token_patch
+        self.tokenizer_size = self.token_grid[0] * self.tokenizer.patch_size
+        """Side of the images the tokenizer reads and renders (one token per enhancer patch)."""
+        self.generator_head = nn.Linear(self.generator.embed_dim, self.tokenizer.vocab_size)
+        self.enhancer_grid = self.enhancer.grid(size, size)
+        if cfg.objective == "respix":
+            self.enhancer_head = PixelShuffleHead(
+                self.enhancer.embed_dim, data.channels, self._upscale(size, "pixels of the image")
+            )
+        else:
+            self.enhancer_head = PixelShuffleHead(
+                self.enhancer.embed_dim, 1, self._upscale(self.token_grid[0], "tokens of the token grid")
+            )
+        self.register_buffer("mean", torch.tensor(data.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(data.std).view(1, -1, 1, 1), persistent=False)
+
+    def _upscale(self, side: int, what: str) -> int:
+        grid = self.enhancer_grid
+        check(
+            grid[0] == grid[1] and side % grid[0] == 0,
+            "method.backbone",
+            f"the enhancer's {grid[0]}x{grid[1]} feature grid does not divide the {side} {what}; "
+            "choose an image size, token_patch or CNN output_stride that lines them up",
+        )
+        return side // grid[0]
+
+    def views(self) -> MaskedView:
+        return MaskedView(self.cfg.views, self.data, self.token_grid, MaskGenerator(self.cfg.mask))
+
+    def train(self, mode: bool = True) -> CIM:
+        super().train(mode)
+        self.tokenizer.eval()  # frozen: never in training mode
+        return self
+
+    def training_step(self, batch: dict[str, Any], progress: Progress) -> StepOutput:
+        images, masks = batch["views"]["image"], batch["views"]["mask"]
+        corruption = self.corrupt(images, masks)
+        loss_generator = F.cross_entropy(corruption.logits.float(), corruption.tokens[masks])
+        prediction = self.enhance(corruption.images)
+        if self.cfg.objective == "respix":
+            loss_enhancer = F.mse_loss(prediction.float(), sliding_window_normalize(images, self.window))
+        else:
+            loss_enhancer = F.binary_cross_entropy_with_logits(prediction.float(), corruption.replaced.float())
+        metrics = {
+            "loss_generator": loss_generator.detach(),
+            "loss_enhancer": loss_enhancer.detach(),
+            "generator_accuracy": (corruption.logits.argmax(-1) == corruption.tokens[masks]).float().mean(),
+            "mask_ratio": masks.float().mean(),
+            "replaced_ratio": corruption.replaced.float().mean(),
+        }
+        if self.cfg.objective == "revdet":
+            metrics["detection_accuracy"] = ((prediction > 0) == corruption.replaced).float().mean()
+        return StepOutput(self.cfg.generator_weight * loss_generator + loss_enhancer, metrics)
+
+    def corrupt(self, images: torch.Tensor, masks: torch.Tensor) -> Corruption:
+        """Tokens of the images, the generator's logits at the masked positions, and the corrupted images the
+        tokenizer renders from the original tokens with the masked ones replaced by samples (no gradient)."""
+        with torch.no_grad():
+            tokens = self._tokenize(images)
+        hidden = self.generator(images, mask=masks)[:, self.generator.num_prefix_tokens :]
+        logits = self.generator_head(hidden[masks.flatten(1)])
+        with torch.no_grad():
+            if self.cfg.sampling == "argmax":
+                sampled = logits.argmax(-1)
+            else:
+                sampled = torch.multinomial(F.softmax(logits.float() / self.cfg.temperature, -1), 1).squeeze(-1)
+            corrupted_tokens = tokens.clone()
+            corrupted_tokens[masks] = sampled
+            corrupted = self._render(corrupted_tokens, images)
+        return Corruption(tokens, logits, corrupted_tokens, corrupted, masks & (corrupted_tokens != tokens))
+
+    def enhance(self, corrupted: torch.Tensor) -> torch.Tensor:
+        """ResPix: (B, C, H, W) sliding-window normalised pixels; RevDet: (B, h, w) replaced-token logits."""
+        tokens = self.enhancer(corrupted)[:, self.enhancer.num_prefix_tokens :]
+        output = self.enhancer_head(tokens, self.enhancer_grid)
+        return output if self.cfg.objective == "respix" else output.squeeze(1)
+
+    def _to_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() * self.std + self.mean).clamp(0, 1)
+
+    def _tokenize(self, images: torch.Tensor) -> torch.Tensor:
+        """Tokens of normalised images, resized to the tokenizer's side and matched to its channels (gray images
+        repeated for an RGB tokenizer such as DALL-E's, RGB averaged for a gray one)."""
+        pixels = self._resize(self._to_pixels(images), self.tokenizer_size)
+        if pixels.shape[1] != self.tokenizer.channels:
+            pixels = pixels.mean(1, keepdim=True).expand(-1, self.tokenizer.channels, -1, -1)
+        return self.tokenizer.encode(pixels)
+
+    def _render(self, tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The tokenizer's image of `tokens` as the networks see images like `like` (size, channels, normalisation)."""
+        pixels = self._resize(self.tokenizer.decode(tokens), like.shape[-1])
+        if pixels.shape[1] != like.shape[1]:
+            pixels = pixels.mean(1, keepdim=True).expand(-1, like.shape[1], -1, -1)
+        return (pixels.to(like.dtype) - self.mean) / self.std
+
+    @staticmethod
+    def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+        if images.shape[-1] == size and images.shape[-2] == size:
+            return images
+        return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+    @torch.no_grad()
+    def reconstruct(self, views: dict[str, Any]) -> Reconstruction | None:
+        """ResPix: the enhancer's pixels from the corrupted image, de-normalised with each original pixel's window
+        mean and standard deviation; the mask is the generator's."""
+        if self.cfg.objective != "respix":
+            return None
+        images, masks = views["image"], views["mask"]
+        prediction = self.enhance(self.corrupt(images, masks).images)
+        return Reconstruction(images, self._denormalize(prediction, images), masks)
+
+    def _denormalize(self, prediction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """ResPix outputs back in the images' normalisation, with the original's window statistics."""
+        mean, std = sliding_window_stats(images, self.window)
+        return prediction * std + mean
+
+    @torch.no_grad()
+    def panels(self, views: dict[str, Any]) -> list[Panel]:
+        images, masks = views["image"], views["mask"]
+        corruption = self.corrupt(images, masks)
+        rows = [
+            Panel("original", images),
+            Panel("generator mask", masks.float()),
+            Panel("tokenizer reconstruction", self._render(self._tokenize(images), images)),
+            Panel("corrupted (enhancer input)", corruption.images),
+        ]
+        prediction = self.enhance(corruption.images)
+        if self.cfg.objective == "respix":
+            rows.append(Panel("ResPix output", self._denormalize(prediction, images)))
+        else:
+            rows += [
+                Panel("RevDet P(replaced)", torch.sigmoid(prediction.float())),
+                Panel("replaced (true)", corruption.replaced.float()),
+            ]
+        return rows
+
+    def param_groups(self) -> list[ParamGroup]:
+        """The enhancer (with its head) and the generator (with its head) in groups of their own."""
+        enhancer = nn.ModuleDict({"encoder": self.enhancer, "head": self.enhancer_head})
+        generator = nn.ModuleDict({"encoder": self.generator, "head": self.generator_head})
+        return split_weight_decay(enhancer.named_parameters(), "enhancer_") + split_weight_decay(
+            generator.named_parameters(), "generator_"
+        )
+
+    def encoder(self) -> Encoder:
+        return self.enhancer
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {
+            "enhancer": self.enhancer,
+            "enhancer_head": self.enhancer_head,
+            "generator": self.generator,
+            "generator_head": self.generator_head,
+            "tokenizer": self.tokenizer,
+        }
+
+
+@dataclass
+class Corruption:
+    tokens: torch.Tensor
+    """(B, h, w) the tokenizer's tokens of the original images."""
+    logits: torch.Tensor
+    """(M, vocab) the generator's logits at the M masked positions (row-major, batch first)."""
+    corrupted_tokens: torch.Tensor
+    """(B, h, w) the tokens the corrupted images were rendered from."""
+    images: torch.Tensor
+    """(B, C, H, W) corrupted images in the networks' normalisation."""
+    replaced: torch.Tensor
+    """(B, h, w) bool: masked and sampled differently from the original token (RevDet's labels)."""

@@ -1,0 +1,152 @@
+"""mimkit's own tokenizers (k-means, VQ-VAE): the contract, fitting, measuring, the file, and `mimkit tokenizer fit`.
+
+The DALL-E dVAE has its own file (tests/test_dall_e_tokenizer.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mimkit.cli import main
+from mimkit.config import ConfigError
+from mimkit.models.tokenizers.base import codebook_usage, psnr
+from mimkit.models.tokenizers.files import load_tokenizer, save_tokenizer
+from mimkit.models.tokenizers.fit import fit_tokenizer, load_tokenizer_recipe, measure
+from mimkit.models.tokenizers.kmeans import KMeansTokenizer
+from mimkit.models.tokenizers.vqvae import VQVAETokenizer
+from support import ROOT
+
+TINY = ROOT / "tests" / "tiny" / "tokenizer.yaml"
+KINDS = {
+    "kmeans": ["tokenizer.kind=kmeans", "tokenizer.epochs=3"],
+    "vqvae": [
+        "tokenizer.kind=vqvae",
+        "tokenizer.epochs=30",
+        "tokenizer.lr=3e-3",
+        "tokenizer.hidden_dim=16",
+        "tokenizer.code_dim=8",
+        "data.batch_size=16",
+    ],
+}
+
+
+@pytest.fixture(scope="module", params=sorted(KINDS))
+def fitted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp(request.param) / "tokenizer.pt"
+    recipe = load_tokenizer_recipe(TINY, [*KINDS[request.param], f"output={out}"])
+    return fit_tokenizer(recipe), recipe
+
+
+def test_tokens_and_images_have_the_contract_shapes(fitted) -> None:
+    result, _recipe = fitted
+    tokenizer = result.tokenizer
+    images = torch.rand(3, 1, 16, 24)
+    tokens = tokenizer.encode(images)
+    assert tokens.shape == (3, 4, 6) and tokens.dtype == torch.long
+    assert int(tokens.min()) >= 0 and int(tokens.max()) < tokenizer.vocab_size
+    decoded = tokenizer.decode(tokens)
+    assert decoded.shape == (3, 1, 16, 24) and decoded.min() >= 0 and decoded.max() <= 1
+    with pytest.raises(ValueError, match="divisible by 4"):
+        tokenizer.encode(torch.rand(1, 1, 15, 16))
+
+
+def test_a_fitted_tokenizer_reconstructs_a_training_batch_better_than_a_constant_image(fitted) -> None:
+    result, recipe = fitted
+    from mimkit.data.sources import build_source
+    from mimkit.data.views import EvalView
+
+    source = build_source(recipe.data)
+    view = EvalView(source.info, 16, pixels=True)
+    images = torch.stack([view(source.load(i)[0]) for i in range(32)])
+    reconstructions = result.tokenizer.decode(result.tokenizer.encode(images))
+    error = (reconstructions - images).square().mean()
+    constant = (images.mean() - images).square().mean()
+    assert error < 0.7 * constant
+    assert result.metrics["psnr"] > result.metrics["psnr_constant"] + 1.5
+
+
+def test_the_file_round_trips_with_its_metrics(fitted) -> None:
+    result, _ = fitted
+    loaded, metrics = load_tokenizer(result.path)
+    images = torch.rand(2, 1, 16, 16)
+    assert torch.equal(loaded.encode(images), result.tokenizer.cpu().encode(images))
+    assert metrics == result.metrics and not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_kmeans_update_moves_each_centroid_to_the_mean_of_its_patches() -> None:
+    tokenizer = KMeansTokenizer(vocab_size=2, patch_size=1, channels=1)
+    tokenizer.centroids.copy_(torch.tensor([[0.0], [1.0]]))
+    assigned = tokenizer.update(torch.tensor([[0.1], [0.3], [0.8]]))
+    assert assigned.tolist() == [0, 0, 1]
+    torch.testing.assert_close(tokenizer.centroids, torch.tensor([[0.2], [0.8]]))
+    tokenizer.update(torch.tensor([[0.5]]))  # a running mean over all patches so far: (0.1 + 0.3 + 0.5) / 3
+    torch.testing.assert_close(tokenizer.centroids[0], torch.tensor([0.3]))
+
+
+def test_unused_codes_restart_on_the_data() -> None:
+    generator = torch.Generator().manual_seed(0)
+    kmeans = KMeansTokenizer(vocab_size=4, patch_size=1, channels=1)
+    patches = torch.full((10, 1), 0.5)
+    assert kmeans.restart_dead(patches, torch.tensor([True, False, True, False]), generator) == 2
+    assert kmeans.centroids[[1, 3]].eq(0.5).all() and kmeans.centroids[[0, 2]].eq(0).all()
+    vq = VQVAETokenizer(vocab_size=4, patch_size=2, channels=1, hidden_dim=4, code_dim=3)
+    latents = torch.ones(6, 3)
+    assert vq.restart_dead(latents, torch.tensor([False, True, True, True]), generator) == 1
+    assert vq.codebook[0].eq(1).all() and vq.codebook[1:].eq(0).all()
+
+
+def test_codebook_usage_and_psnr() -> None:
+    usage = codebook_usage(torch.tensor([0, 1, 2, 3]), vocab_size=8)
+    assert usage["perplexity"] == pytest.approx(4.0) and usage["dead_codes"] == 4
+    assert codebook_usage(torch.zeros(5, dtype=torch.long), 3)["perplexity"] == pytest.approx(1.0)
+    images = torch.full((1, 1, 4, 4), 0.5)
+    assert psnr(images, images + 0.1) == pytest.approx(20.0, abs=1e-3)
+
+
+def test_measure_reports_what_the_fit_command_prints() -> None:
+    tokenizer = KMeansTokenizer(vocab_size=2, patch_size=2, channels=1)
+    tokenizer.centroids[1] = 1.0
+    images = torch.zeros(2, 1, 4, 4)
+    images[1] = 1.0
+    metrics = measure(tokenizer, images)
+    assert metrics["psnr"] > 100 and metrics["dead_codes"] == 0 and metrics["perplexity"] == pytest.approx(2.0)
+
+
+def test_a_file_that_is_no_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_tokenizer(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ConfigError, match="is not a mimkit tokenizer file"):
+        load_tokenizer(tmp_path / "junk.pt")
+    torch.save({"state": {}}, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="mimkit tokenizer fit -c"):
+        load_tokenizer(tmp_path / "other.pt")
+    save_tokenizer(KMeansTokenizer(4, 2, 1), tmp_path / "ok.pt")
+    assert not (tmp_path / "ok.pt.partial").exists()
+
+
+def test_recipe_errors_name_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"tokenizer.image_size.*not divisible by the patch size 4"):
+        load_tokenizer_recipe(TINY, ["tokenizer.image_size=18"])
+    with pytest.raises(ConfigError, match=r"encoder_file.*never downloads"):
+        load_tokenizer_recipe(TINY, ["tokenizer.kind=dall-e"])
+
+
+def test_fit_command_saves_the_file_and_its_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "tok.pt"
+    assert main(["tokenizer", "fit", "-c", str(TINY), f"output={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert "PSNR" in printed and "perplexity" in printed and "unused" in printed
+    assert load_tokenizer(out)[0].vocab_size == 16
+    with Image.open(out.with_suffix(".png")) as figure:
+        assert figure.width > 0
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs" / "tokenizers").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_tokenizer_recipes_load(recipe: Path) -> None:
+    loaded = load_tokenizer_recipe(recipe)
+    assert loaded.tokenizer.image_size % loaded.tokenizer.patch_size == 0 and loaded.output.startswith("tokenizers/")
