@@ -9,7 +9,8 @@ times (medians over repeated steps after warm-up, CUDA synchronised around each 
   backbone        the same backbone(s) on exactly the student inputs (forward + backward) and the teacher inputs
                   (forward, no grad), without method logic: the floor no implementation can beat
   backbone_heads  the backbone floor plus the heads on the tokens the method uses
-  ...             a method's own parts (DTM: morphing, drawing the schedules and morphing student and targets)
+  ...             a method's own parts (DTM: morphing, drawing the schedules and morphing student and targets;
+                  CIM: tokenizer, encoding the batch and rendering a token grid)
 
 This file knows no method: each method's file in benchmarks/floors/ lists its cases per tier, its floor (which
 mirrors its `training_step`) and its own parts; mimkit knows nothing about the benchmark.
@@ -164,7 +165,10 @@ def build(recipe: Path, overrides: Sequence[str]) -> Bench:
     fabric = Fabric(accelerator=cfg.train.accelerator, devices=1, precision=cfg.train.precision)
     torch.manual_seed(cfg.seed)
     source = build_source(cfg.data)
-    method = method_class(cfg.method.name)(cfg.method, source.info)
+    method_cls = method_class(cfg.method.name)
+    method_cls.prepare(cfg.method, source)  # files the method reads (CIM: its tokenizer), as the Trainer does
+    torch.manual_seed(cfg.seed)
+    method = method_cls(cfg.method, source.info)
     epoch = cfg.train.epochs // 2
     batch, view_seconds = make_batch(source, method.views(), cfg.seed, epoch, cfg.data.batch_size)
     module, optimizer = setup_for_training(fabric, method, build_optimizer(method, cfg.optim), cfg.train.compile)
@@ -264,6 +268,8 @@ def summarize(
 
 def run_case(method_name: str, case: Case, args: argparse.Namespace) -> dict[str, Any]:
     overrides = overrides_for(case, args.device, args.precision, args.compile)
+    if hasattr(method_file(method_name), "prepare"):
+        method_file(method_name).prepare(case)  # what a case needs on disk (CIM's GPU tier: a dVAE file)
     bench = build(CONFIGS / case.recipe, overrides)
     device = bench.fabric.device
     times, peaks = measure(parts(bench, method_name), device, args.warmup, args.steps, args.repeats)

@@ -13,19 +13,24 @@ from PIL import Image
 
 from mimkit.cli import main
 from mimkit.engine.train import pretrain
+from mimkit.models.tokenizers.fit import fit_tokenizer, load_tokenizer_recipe
 from mimkit.runs import load_run_config
-from support import IBOT_RECIPE, QUIET_CPU_RUN, ROOT, SYNTHETIC_28, TINY_IBOT_HEADS
+from support import IBOT_RECIPE, QUIET_CPU_RUN, ROOT, SYNTHETIC_28, TINY_IBOT_HEADS, TINY_TOKENIZER, tiny_overlay
 
 TOY = str(ROOT / "tests" / "recipes" / "toy.yaml")
 RECIPE = str(IBOT_RECIPE)
 TINY = ["method.backbone.embed_dim=32", "method.backbone.depth=1", "method.backbone.num_heads=2", *TINY_IBOT_HEADS]
 DOC = ROOT / "docs" / "troubleshooting.md"
+CIM_RECIPE = str(ROOT / "configs" / "cim" / "vit_tiny_fmnist_respix.yaml")
+DALL_E = str(ROOT / "configs" / "tokenizers" / "dall_e.yaml")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     overrides = [*TINY, *SYNTHETIC_28, "data.synthetic_images=8", "data.batch_size=4", "train.epochs=1"]
     out = tmp_path_factory.mktemp("run") / "ibot"
+    if not TINY_TOKENIZER.is_file():  # CIM cases read it; fitting it here keeps their output to the message
+        fit_tokenizer(load_tokenizer_recipe(ROOT / "tests" / "tiny" / "tokenizer.yaml", [f"output={TINY_TOKENIZER}"]))
     return pretrain(load_run_config(IBOT_RECIPE, [*overrides, *QUIET_CPU_RUN, f"output_dir={out}"]))
 
 
@@ -87,6 +92,26 @@ CASES: dict[str, tuple[Case, str]] = {
     "no-such-run": (
         lambda run, image, tmp: ["eval", "knn", str(tmp / "missing")],
         r"no checkpoint at .*missing \(give a run folder or a .ckpt file\)",
+    ),
+    "missing-tokenizer": (
+        lambda run, image, tmp: [
+            *["pretrain", "-c", CIM_RECIPE, "method.tokenizer_recipe=null", f"method.tokenizer={tmp}/none.pt"],
+            *SYNTHETIC_28,
+            f"output_dir={tmp}",
+        ],
+        r"method.tokenizer: .*none.pt does not exist; make it with: mimkit tokenizer fit -c configs/tokenizers/",
+    ),
+    "dall-e-files-missing": (
+        lambda run, image, tmp: ["tokenizer", "fit", "-c", DALL_E, "data.source=synthetic", f"output={tmp}/t.pt"],
+        r"tokenizer: encoder file weights/dall_e/encoder.pkl does not exist; download encoder.pkl and decoder.pkl",
+    ),
+    "token-grid-mismatch": (
+        lambda run, image, tmp: [
+            *["pretrain", "-c", CIM_RECIPE, "method.generator.patch_size=4", f"output_dir={tmp}"],
+            *tiny_overlay("cim")["overrides"][:2],  # the tiny tokenizer (never one in the checkout's tokenizers/)
+            *SYNTHETIC_28,
+        ],
+        r"method.generator.patch_size: the generator's grid \(7, 7\) must be the token grid \(4, 4\): give it patch",
     ),
     "unknown-field": (
         lambda run, image, tmp: ["pretrain", "-c", RECIPE, "optim.lrr=1", "--print-config"],

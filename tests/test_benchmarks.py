@@ -12,6 +12,8 @@ from mimkit.runs import load_run_config
 from support import load_benchmark
 
 bench = load_benchmark("step_throughput")
+OWN_PARTS = {"dtm": "morphing", "cim": "tokenizer"}
+"""A method's own timed part beside the step and its floors."""
 SUMMARY_KEYS = {
     "step_ms",
     "backbone_ms",
@@ -33,19 +35,20 @@ def test_tiny_tier_writes_json_and_table(method: str, tmp_path) -> None:
     assert {"machine", "versions", "threads", "precision", "cases", "command"} <= result.keys()
     assert result["machine"]["cpu"] and result["versions"]["torch"] and result["threads"] == torch.get_num_threads()
     (case,) = result["cases"]
-    parts = {"step", "backbone", "backbone_heads"} | ({"morphing"} if method == "dtm" else set())
+    own = OWN_PARTS.get(method)
+    parts = {"step", "backbone", "backbone_heads"} | ({own} if own else set())
     assert case["times_s"].keys() == parts
     for runs in case["times_s"].values():
         assert len(runs) == 2 and all(len(samples) == 2 and min(samples) > 0 for samples in runs)
     assert "data.source=synthetic" in case["overrides"] and case["batch_size"] == 4
     assert len(case["view_seconds_per_image"]) == 4 and min(case["view_seconds_per_image"]) > 0
     summary = case["summary"]
-    extra = {"morphing_ms", "morphing_share"} if method == "dtm" else set()
+    extra = {f"{own}_ms", f"{own}_share"} if own else set()
     assert summary.keys() == SUMMARY_KEYS | extra
     assert math.isfinite(summary["overhead"]) and summary["overhead"] > 0
     assert summary["images_per_s"] > 0 and summary["peak_memory_mib"] > 0 and math.isfinite(case["final_loss"])
-    if method == "dtm":
-        assert math.isfinite(summary["morphing_share"]) and summary["morphing_share"] > 0  # timings: no upper bound
+    if own:
+        assert math.isfinite(summary[f"{own}_share"]) and summary[f"{own}_share"] > 0  # timings: no upper bound
     table = path.with_suffix(".md").read_text()
     assert "| vit_micro | 4 |" in table and "overhead" in table
 

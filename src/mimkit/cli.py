@@ -52,7 +52,7 @@ def user_message(error: BaseException) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mimkit",
-        description="Masked-image-modeling pretraining of vision backbones (iBOT, DTM, SymMIM).",
+        description="Masked-image-modeling pretraining of vision backbones (iBOT, DTM, SymMIM, CIM).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
