@@ -87,7 +87,7 @@ def test_revdet_labels_are_masked_and_replaced_by_another_token(sampling: str) -
     method, batch = tiny_cim(objective="revdet", overrides=(f"method.sampling={sampling}",))
     images, masks = batch["views"]["image"], batch["views"]["mask"]
     assert masks.any() and (~masks).any()
-    corruption = method.corrupt(images, masks)
+    corruption = method.corrupt(images, masks, batch["views"]["seed"])
     assert torch.equal(corruption.replaced, masks & (corruption.corrupted_tokens != corruption.tokens))
     assert torch.equal(corruption.corrupted_tokens[~masks], corruption.tokens[~masks])
     if sampling == "argmax":
@@ -96,10 +96,20 @@ def test_revdet_labels_are_masked_and_replaced_by_another_token(sampling: str) -
     assert corruption.images.shape == images.shape
 
 
+def test_each_images_samples_depend_on_its_own_seed_not_on_the_batch() -> None:
+    method, batch = tiny_cim()
+    views = batch["views"]
+    whole = method.corrupt(views["image"], views["mask"], views["seed"])
+    first = method.corrupt(views["image"][:4], views["mask"][:4], views["seed"][:4])
+    assert torch.equal(first.corrupted_tokens, whole.corrupted_tokens[:4])  # as on one of two processes
+    other = method.corrupt(views["image"][:4], views["mask"][:4], views["seed"][:4] + 1)
+    assert not torch.equal(other.corrupted_tokens, first.corrupted_tokens)
+
+
 def test_no_gradient_reaches_the_generator_from_the_enhancer() -> None:
     method, batch = tiny_cim()
     images, masks = batch["views"]["image"], batch["views"]["mask"]
-    corruption = method.corrupt(images, masks)
+    corruption = method.corrupt(images, masks, batch["views"]["seed"])
     enhancer_loss = (method.enhance(corruption.images) - sliding_window_normalize(images, method.window)).square()
     enhancer_loss.mean().backward()
     generator = [*method.generator.parameters(), *method.generator_head.parameters()]

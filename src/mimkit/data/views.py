@@ -199,6 +199,21 @@ class MaskedView:
         return ViewContents([views["image"]], [views["mask"]])
 
 
+class SeededViews:
+    """Another transform's views plus one random integer per image (`"seed"`), drawn under the image's own seed: a
+    method's random draws inside its step (CIM's token samples) then depend on the image, not on the process or
+    the batch it lands in."""
+
+    def __init__(self, views: Views) -> None:
+        self.views = views
+
+    def __call__(self, image: torch.Tensor, epoch: int) -> dict[str, Any]:
+        return {**self.views(image, epoch), "seed": torch.randint(0, 2**62, ())}
+
+    def contents(self, views: dict[str, Any]) -> ViewContents:
+        return self.views.contents(views)
+
+
 class EvalView:
     """Deterministic view for features: resize (shorter side to size / 0.875) and centre-crop larger images,
     resize smaller ones, then normalise (or, with `pixels`, keep values in [0, 1]: what tokenizers read)."""

@@ -32,7 +32,8 @@ from mimkit.config import ConfigError, check
 from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskConfig, MaskGenerator
 from mimkit.data.sources import ImageSource
-from mimkit.data.views import MaskedView, MaskedViewConfig
+from mimkit.data.views import MaskedView, MaskedViewConfig, SeededViews
+from mimkit.distributed import all_reduce_mean
 from mimkit.losses.pixels import sliding_window_normalize, sliding_window_stats
 from mimkit.methods.base import (
     ClipMode,
@@ -49,6 +50,7 @@ from mimkit.models.backbones import BackboneConfig, build_backbone
 from mimkit.models.encoder import Encoder
 from mimkit.models.heads import PixelShuffleHead
 from mimkit.models.tokenizers.files import load_tokenizer
+from mimkit.models.tokenizers.fit import describe_metrics, fit_tokenizer, load_tokenizer_recipe
 from mimkit.schedules import Progress
 
 log = logging.getLogger("mimkit")
@@ -114,8 +116,8 @@ class CIM(Method):
 
     @classmethod
     def prepare(cls, cfg: MethodConfig, source: ImageSource) -> None:
-        """Fit the tokenizer from `tokenizer_recipe` when its file is missing; without a recipe, stop with the
-        command that makes it."""
+        """Fit the tokenizer from `tokenizer_recipe` (on that recipe's own data) when its file is missing; without
+        a recipe, stop with the command that makes it."""
         assert isinstance(cfg, CIMConfig)
         if Path(cfg.tokenizer).is_file():
             return
@@ -124,15 +126,13 @@ class CIM(Method):
                 f"method.tokenizer: {cfg.tokenizer} does not exist; {TOKENIZER_FIX.format(file=cfg.tokenizer)} "
                 "(or name a tokenizer recipe in method.tokenizer_recipe to fit it before training)"
             )
-        from mimkit.models.tokenizers.fit import describe_metrics, fit_tokenizer, load_tokenizer_recipe
-
         log.info("method.tokenizer: %s does not exist; fitting it with %s", cfg.tokenizer, cfg.tokenizer_recipe)
         fitted = fit_tokenizer(load_tokenizer_recipe(cfg.tokenizer_recipe, [f"output={cfg.tokenizer}"]))
         log.info("tokenizer %s: %s", fitted.path, describe_metrics(fitted.metrics))
 
     def __init__(self, cfg: CIMConfig, data: DataInfo) -> None:
         super().__init__(cfg, data)
-        self.tokenizer, self.tokenizer_metrics = load_tokenizer(cfg.tokenizer)
+        self.tokenizer, _ = load_tokenizer(cfg.tokenizer)
         self.enhancer = build_backbone(cfg.backbone, data.channels, mask_token=False)
         self.generator = build_backbone(cfg.generator, data.channels, mask_token=True, prefix="method.generator")
         size = cfg.backbone.img_size
@@ -175,8 +175,9 @@ class CIM(Method):
         )
         return side // grid[0]
 
-    def views(self) -> MaskedView:
-        return MaskedView(self.cfg.views, self.data, self.token_grid, MaskGenerator(self.cfg.mask))
+    def views(self) -> SeededViews:
+        """A masked crop per image, with a seed for the draws of its replacement tokens."""
+        return SeededViews(MaskedView(self.cfg.views, self.data, self.token_grid, MaskGenerator(self.cfg.mask)))
 
     def train(self, mode: bool = True) -> CIM:
         super().train(mode)
@@ -184,9 +185,11 @@ class CIM(Method):
         return self
 
     def training_step(self, batch: dict[str, Any], progress: Progress) -> StepOutput:
-        images, masks = batch["views"]["image"], batch["views"]["mask"]
-        corruption = self.corrupt(images, masks)
-        loss_generator = F.cross_entropy(corruption.logits.float(), corruption.tokens[masks])
+        views = batch["views"]
+        images, masks = views["image"], views["mask"]
+        corruption = self.corrupt(images, masks, views["seed"])
+        targets = corruption.tokens[masks]
+        loss_generator = global_token_mean(F.cross_entropy(corruption.logits.float(), targets, reduction="none"))
         prediction = self.enhance(corruption.images)
         if self.cfg.objective == "respix":
             loss_enhancer = F.mse_loss(prediction.float(), sliding_window_normalize(images, self.window))
@@ -195,7 +198,7 @@ class CIM(Method):
         metrics = {
             "loss_generator": loss_generator.detach(),
             "loss_enhancer": loss_enhancer.detach(),
-            "generator_accuracy": (corruption.logits.argmax(-1) == corruption.tokens[masks]).float().mean(),
+            "generator_accuracy": global_token_mean((corruption.logits.argmax(-1) == targets).float()),
             "mask_ratio": masks.float().mean(),
             "replaced_ratio": corruption.replaced.float().mean(),
         }
@@ -203,22 +206,31 @@ class CIM(Method):
             metrics["detection_accuracy"] = ((prediction > 0) == corruption.replaced).float().mean()
         return StepOutput(self.cfg.generator_weight * loss_generator + loss_enhancer, metrics)
 
-    def corrupt(self, images: torch.Tensor, masks: torch.Tensor) -> Corruption:
+    def corrupt(self, images: torch.Tensor, masks: torch.Tensor, seeds: torch.Tensor) -> Corruption:
         """Tokens of the images, the generator's logits at the masked positions, and the corrupted images the
-        tokenizer renders from the original tokens with the masked ones replaced by samples (no gradient)."""
+        tokenizer renders from the original tokens with the masked ones replaced by samples (no gradient); each
+        image's samples are drawn with its own seed (`seeds`, (B,)), so they do not depend on the process."""
         with torch.no_grad():
             tokens = self._tokenize(images)
         hidden = self.generator(images, mask=masks)[:, self.generator.num_prefix_tokens :]
         logits = self.generator_head(hidden[masks.flatten(1)])
         with torch.no_grad():
-            if self.cfg.sampling == "argmax":
-                sampled = logits.argmax(-1)
-            else:
-                sampled = torch.multinomial(F.softmax(logits.float() / self.cfg.temperature, -1), 1).squeeze(-1)
+            sampled = logits.argmax(-1) if self.cfg.sampling == "argmax" else self._sample(logits, masks, seeds)
             corrupted_tokens = tokens.clone()
             corrupted_tokens[masks] = sampled
             corrupted = self._render(corrupted_tokens, images)
         return Corruption(tokens, logits, corrupted_tokens, corrupted, masks & (corrupted_tokens != tokens))
+
+    def _sample(self, logits: torch.Tensor, masks: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """One token per masked position from softmax(logits / temperature), image by image with its seed."""
+        probabilities = F.softmax(logits.float() / self.cfg.temperature, -1)
+        counts = masks.flatten(1).sum(1).tolist()
+        samples = [torch.empty(0, dtype=torch.long, device=logits.device)]
+        for rows, seed in zip(probabilities.split(counts), seeds.tolist(), strict=True):
+            if len(rows):
+                generator = torch.Generator(device=rows.device).manual_seed(int(seed))
+                samples.append(torch.multinomial(rows, 1, generator=generator).squeeze(-1))
+        return torch.cat(samples)
 
     def enhance(self, corrupted: torch.Tensor) -> torch.Tensor:
         """ResPix: (B, C, H, W) sliding-window normalised pixels; RevDet: (B, h, w) replaced-token logits."""
@@ -257,7 +269,7 @@ class CIM(Method):
         if self.cfg.objective != "respix":
             return None
         images, masks = views["image"], views["mask"]
-        prediction = self.enhance(self.corrupt(images, masks).images)
+        prediction = self.enhance(self.corrupt(images, masks, views["seed"]).images)
         return Reconstruction(images, self._denormalize(prediction, images), masks)
 
     def _denormalize(self, prediction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -268,7 +280,7 @@ class CIM(Method):
     @torch.no_grad()
     def panels(self, views: dict[str, Any]) -> list[Panel]:
         images, masks = views["image"], views["mask"]
-        corruption = self.corrupt(images, masks)
+        corruption = self.corrupt(images, masks, views["seed"])
         rows = [
             Panel("original", images),
             Panel("generator mask", masks.float()),
@@ -304,6 +316,14 @@ class CIM(Method):
             "generator_head": self.generator_head,
             "tokenizer": self.tokenizer,
         }
+
+
+def global_token_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean over the masked tokens of the *global* batch, however many processes share it: this process's sum
+    over the mean count per process (DDP then averages gradients and logs over processes). Processes mask
+    different numbers of tokens, so a per-process mean would weigh tokens by the process they landed on."""
+    count = all_reduce_mean(values.new_tensor(float(values.numel())))
+    return values.sum() / count.clamp(min=1.0)
 
 
 @dataclass
