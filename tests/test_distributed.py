@@ -41,7 +41,8 @@ RUNS = {
     ),
 }
 """Each method's run, without randomness inside its networks (dropout, drop path): only the data, the masks and
-the method's own draws (DTM's morphing schedules, CIM's replacement tokens) are random, and none of them may depend on the process."""
+the method's own draws (DTM's morphing schedules, CIM's replacement tokens) are random, and none of them may
+depend on the process."""
 WEIGHTS_AGREE = {"toy", "ibot", "dtm", "cim"}
 """Methods whose final weights agree within 1e-5 too. SymMIM's losses agree (its batch norms use the global batch),
 but after AdamW some [CLS] and mask-token weights differ by a fraction of one step: not yet explained, so not
