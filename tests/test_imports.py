@@ -14,7 +14,7 @@ from support import ROOT
 
 PACKAGE = ROOT / "src" / "mimkit"
 LAYERS: list[tuple[str, ...]] = [
-    ("mimkit", "mimkit.config", "mimkit.schedules", "mimkit.distributed"),
+    ("mimkit", "mimkit.config", "mimkit.schedules", "mimkit.distributed", "mimkit.health"),
     ("mimkit.data",),
     ("mimkit.models", "mimkit.losses", "mimkit.morphing"),
     ("mimkit.methods",),

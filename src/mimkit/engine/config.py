@@ -55,6 +55,8 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     """Also refresh `last.ckpt` every N optimizer steps inside an epoch (0: only at epoch ends)."""
     log_every_steps: int = 10
+    health_window_steps: int = 200
+    """Warn (log and RUN/health.json) when a `health_*` metric stays in a collapsed range this many steps (0: never)."""
     on_nonfinite: Literal["error", "skip"] = "error"
     """A non-finite loss stops the run with a checkpoint of the last good state, or skips the step."""
     compile: bool = False
@@ -72,3 +74,4 @@ class TrainConfig:
         for name in ("checkpoint_every_epochs", "checkpoint_every_steps", "knn_every_epochs"):
             check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
         check(self.log_every_steps >= 1, f"{prefix}.log_every_steps", "must be >= 1")
+        check(self.health_window_steps >= 0, f"{prefix}.health_window_steps", "must be >= 0 (0: no warnings)")

@@ -20,6 +20,7 @@ from mimkit.runs import RunConfig
 SAFE = (
     "train.epochs",
     "train.log_every_steps",
+    "train.health_window_steps",
     "train.checkpoint_every_epochs",
     "train.checkpoint_every_steps",
     "train.progress_bar",

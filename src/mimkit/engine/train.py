@@ -18,6 +18,7 @@ from mimkit.data.info import DataError
 from mimkit.data.loader import ViewDataset, train_loader
 from mimkit.data.sources import build_source, describe
 from mimkit.engine import checkpoint as ckpt
+from mimkit.engine.health import HealthWatch, read_health
 from mimkit.engine.logs import MetricsCSV, ProgressDisplay, log, setup_logging
 from mimkit.engine.optim import Hyperparameters, build_optimizer
 from mimkit.engine.resume import check_resume_changes, readable_resume, resolve_resume
@@ -137,6 +138,7 @@ class Trainer:
             fabric, self.method, build_optimizer(self.method, cfg.optim), cfg.train.compile
         )
         self.position = Position()
+        self.health = HealthWatch(cfg.train.health_window_steps, read_health(self.run_dir) if resume_path else [])
         if resume_path is not None:
             self._restore(resume_path)
         else:
@@ -307,6 +309,11 @@ class Trainer:
             weight_decay=max(g["weight_decay"] for g in self.optimizer.param_groups),
         )
         self.fabric.log_dict(row, step=self.position.step)
+        warnings = self.health.observe(self.position.step, row)
+        for warning in warnings:
+            log.warning("%s", warning.message())
+        if warnings and self.fabric.global_rank == 0:
+            self.health.save(self.run_dir)
 
     # ------------------------------------------------------------------------------------------------
     def save(self, path: Path) -> None:

@@ -96,9 +96,13 @@ class IBOTLoss(nn.Module):
         self.update_centers(teacher_cls, teacher_patch_mean)
         return IBOTLossOutput(cls + patch, cls, patch)
 
+    def cls_targets(self, teacher_cls: torch.Tensor, epoch: int) -> torch.Tensor:
+        """The teacher's centred, sharpened [CLS] distributions (G, B, K) the student's [CLS] is trained on."""
+        return F.softmax((_upcast(teacher_cls) - self.center) / self.teacher_temp.at_epoch(epoch), dim=-1)
+
     def cls_loss(self, student_cls: torch.Tensor, teacher_cls: torch.Tensor, epoch: int) -> torch.Tensor:
         num_global, batch = teacher_cls.shape[:2]
-        targets = F.softmax((_upcast(teacher_cls) - self.center) / self.teacher_temp.at_epoch(epoch), dim=-1)
+        targets = self.cls_targets(teacher_cls, epoch)
         log_probs = F.log_softmax(_upcast(student_cls) / self.student_temp, dim=-1)
         cross = -torch.einsum("qbk,vbk->qv", targets, log_probs) / batch  # (G, S): mean over the batch
         other_view = torch.ones_like(cross, dtype=torch.bool)

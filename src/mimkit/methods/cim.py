@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ from mimkit.data.masking import MaskConfig, MaskGenerator
 from mimkit.data.sources import ImageSource
 from mimkit.data.views import MaskedView, MaskedViewConfig, SeededViews
 from mimkit.distributed import all_reduce_mean
+from mimkit.health import feature_health
 from mimkit.losses.pixels import sliding_window_normalize, sliding_window_stats
 from mimkit.methods.base import (
     ClipMode,
@@ -86,6 +87,9 @@ class CIMConfig(MethodConfig):
     """ResPix: side of the sliding normalisation window in pixels; None: `token_patch`."""
     generator_weight: float = 1.0
     """Weight of the generator's cross-entropy in the summed loss (the two share no parameters)."""
+
+    runtime_fields: ClassVar[tuple[str, ...]] = ("tokenizer_recipe",)
+    """Only used while the tokenizer file is missing: a resumed run may change it."""
 
     def validate(self, prefix: str = "method") -> None:
         super().validate(prefix)
@@ -190,7 +194,7 @@ class CIM(Method):
         corruption = self.corrupt(images, masks, views["seed"])
         targets = corruption.tokens[masks]
         loss_generator = global_token_mean(F.cross_entropy(corruption.logits.float(), targets, reduction="none"))
-        prediction = self.enhance(corruption.images)
+        prediction, tokens = self.enhance_tokens(corruption.images)
         if self.cfg.objective == "respix":
             loss_enhancer = F.mse_loss(prediction.float(), sliding_window_normalize(images, self.window))
         else:
@@ -201,6 +205,7 @@ class CIM(Method):
             "generator_accuracy": global_token_mean((corruption.logits.argmax(-1) == targets).float()),
             "mask_ratio": masks.float().mean(),
             "replaced_ratio": corruption.replaced.float().mean(),
+            **feature_health(self.enhancer.pooled(tokens)),
         }
         if self.cfg.objective == "revdet":
             metrics["detection_accuracy"] = ((prediction > 0) == corruption.replaced).float().mean()
@@ -234,9 +239,13 @@ class CIM(Method):
 
     def enhance(self, corrupted: torch.Tensor) -> torch.Tensor:
         """ResPix: (B, C, H, W) sliding-window normalised pixels; RevDet: (B, h, w) replaced-token logits."""
-        tokens = self.enhancer(corrupted)[:, self.enhancer.num_prefix_tokens :]
-        output = self.enhancer_head(tokens, self.enhancer_grid)
-        return output if self.cfg.objective == "respix" else output.squeeze(1)
+        return self.enhance_tokens(corrupted)[0]
+
+    def enhance_tokens(self, corrupted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`enhance`'s output and the enhancer's tokens it came from."""
+        tokens = self.enhancer(corrupted)
+        output = self.enhancer_head(tokens[:, self.enhancer.num_prefix_tokens :], self.enhancer_grid)
+        return (output if self.cfg.objective == "respix" else output.squeeze(1)), tokens
 
     def _to_pixels(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() * self.std + self.mean).clamp(0, 1)

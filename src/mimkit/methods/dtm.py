@@ -21,6 +21,7 @@ from mimkit.config import ConfigError, check
 from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskConfig, MaskGenerator
 from mimkit.data.views import MaskedView, MaskedViewConfig
+from mimkit.health import feature_health
 from mimkit.losses.regression import RegressionKind, normalize_targets, regression_loss
 from mimkit.methods.base import (
     ClipMode,
@@ -136,8 +137,8 @@ class DTM(Method):
     def training_step(self, batch: dict[str, Any], progress: Progress) -> StepOutput:
         images, masks = batch["views"]["image"], batch["views"]["mask"]
         targets = self.targets(images)
-        tokens = self.student(images, mask=masks)[:, self.student.num_prefix_tokens :]
-        predictions = self.head(tokens)
+        student_tokens = self.student(images, mask=masks)
+        predictions = self.head(student_tokens[:, self.student.num_prefix_tokens :])
         schedules = self.cfg.morph.schedules(self.sampler, step_generator(self.schedule_seed, progress.step))
         groupings = [group_tokens(targets, s, self.cfg.morph.protect_first_token) for s in schedules]
         loss = morph_loss(
@@ -150,6 +151,7 @@ class DTM(Method):
             "loss_tokenwise": tokenwise,
             "morph_removed": sum(s.num_removed for s in schedules) / len(schedules),
             "mask_ratio": masks.float().mean(),
+            **feature_health(self.student.pooled(student_tokens)),
         }
         return StepOutput(loss * self.cfg.loss_weight, metrics)
 

@@ -24,6 +24,7 @@ from mimkit.config import ConfigError, check
 from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskConfig, MaskGenerator
 from mimkit.data.views import MultiCropConfig, MultiCropViews
+from mimkit.health import distribution_health, feature_health
 from mimkit.losses.ibot import IBOTLoss
 from mimkit.methods.base import ClipMode, Method, MethodConfig, Progress, StepOutput, register
 from mimkit.models.backbones import BackboneConfig, build_backbone
@@ -211,9 +212,13 @@ class IBOT(Method):
                 for s in self.cfg.morph.schedules(self.morph_sampler, step_generator(self.schedule_seed, progress.step))
             ]
 
+        teacher_cls = teacher_cls.view(num_global, batch_size, -1)
+        health = distribution_health(
+            self.loss.cls_targets(teacher_cls.detach(), progress.epoch)
+        )  # the center the loss uses
         out = self.loss(
             student_cls.view(-1, batch_size, student_cls.shape[-1]),
-            teacher_cls.view(num_global, batch_size, -1),
+            teacher_cls,
             student_patch,
             teacher_patch,
             masks.flatten(2),
@@ -226,6 +231,8 @@ class IBOT(Method):
             "loss_patch": out.patch.detach(),
             "mask_ratio": flat_masks.float().mean(),
             "teacher_temp": self.loss.teacher_temp.at_epoch(progress.epoch),
+            **health,
+            **feature_health(self.teacher.pooled(teacher_tokens[:batch_size])),
         }
         return StepOutput(out.total, metrics)
 

@@ -26,6 +26,7 @@ from mimkit.config import check
 from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskConfig, MaskGenerator
 from mimkit.data.views import MultiCropConfig, PairedMaskedViews
+from mimkit.health import feature_health
 from mimkit.losses.contrastive import info_nce
 from mimkit.losses.pixels import masked_mse, normalize_patches, patchify, unpatchify
 from mimkit.methods.base import ClipMode, Method, MethodConfig, Reconstruction, StepOutput, register
@@ -117,7 +118,8 @@ class SymMIM(Method):
         targets = normalize_patches(patchify(images, self.online.patch_size))
         loss_mim = masked_mse(predicted, targets, online_masks)
 
-        queries = self.predictor(self.projector(self.online.pooled(tokens)))
+        features = self.online.pooled(tokens)
+        queries = self.predictor(self.projector(features))
         with torch.no_grad():
             keys = self.momentum_projector(self.momentum_encoder.pooled(self.momentum_encoder(images, momentum_masks)))
         q1, q2 = queries.chunk(2)
@@ -128,6 +130,7 @@ class SymMIM(Method):
             "loss_con": loss_con.detach(),
             "online_mask_ratio": online_masks.float().mean(),
             "momentum_mask_ratio": momentum_masks.float().mean(),
+            **feature_health(features[: len(features) // 2]),
         }
         return StepOutput(loss_mim + self.cfg.lambda_con * loss_con, metrics)
 

@@ -1,4 +1,5 @@
-"""Training curves from a run's metrics.csv: losses, schedules, throughput and online k-NN, against the step."""
+"""Training curves from a run's metrics.csv: losses, schedules, throughput, online k-NN and the health measures
+(`mimkit.health`), against the step."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ PANELS: tuple[tuple[str, Callable[[str], bool], bool], ...] = (
     ("weight decay", lambda key: key == "weight_decay", False),
     ("images / s", lambda key: key == "images_per_second", True),
     ("k-NN top-1", lambda key: key == "knn_top1", False),
+    ("training health (0-1)", lambda key: key.startswith("health_"), True),
 )
 """Panel title, which metrics.csv columns it draws, and whether smoothing applies (not to exact schedules or
 sparse evaluations). A panel without data is left out."""

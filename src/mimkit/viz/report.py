@@ -13,6 +13,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from mimkit.engine.health import read_health
+
 CAPTIONS = {
     "curves": "Training curves from metrics.csv against the optimizer step.",
     "attention": "[CLS] attention of the last block per head; below, each head's smallest patch set holding the "
@@ -106,6 +108,18 @@ def _table_html(table: Table) -> str:
     return f"<h3>{escape(table.title)}</h3>\n<table><tr>{head}</tr>{body}</table>"
 
 
+def _health_html(warnings: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The collapse warnings of the run (`RUN/health.json`), or a line saying there were none."""
+    if not warnings:
+        return ["<h2>Training health</h2>", "<p>No collapse warnings (see the health curves).</p>"]
+    items = "".join(
+        f"<li>step {w['since_step']}-{w['step']}: <b>{escape(w['rule'])}</b> ({escape(w['metric'])} = "
+        f"{w['value']:.3f}): {escape(w['advice'])}</li>"
+        for w in warnings
+    )
+    return ["<h2>Training health</h2>", f"<ul>{items}</ul>"]
+
+
 def write_report(out_dir: Path, run_dir: Path, config_yaml: str, summary: Mapping[str, str]) -> Path:
     """Write `out_dir/index.html` with the summary, every PNG already in `out_dir`, the run's evaluation
     tables, its config and its environment; returns the file."""
@@ -121,6 +135,7 @@ def write_report(out_dir: Path, run_dir: Path, config_yaml: str, summary: Mappin
                 f'<figure><img src="{escape(path.name)}" alt="{escape(path.stem)}">'
                 f"<figcaption>{escape(caption)}</figcaption></figure>"
             )
+    parts += _health_html(read_health(run_dir))
     evaluations = read_evaluations(run_dir)
     parts.append("<h2>Evaluation</h2>")
     parts += [_table_html(t) for t in evaluations] or ["<p>No results in eval/ yet (run <code>mimkit eval</code>).</p>"]
