@@ -1,0 +1,63 @@
+"""The tokenizer file: a torch file of plain tensors and values (`kind`, `config`, `state`, `metrics`), written
+atomically, read with `weights_only` (never code)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mimkit.config import ConfigError, short_reason
+from mimkit.models.tokenizers.base import Tokenizer
+from mimkit.models.tokenizers.dall_e import DallETokenizer
+from mimkit.models.tokenizers.kmeans import KMeansTokenizer
+from mimkit.models.tokenizers.vqvae import VQVAETokenizer
+
+FORMAT = "mimkit-tokenizer/1"
+KINDS: dict[str, type[Tokenizer]] = {cls.kind: cls for cls in (KMeansTokenizer, VQVAETokenizer, DallETokenizer)}
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: str | Path, metrics: dict[str, float] | None = None) -> Path:
+    """Write the tokenizer file atomically (a temporary file renamed into place: never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in tokenizer.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "kind": tokenizer.kind,
+        "config": tokenizer.config(),
+        "state": state,
+        "metrics": dict(metrics or {}),
+    }
+    partial = path.with_name(path.name + ".partial")
+    torch.save(payload, partial)
+    partial.replace(path)
+    return path
+
+
+def read_tokenizer_file(path: str | Path, field_name: str = "method.tokenizer") -> dict[str, Any]:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{field_name}: tokenizer file {file} does not exist")
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # zip, pickle and torch errors alike: the file is not a tokenizer file
+        raise ConfigError(f"{field_name}: {file} is not a mimkit tokenizer file ({short_reason(error)})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ConfigError(
+            f"{field_name}: {file} is not a mimkit tokenizer file; make one with "
+            "mimkit tokenizer fit -c configs/tokenizers/<name>.yaml"
+        )
+    return payload
+
+
+def load_tokenizer(path: str | Path, field_name: str = "method.tokenizer") -> tuple[Tokenizer, dict[str, float]]:
+    """The frozen tokenizer of a file and the metrics it was saved with (PSNR, codebook usage)."""
+    payload = read_tokenizer_file(path, field_name)
+    if payload["kind"] not in KINDS:
+        raise ConfigError(f"{field_name}: {path} holds an unknown tokenizer kind {payload['kind']!r}")
+    tokenizer = KINDS[payload["kind"]](**payload["config"])
+    tokenizer.load_state_dict(payload["state"])
+    tokenizer.requires_grad_(False).eval()
+    return tokenizer, payload["metrics"]

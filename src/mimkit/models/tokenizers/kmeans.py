@@ -1,0 +1,74 @@
+"""A patch codebook fitted by mini-batch k-means: the tokenizer that needs no training run and no download.
+
+encode = the nearest centroid of each patch (squared L2 on its p x p x C pixels), decode = paste the centroids.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mimkit.losses.pixels import patchify, unpatchify
+from mimkit.models.tokenizers.base import Tokenizer
+
+
+class KMeansTokenizer(Tokenizer):
+    kind = "kmeans"
+
+    def __init__(self, vocab_size: int, patch_size: int, channels: int) -> None:
+        super().__init__()
+        self.vocab_size, self.patch_size, self.channels = vocab_size, patch_size, channels
+        self.register_buffer("centroids", torch.zeros(vocab_size, patch_size * patch_size * channels))
+        self.register_buffer("counts", torch.zeros(vocab_size))
+        """Patches assigned to each centroid while fitting (its mini-batch k-means learning rate is 1 / count)."""
+
+    def config(self) -> dict[str, Any]:
+        return {"vocab_size": self.vocab_size, "patch_size": self.patch_size, "channels": self.channels}
+
+    def nearest(self, patches: torch.Tensor) -> torch.Tensor:
+        """(..., D) patch vectors -> (...) ids of their nearest centroids."""
+        flat = patches.reshape(-1, patches.shape[-1]).float()
+        distances = flat.square().sum(1, keepdim=True) - 2 * flat @ self.centroids.T + self.centroids.square().sum(1)
+        return distances.argmin(1).reshape(patches.shape[:-1])
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self.check_images(images)
+        h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        return self.nearest(patchify(images, self.patch_size)).reshape(-1, h, w)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, h, w = tokens.shape
+        patches = self.centroids[tokens.reshape(batch, h * w)]
+        return unpatchify(patches, self.patch_size, h * self.patch_size, w * self.patch_size)
+
+    @torch.no_grad()
+    def initialize(self, patches: torch.Tensor, generator: torch.Generator) -> None:
+        """Centroids drawn from distinct random patches (N, D), N >= vocab_size."""
+        chosen = torch.randperm(len(patches), generator=generator)[: self.vocab_size].to(patches.device)
+        self.centroids.copy_(patches[chosen])
+        self.counts.zero_()
+
+    @torch.no_grad()
+    def update(self, patches: torch.Tensor) -> torch.Tensor:
+        """One mini-batch k-means step (Sculley, 2010) on patches (N, D); returns their assignments.
+
+        Each centroid moves to the running mean of every patch ever assigned to it, in one vectorised step per
+        batch: c <- c + (sum of its new patches - n * c) / (count + n)."""
+        assigned = self.nearest(patches)
+        n = torch.bincount(assigned, minlength=self.vocab_size).to(self.counts)
+        sums = torch.zeros_like(self.centroids).index_add_(0, assigned, patches.float())
+        self.counts += n
+        moved = n > 0
+        self.centroids[moved] += (sums[moved] - n[moved, None] * self.centroids[moved]) / self.counts[moved, None]
+        return assigned
+
+    @torch.no_grad()
+    def restart_dead(self, patches: torch.Tensor, used: torch.Tensor, generator: torch.Generator) -> int:
+        """Centroids no patch chose in the last pass (`used` False) restart on random patches; returns how many."""
+        dead = (~used).nonzero().flatten()
+        if len(dead):
+            chosen = torch.randint(len(patches), (len(dead),), generator=generator).to(patches.device)
+            self.centroids[dead] = patches[chosen].float()
+            self.counts[dead] = 0
+        return len(dead)
