@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 
-
 class Tokenizer(nn.Module):
     """Base class of visual tokenizers (see the module docstring)."""
 

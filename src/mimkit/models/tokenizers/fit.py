@@ -25,8 +25,8 @@ from mimkit.data.sources import ImageSource, Subset, build_source
 from mimkit.data.views import EvalView
 from mimkit.losses.pixels import patchify
 from mimkit.models.tokenizers.base import Tokenizer, codebook_usage, psnr
-from mimkit.models.tokenizers.files import save_tokenizer
 from mimkit.models.tokenizers.dall_e import dall_e_from_files
+from mimkit.models.tokenizers.files import save_tokenizer
 from mimkit.models.tokenizers.kmeans import KMeansTokenizer
 from mimkit.models.tokenizers.vqvae import VQVAETokenizer
 
