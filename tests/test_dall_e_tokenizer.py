@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimkit.cli import main
 from mimkit.config import ConfigError
 from mimkit.models.tokenizers.dall_e import (
     DallETokenizer,
@@ -32,6 +33,7 @@ from mimkit.models.tokenizers.dall_e import (
     unmap_pixels,
 )
 from mimkit.models.tokenizers.files import load_tokenizer, save_tokenizer
+from support import ROOT
 
 # Tiny widths: 3 groups (4 x 4-pixel tokens), 2 blocks per group, 16 tokens.
 TINY = {"group_count": 3, "n_hid": 8, "n_blk_per_group": 2, "vocab_size": 16}
@@ -455,3 +457,16 @@ def test_read_dall_e_file_gives_the_state_dict_names(
     expected = reference[0].state_dict()
     assert list(state) == list(expected)
     assert all(torch.equal(state[k], v) for k, v in expected.items())
+
+
+def test_fit_command_imports_the_files_and_draws_them(tmp_path: Path, published: tuple[Path, Path]) -> None:
+    out = tmp_path / "dall_e.pt"
+    recipe = ROOT / "tests" / "tiny" / "tokenizer.yaml"
+    files = [f"tokenizer.encoder_file={published[0]}", f"tokenizer.decoder_file={published[1]}"]
+    assert (
+        main(
+            ["tokenizer", "fit", "-c", str(recipe), "tokenizer.kind=dall-e", *files, "data.channels=3", f"output={out}"]
+        )
+        == 0
+    )
+    assert isinstance(load_tokenizer(out)[0], DallETokenizer) and out.with_suffix(".png").is_file()

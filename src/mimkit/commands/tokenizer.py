@@ -35,7 +35,7 @@ def run_fit(args: argparse.Namespace) -> int:
 
     recipe = load_tokenizer_recipe(args.config, args.overrides)
     fitted = fit_tokenizer(recipe)
-    images = fitted.images.to(next(iter(fitted.tokenizer.buffers())).device)
+    images = fitted.images  # on the CPU, as the saved tokenizer
     reconstructions = fitted.tokenizer.decode(fitted.tokenizer.encode(images))
     figure = panels_figure([("original", images), (f"{fitted.tokenizer.kind} reconstruction", reconstructions)])
     picture = Path(fitted.path).with_suffix(".png")

@@ -107,6 +107,7 @@ def load_tokenizer_recipe(path: str | Path, overrides: list[str] | tuple[str, ..
 @dataclass
 class FitResult:
     tokenizer: Tokenizer
+    """Frozen, on the CPU."""
     metrics: dict[str, float]
     images: torch.Tensor
     """A few held-out images in [0, 1] (for the originals-vs-reconstructions figure)."""
