@@ -59,31 +59,30 @@ class Conv2d(nn.Module):
         return F.conv2d(x, self.w, self.b, padding=(self.kw - 1) // 2)
 
 
-class EncoderBlock(nn.Module):
-    __module__ = "dall_e.encoder"
+class ResidualBlock(nn.Module):
+    """The published blocks: id_path + res_path / n_layers**2, four ReLU + conv pairs through n_out // 4 channels;
+    only the kernels differ between the encoder's blocks and the decoder's."""
+
+    kernels: tuple[int, int, int, int]
 
     def __init__(self, n_in: int, n_out: int, n_layers: int) -> None:
         super().__init__()
         n_hid = n_out // 4
         self.post_gain = 1 / n_layers**2
         self.id_path = Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(
-            OrderedDict(
-                [
-                    ("relu_1", nn.ReLU()),
-                    ("conv_1", Conv2d(n_in, n_hid, 3)),
-                    ("relu_2", nn.ReLU()),
-                    ("conv_2", Conv2d(n_hid, n_hid, 3)),
-                    ("relu_3", nn.ReLU()),
-                    ("conv_3", Conv2d(n_hid, n_hid, 3)),
-                    ("relu_4", nn.ReLU()),
-                    ("conv_4", Conv2d(n_hid, n_out, 1)),
-                ]
-            )
-        )
+        widths = [n_in, n_hid, n_hid, n_hid, n_out]
+        layers = []
+        for i, kernel in enumerate(self.kernels, 1):
+            layers += [(f"relu_{i}", nn.ReLU()), (f"conv_{i}", Conv2d(widths[i - 1], widths[i], kernel))]
+        self.res_path = nn.Sequential(OrderedDict(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class EncoderBlock(ResidualBlock):
+    __module__ = "dall_e.encoder"
+    kernels = (3, 3, 3, 1)
 
 
 class Encoder(nn.Module):
@@ -118,31 +117,9 @@ class Encoder(nn.Module):
         return self.blocks(x)
 
 
-class DecoderBlock(nn.Module):
+class DecoderBlock(ResidualBlock):
     __module__ = "dall_e.decoder"
-
-    def __init__(self, n_in: int, n_out: int, n_layers: int) -> None:
-        super().__init__()
-        n_hid = n_out // 4
-        self.post_gain = 1 / n_layers**2
-        self.id_path = Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(
-            OrderedDict(
-                [
-                    ("relu_1", nn.ReLU()),
-                    ("conv_1", Conv2d(n_in, n_hid, 1)),
-                    ("relu_2", nn.ReLU()),
-                    ("conv_2", Conv2d(n_hid, n_hid, 3)),
-                    ("relu_3", nn.ReLU()),
-                    ("conv_3", Conv2d(n_hid, n_hid, 3)),
-                    ("relu_4", nn.ReLU()),
-                    ("conv_4", Conv2d(n_hid, n_out, 3)),
-                ]
-            )
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.id_path(x) + self.post_gain * self.res_path(x)
+    kernels = (1, 3, 3, 3)
 
 
 class Decoder(nn.Module):

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from mimkit.data.sources import Subset
+    from mimkit.methods.base import Method
     from mimkit.models.encoder import Encoder
     from mimkit.runs import LoadedRun
 
@@ -193,15 +194,22 @@ def _masks(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:
     return mask_overlay_figure(crops, masks, loaded.method.data.mean, loaded.method.data.std, names)
 
 
+def _method_and_views(loaded: LoadedRun, args: argparse.Namespace) -> tuple[Method, Any]:
+    """The run's method in eval mode and a collated batch of its own views of `--images` images."""
+    from mimkit.data.loader import collate
+
+    method = loaded.method.eval()
+    return method, collate(_samples(loaded, args, method.views()))["views"]
+
+
 def _reconstructions(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:
     import torch
 
-    from mimkit.data.loader import collate
     from mimkit.viz.masks import reconstruction_figure
 
-    method = loaded.method.eval()
+    method, views = _method_and_views(loaded, args)
     with torch.no_grad():
-        found = method.reconstruct(collate(_samples(loaded, args, method.views()))["views"])
+        found = method.reconstruct(views)
     if found is None:
         print(f"reconstructions: {loaded.cfg.method.name} predicts no pixels; skipped")
         return None
@@ -213,12 +221,11 @@ def _panels(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:
     """The method's own rows of inputs and outputs (CIM: masks, tokenizer images, corrupted images, predictions)."""
     import torch
 
-    from mimkit.data.loader import collate
     from mimkit.viz.masks import panels_figure
 
-    method = loaded.method.eval()
+    method, views = _method_and_views(loaded, args)
     with torch.no_grad():
-        panels = method.panels(collate(_samples(loaded, args, method.views()))["views"])
+        panels = method.panels(views)
     if not panels:
         print(f"panels: {loaded.cfg.method.name} draws no panels beyond its masks; skipped")
         return None

@@ -254,15 +254,11 @@ class CIM(Method):
         """Tokens of normalised images, resized to the tokenizer's side and matched to its channels (gray images
         repeated for an RGB tokenizer such as DALL-E's, RGB averaged for a gray one)."""
         pixels = self._resize(self._to_pixels(images), self.tokenizer_size)
-        if pixels.shape[1] != self.tokenizer.channels:
-            pixels = pixels.mean(1, keepdim=True).expand(-1, self.tokenizer.channels, -1, -1)
-        return self.tokenizer.encode(pixels)
+        return self.tokenizer.encode(_match_channels(pixels, self.tokenizer.channels))
 
     def _render(self, tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The tokenizer's image of `tokens` as the networks see images like `like` (size, channels, normalisation)."""
-        pixels = self._resize(self.tokenizer.decode(tokens), like.shape[-1])
-        if pixels.shape[1] != like.shape[1]:
-            pixels = pixels.mean(1, keepdim=True).expand(-1, like.shape[1], -1, -1)
+        pixels = _match_channels(self._resize(self.tokenizer.decode(tokens), like.shape[-1]), like.shape[1])
         return (pixels.to(like.dtype) - self.mean) / self.std
 
     @staticmethod
@@ -293,7 +289,7 @@ class CIM(Method):
         rows = [
             Panel("original", images),
             Panel("generator mask", masks.float()),
-            Panel("tokenizer reconstruction", self._render(self._tokenize(images), images)),
+            Panel("tokenizer reconstruction", self._render(corruption.tokens, images)),
             Panel("corrupted (enhancer input)", corruption.images),
         ]
         prediction = self.enhance(corruption.images)
@@ -325,6 +321,13 @@ class CIM(Method):
             "generator_head": self.generator_head,
             "tokenizer": self.tokenizer,
         }
+
+
+def _match_channels(pixels: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, C, H, W) pixels with `channels` channels: a gray image repeated, or the channel mean of an RGB one."""
+    if pixels.shape[1] == channels:
+        return pixels
+    return pixels.mean(1, keepdim=True).expand(-1, channels, -1, -1)
 
 
 def global_token_mean(values: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,19 @@ class Tokenizer(nn.Module):
             )
 
 
+def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """(N, D) vectors -> (N,) ids of their nearest rows of `codebook` (K, D) in squared L2, without the (N, K, D)
+    difference tensor."""
+    distances = vectors.square().sum(1, keepdim=True) - 2 * vectors @ codebook.T + codebook.square().sum(1)
+    return distances.argmin(1)
+
+
+def random_rows(samples: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` rows of `samples` (N, D) drawn uniformly with replacement by a CPU `generator` (codebook
+    initialisation and restarts of unused codes)."""
+    return samples[torch.randint(len(samples), (count,), generator=generator).to(samples.device)]
+
+
 @torch.no_grad()
 def codebook_usage(tokens: torch.Tensor, vocab_size: int) -> dict[str, float]:
     """Perplexity of the token histogram (vocab_size when every code is used equally, 1 when one is) and the

@@ -134,7 +134,7 @@ def fit_tokenizer(recipe: TokenizerRecipe, console: Console | None = None) -> Fi
             )
     elif cfg.kind == "kmeans":
         tokenizer = KMeansTokenizer(cfg.vocab_size, cfg.patch_size, source.info.channels).to(device)
-        _fit_kmeans(tokenizer, _batches(recipe, source, console, "k-means"), generator)
+        _fit_kmeans(tokenizer, _batches(recipe, source, console, "k-means", device), generator)
     else:
         tokenizer = VQVAETokenizer(
             cfg.vocab_size,
@@ -145,7 +145,7 @@ def fit_tokenizer(recipe: TokenizerRecipe, console: Console | None = None) -> Fi
             cfg.decay,
             cfg.commitment,
         ).to(device)
-        _train_vqvae(tokenizer, cfg, _batches(recipe, source, console, "VQ-VAE"), generator)
+        _train_vqvae(tokenizer, cfg, _batches(recipe, source, console, "VQ-VAE", device), generator)
     tokenizer = tokenizer.to(device).requires_grad_(False).eval()
     images = _held_out(recipe, source)
     metrics = measure(tokenizer, images.to(device), recipe.data.batch_size)
@@ -154,7 +154,7 @@ def fit_tokenizer(recipe: TokenizerRecipe, console: Console | None = None) -> Fi
 
 
 def _batches(
-    recipe: TokenizerRecipe, source: ImageSource, console: Console, what: str
+    recipe: TokenizerRecipe, source: ImageSource, console: Console, what: str, device: torch.device
 ) -> Iterator[tuple[torch.Tensor, Callable[[str], None]]]:
     """Shuffled batches in [0, 1] for `tokenizer.epochs` passes, with a progress bar; each comes with a function
     that shows a status (the loss) beside the bar."""
@@ -173,7 +173,6 @@ def _batches(
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
     )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(what, total=cfg.epochs * len(loader), status="")
         for epoch in range(cfg.epochs):
@@ -184,6 +183,30 @@ def _batches(
                 bar.advance(task)
 
 
+class CodeUsage:
+    """The codes chosen since the last restart of unused ones; a window closes after RESTART_PATCHES_PER_CODE x
+    vocab_size assignments."""
+
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        self.used = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.size = RESTART_PATCHES_PER_CODE * vocab_size
+        self.seen = 0
+        self.restarts = 0
+        """Codes restarted so far (what the progress bar shows)."""
+
+    def add(self, ids: torch.Tensor) -> bool:
+        """Record assignments; True when the window is full (time to restart the codes not in `used`)."""
+        self.used[ids.flatten()] = True
+        self.seen += ids.numel()
+        return self.seen >= self.size
+
+    def restarted(self, count: int) -> None:
+        """`count` codes were restarted: a new window begins."""
+        self.restarts += count
+        self.used.zero_()
+        self.seen = 0
+
+
 def _fit_kmeans(
     tokenizer: KMeansTokenizer,
     batches: Iterator[tuple[torch.Tensor, Callable[[str], None]]],
@@ -191,9 +214,9 @@ def _fit_kmeans(
 ) -> None:
     """Mini-batch k-means; centroids that no patch chose while RESTART_PATCHES_PER_CODE x vocab_size patches were
     assigned restart on random patches of the current batch."""
-    used = torch.zeros(tokenizer.vocab_size, dtype=torch.bool, device=tokenizer.centroids.device)
+    window = CodeUsage(tokenizer.vocab_size, tokenizer.centroids.device)
     pool: list[torch.Tensor] = []
-    initialized, seen, restarted = False, 0, 0
+    initialized = False
     for images, show in batches:
         patches = patchify(images, tokenizer.patch_size).flatten(0, 1)
         if not initialized:
@@ -202,13 +225,9 @@ def _fit_kmeans(
                 continue
             tokenizer.initialize(torch.cat(pool), generator)
             initialized, pool = True, []
-        used[tokenizer.update(patches)] = True
-        seen += len(patches)
-        if seen >= RESTART_PATCHES_PER_CODE * tokenizer.vocab_size:
-            restarted += tokenizer.restart_dead(patches, used, generator)
-            used.zero_()
-            seen = 0
-        show(f"{restarted} unused codes restarted")
+        if window.add(tokenizer.update(patches)):
+            window.restarted(tokenizer.restart_dead(patches, window.used, generator))
+        show(f"{window.restarts} unused codes restarted")
     if not initialized:
         raise DataError(
             f"k-means with {tokenizer.vocab_size} codes needs at least as many patches; lower tokenizer.vocab_size"
@@ -225,9 +244,9 @@ def _train_vqvae(
     while RESTART_PATCHES_PER_CODE x vocab_size tokens were assigned restart on random encoder outputs."""
     optimizer = torch.optim.Adam([p for p in tokenizer.parameters() if p.requires_grad], lr=cfg.lr)
     reconstruction_loss = F.l1_loss if cfg.loss == "l1" else F.mse_loss
-    used = torch.zeros(tokenizer.vocab_size, dtype=torch.bool, device=tokenizer.codebook.device)
+    window = CodeUsage(tokenizer.vocab_size, tokenizer.codebook.device)
     tokenizer.train()
-    started, seen, restarted = False, 0, 0
+    started = False
     for images, show in batches:
         if not started:
             with torch.no_grad():
@@ -239,13 +258,10 @@ def _train_vqvae(
         loss.backward()
         optimizer.step()
         tokenizer.update_codebook(latents.detach(), ids)
-        used[ids.flatten()] = True
-        seen += ids.numel()
-        if seen >= RESTART_PATCHES_PER_CODE * tokenizer.vocab_size:
-            restarted += tokenizer.restart_dead(latents.detach().permute(0, 2, 3, 1).flatten(0, 2), used, generator)
-            used.zero_()
-            seen = 0
-        show(f"loss {loss.item():.4f}, {restarted} unused codes restarted")
+        if window.add(ids):
+            flat = latents.detach().permute(0, 2, 3, 1).flatten(0, 2)
+            window.restarted(tokenizer.restart_dead(flat, window.used, generator))
+        show(f"loss {loss.item():.4f}, {window.restarts} unused codes restarted")
     tokenizer.eval()
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from mimkit.losses.pixels import patchify, unpatchify
-from mimkit.models.tokenizers.base import Tokenizer
+from mimkit.models.tokenizers.base import Tokenizer, nearest_codes, random_rows
 
 
 class KMeansTokenizer(Tokenizer):
@@ -29,8 +29,7 @@ class KMeansTokenizer(Tokenizer):
     def nearest(self, patches: torch.Tensor) -> torch.Tensor:
         """(..., D) patch vectors -> (...) ids of their nearest centroids."""
         flat = patches.reshape(-1, patches.shape[-1]).float()
-        distances = flat.square().sum(1, keepdim=True) - 2 * flat @ self.centroids.T + self.centroids.square().sum(1)
-        return distances.argmin(1).reshape(patches.shape[:-1])
+        return nearest_codes(flat, self.centroids).reshape(patches.shape[:-1])
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         self.check_images(images)
@@ -68,7 +67,6 @@ class KMeansTokenizer(Tokenizer):
         """Centroids no patch chose in the last pass (`used` False) restart on random patches; returns how many."""
         dead = (~used).nonzero().flatten()
         if len(dead):
-            chosen = torch.randint(len(patches), (len(dead),), generator=generator).to(patches.device)
-            self.centroids[dead] = patches[chosen].float()
+            self.centroids[dead] = random_rows(patches, len(dead), generator).float()
             self.counts[dead] = 0
         return len(dead)

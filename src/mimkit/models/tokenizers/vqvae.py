@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mimkit.models.tokenizers.base import Tokenizer
+from mimkit.models.tokenizers.base import Tokenizer, nearest_codes, random_rows
 
 
 class ResidualBlock(nn.Module):
@@ -80,10 +80,8 @@ class VQVAETokenizer(Tokenizer):
 
     def nearest(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) -> (B, h, w) ids of the nearest codes."""
-        flat = latents.permute(0, 2, 3, 1).reshape(-1, self.code_dim)
-        distances = flat.square().sum(1, keepdim=True) - 2 * flat @ self.codebook.T + self.codebook.square().sum(1)
         batch, _, h, w = latents.shape
-        return distances.argmin(1).reshape(batch, h, w)
+        return nearest_codes(latents.permute(0, 2, 3, 1).reshape(-1, self.code_dim), self.codebook).reshape(batch, h, w)
 
     def render(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) code vectors -> (B, C, h * p, w * p) images in [0, 1]."""
@@ -109,8 +107,7 @@ class VQVAETokenizer(Tokenizer):
     @torch.no_grad()
     def initialize(self, latents: torch.Tensor, generator: torch.Generator) -> None:
         """Codes drawn from random encoder outputs (N, D), so none starts far from the data."""
-        chosen = torch.randint(len(latents), (self.vocab_size,), generator=generator).to(latents.device)
-        self.codebook.copy_(latents[chosen])
+        self.codebook.copy_(random_rows(latents, self.vocab_size, generator))
         self.ema_sum.copy_(self.codebook)
         self.ema_count.fill_(1.0)
 
@@ -133,8 +130,7 @@ class VQVAETokenizer(Tokenizer):
         fresh EMA; returns how many."""
         dead = (~used).nonzero().flatten()
         if len(dead):
-            chosen = torch.randint(len(latents), (len(dead),), generator=generator).to(latents.device)
-            self.codebook[dead] = latents[chosen].float()
+            self.codebook[dead] = random_rows(latents, len(dead), generator).float()
             self.ema_sum[dead] = self.codebook[dead]
             self.ema_count[dead] = 1.0
         return len(dead)
