@@ -57,6 +57,21 @@ def test_crash_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert_same_losses(crashed, reference)
 
 
+def test_training_time_is_summed_over_resumed_segments(tmp_path: Path) -> None:
+    """train_minutes (epoch rows) and the checkpoint's train_seconds count every step once, across a resume."""
+    delay, run = 0.03, tmp_path / "run"
+    common = [f"method.step_delay={delay}", "train.checkpoint_every_steps=3"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain(toy_config(run, *common, "method.fail_at_step=11"))
+    before = read_checkpoint(run / "checkpoints" / "last.ckpt")["position"]
+    assert before["step"] == 9 and before["train_seconds"] >= 9 * delay
+    pretrain(toy_config(run, *common, "resume=auto", "method.fail_at_step=null"))
+    seconds = read_checkpoint(run / "checkpoints" / "last.ckpt")["position"]["train_seconds"]
+    assert 16 * delay <= seconds < 60  # 9 steps before the crash + 7 after the resume, each counted once
+    minutes = [row["train_minutes"] for row in read_metrics(run) if "train_minutes" in row]
+    assert len(minutes) == 2 and 0 < minutes[0] < minutes[1] == pytest.approx(seconds / 60, rel=0.2)
+
+
 def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path: Path) -> None:
     pretrain(toy_config(tmp_path / "run", "train.epochs=1"))
     with pytest.raises(ConfigError, match="already holds checkpoints"):

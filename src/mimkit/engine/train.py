@@ -44,13 +44,15 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class Position:
-    """Where the loop stands: the epoch, optimizer steps done, and batches of the epoch already consumed."""
+    """Where the loop stands: the epoch, optimizer steps done, batches of the epoch already consumed, and the
+    seconds spent training so far (summed over resumed segments; epoch-end evaluations not counted)."""
 
     epoch: int = 0
     step: int = 0
     batch_in_epoch: int = 0
     skipped_steps: int = 0
     skipped_images: int = 0
+    train_seconds: float = 0.0
 
 
 def pretrain(cfg: RunConfig, callbacks: Sequence[EpochCallback] = (), *, force: bool = False) -> Path:
@@ -138,6 +140,7 @@ class Trainer:
             fabric, self.method, build_optimizer(self.method, cfg.optim), cfg.train.compile
         )
         self.position = Position()
+        self.clock = time.perf_counter()  # start of the training time not yet in position.train_seconds
         self.health = HealthWatch(cfg.train.health_window_steps, read_health(self.run_dir) if resume_path else [])
         if resume_path is not None:
             self._restore(resume_path)
@@ -162,6 +165,7 @@ class Trainer:
             log_every=cfg.train.log_every_steps,
         )
         epoch_batches = self.steps_per_epoch * self.accumulate
+        self.clock = time.perf_counter()
         try:
             with self.stop:
                 while pos.epoch < cfg.train.epochs:
@@ -237,9 +241,16 @@ class Trainer:
             )
         finished = pos.epoch
         pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-        row = {"epoch": finished, "skipped_images": pos.skipped_images, "skipped_steps": pos.skipped_steps}
+        self._count_training_time()
+        row = {
+            "epoch": finished,
+            "skipped_images": pos.skipped_images,
+            "skipped_steps": pos.skipped_steps,
+            "train_minutes": pos.train_seconds / 60,
+        }
         for callback in self.callbacks:
             row |= callback(self.method, finished, self.fabric)
+        self.clock = time.perf_counter()  # the callbacks' evaluation is not training time
         self.fabric.log_dict(row, step=pos.step)
         self.save(ckpt.last_path(self.run_dir))
         every = cfg.train.checkpoint_every_epochs
@@ -316,7 +327,13 @@ class Trainer:
             self.health.save(self.run_dir)
 
     # ------------------------------------------------------------------------------------------------
+    def _count_training_time(self) -> None:
+        now = time.perf_counter()
+        self.position.train_seconds += now - self.clock
+        self.clock = now
+
     def save(self, path: Path) -> None:
+        self._count_training_time()
         pos = self.position
         state = {
             "method": self.module,
