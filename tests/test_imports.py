@@ -14,12 +14,12 @@ from support import ROOT
 
 PACKAGE = ROOT / "src" / "mimkit"
 LAYERS: list[tuple[str, ...]] = [
-    ("mimkit", "mimkit.config", "mimkit.schedules", "mimkit.distributed", "mimkit.health"),
+    ("mimkit", "mimkit.config", "mimkit.recipes", "mimkit.schedules", "mimkit.distributed", "mimkit.health"),
     ("mimkit.data",),
     ("mimkit.models", "mimkit.losses", "mimkit.morphing"),
     ("mimkit.methods",),
     ("mimkit.engine", "mimkit.runs"),
-    ("mimkit.eval", "mimkit.viz", "mimkit.export"),
+    ("mimkit.eval", "mimkit.viz", "mimkit.export", "mimkit.run_summary"),
     ("mimkit.commands", "mimkit.cli", "mimkit.__main__"),
 ]
 """Each layer may import from itself and the layers above it in this list, never from one below."""

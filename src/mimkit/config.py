@@ -48,7 +48,7 @@ def read_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]
     """Read a YAML recipe, apply `a.b=value` overrides, resolve interpolations; return a plain dict."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (shipped recipes live under configs/)")
+        raise ConfigError(f"config file {path} does not exist (`mimkit recipes` lists the shipped recipes)")
     try:
         base = OmegaConf.load(path)
     except (yaml.YAMLError, OmegaConfBaseException) as error:

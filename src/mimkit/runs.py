@@ -20,6 +20,7 @@ from mimkit.engine.config import OptimConfig, TrainConfig
 from mimkit.methods.base import Method, method_class
 from mimkit.methods.saved import check_pretraining_checkpoint, readable_checkpoint, resolve_checkpoint, restore_method
 from mimkit.models.encoder import Encoder
+from mimkit.recipes import find_recipe
 
 
 @dataclass
@@ -48,7 +49,7 @@ def load_run_config(
     path: str | Path | None, overrides: Sequence[str] = (), base: Mapping[str, Any] | None = None
 ) -> RunConfig:
     """Read a recipe (or start from `base`, e.g. a run's saved config), apply overrides, validate."""
-    data = read_yaml(path, overrides) if path is not None else apply_overrides(base or {}, overrides)
+    data = read_yaml(find_recipe(path), overrides) if path is not None else apply_overrides(base or {}, overrides)
     method_data = data.get("method")
     if not isinstance(method_data, Mapping) or "name" not in method_data:
         raise ConfigError("method.name: every recipe names its method, e.g. method.name=ibot")

@@ -1,6 +1,6 @@
 """The `mimkit` sub-commands. Each module builds its parser without heavy imports and imports what it runs."""
 
-from mimkit.commands import data, eval, export, pretrain, tokenizer, viz
+from mimkit.commands import data, eval, export, pretrain, recipes, runs, tokenizer, viz
 
-COMMANDS = [pretrain, tokenizer, data, eval, export, viz]
+COMMANDS = [pretrain, recipes, tokenizer, data, eval, export, viz, runs]
 """Modules with `add(subparsers)`; their parsers set `run` to the function that executes the command."""

@@ -14,7 +14,7 @@ def add(commands: argparse._SubParsersAction) -> None:
     fetch.add_argument("dataset", choices=["fashion-mnist"])
     fetch.set_defaults(run=run_data_fetch)
     info = sub.add_parser("info", help="describe the data a recipe reads")
-    info.add_argument("-c", "--config", required=True)
+    info.add_argument("-c", "--config", required=True, help="recipe: a shipped name or a YAML path")
     info.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     info.set_defaults(run=run_data_info)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 from mimkit.config import ConfigError, describe_fields, dump_yaml, read_yaml
 
 EPILOG = """examples:
-  mimkit pretrain -c configs/ibot/vit_tiny_fmnist.yaml
-  mimkit pretrain -c configs/ibot/vit_tiny_fmnist.yaml optim.lr=1e-3 train.epochs=5 output_dir=runs/try
+  mimkit pretrain -c ibot/vit_tiny_fmnist
+  mimkit pretrain -c ibot/vit_tiny_fmnist optim.lr=1e-3 train.epochs=5 output_dir=runs/try
   mimkit pretrain --resume runs/try                  continue a stopped run where it stopped
-  mimkit pretrain -c configs/ibot/vit_small_imagenet.yaml --devices 8 --strategy ddp
+  mimkit pretrain -c ibot/vit_small_imagenet --devices 8 --strategy ddp
 """
 
 
@@ -24,7 +24,11 @@ def add(commands: argparse._SubParsersAction) -> None:
         description="Pretrain with a YAML recipe; any field can be overridden as dotted.key=value.",
         epilog=EPILOG + "\nSee every config field with: mimkit pretrain --fields ibot",
     )
-    p.add_argument("-c", "--config", help="recipe YAML (configs/<method>/<backbone>_<data>.yaml)")
+    p.add_argument(
+        "-c",
+        "--config",
+        help="recipe: a shipped name (`mimkit recipes`, e.g. ibot/vit_tiny_fmnist) or the path of a YAML file",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-3")
     p.add_argument(
         "--resume",
@@ -80,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_run_config(None, [f"output_dir={args.resume}", *overrides], base=read_yaml(saved))
     else:
         raise ConfigError(
-            "pretrain needs a recipe: mimkit pretrain -c configs/<method>/<recipe>.yaml (or --resume RUN_FOLDER)"
+            "pretrain needs a recipe: mimkit pretrain -c NAME (`mimkit recipes` lists them), -c your.yaml, "
+            "or --resume RUN_FOLDER"
         )
     if args.resume is not None:
         cfg.resume = args.resume or cfg.output_dir

@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 
 EPILOG = """examples:
-  mimkit tokenizer fit -c configs/tokenizers/kmeans_fmnist.yaml
-  mimkit tokenizer fit -c configs/tokenizers/vqvae_fmnist.yaml tokenizer.epochs=3 output=tokenizers/vq3.pt
-  mimkit tokenizer fit -c configs/tokenizers/dall_e.yaml tokenizer.encoder_file=~/dall_e/encoder.pkl \\
+  mimkit tokenizer fit -c tokenizers/kmeans_fmnist
+  mimkit tokenizer fit -c tokenizers/vqvae_fmnist tokenizer.epochs=3 output=tokenizers/vq3.pt
+  mimkit tokenizer fit -c tokenizers/dall_e tokenizer.encoder_file=~/dall_e/encoder.pkl \\
       tokenizer.decoder_file=~/dall_e/decoder.pkl
 """
 
@@ -24,7 +24,12 @@ def add(commands: argparse._SubParsersAction) -> None:
         "usage on held-out images, and draw originals beside reconstructions (<output>.png).",
         epilog=EPILOG,
     )
-    fit.add_argument("-c", "--config", required=True, help="tokenizer recipe (configs/tokenizers/<name>.yaml)")
+    fit.add_argument(
+        "-c",
+        "--config",
+        required=True,
+        help="tokenizer recipe: a shipped name (e.g. tokenizers/kmeans_fmnist) or a YAML path",
+    )
     fit.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. tokenizer.epochs=3")
     fit.set_defaults(run=run_fit)
 

@@ -55,7 +55,7 @@ from mimkit.models.tokenizers.fit import describe_metrics, fit_tokenizer, load_t
 from mimkit.schedules import Progress
 
 log = logging.getLogger("mimkit")
-TOKENIZER_FIX = "make it with: mimkit tokenizer fit -c configs/tokenizers/<recipe>.yaml output={file}"
+TOKENIZER_FIX = "make it with: mimkit tokenizer fit -c tokenizers/<recipe> output={file}"
 
 
 @dataclass

@@ -47,7 +47,7 @@ def read_tokenizer_file(path: str | Path, field_name: str = "method.tokenizer") 
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ConfigError(
             f"{field_name}: {file} is not a mimkit tokenizer file; make one with "
-            "mimkit tokenizer fit -c configs/tokenizers/<name>.yaml"
+            "mimkit tokenizer fit -c tokenizers/<name>"
         )
     return payload
 

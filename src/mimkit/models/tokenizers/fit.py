@@ -1,7 +1,7 @@
 """Making a tokenizer file from a tokenizer recipe: fit k-means, train the VQ-VAE, or import the DALL-E dVAE;
 then measure it (reconstruction PSNR, codebook perplexity and dead codes) on held-out images.
 
-`mimkit tokenizer fit -c configs/tokenizers/<name>.yaml` runs this and draws its figure; a CIM run whose
+`mimkit tokenizer fit -c tokenizers/<name>` runs this and draws its figure; a CIM run whose
 tokenizer file is missing runs it too when its recipe names a tokenizer recipe.
 """
 
@@ -29,6 +29,7 @@ from mimkit.models.tokenizers.dall_e import dall_e_from_files
 from mimkit.models.tokenizers.files import save_tokenizer
 from mimkit.models.tokenizers.kmeans import KMeansTokenizer
 from mimkit.models.tokenizers.vqvae import VQVAETokenizer
+from mimkit.recipes import find_recipe
 
 RESTART_PATCHES_PER_CODE = 20
 
@@ -99,7 +100,7 @@ class TokenizerRecipe:
 
 
 def load_tokenizer_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TokenizerRecipe:
-    recipe = from_dict(TokenizerRecipe, read_yaml(path, overrides), "")
+    recipe = from_dict(TokenizerRecipe, read_yaml(find_recipe(path), overrides), "")
     recipe.validate()
     return recipe
 

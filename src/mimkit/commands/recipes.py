@@ -1,0 +1,32 @@
+"""`mimkit recipes`: the shipped recipes, one line each, by the name `-c` takes."""
+
+from __future__ import annotations
+
+import argparse
+
+from mimkit.recipes import shipped_recipes
+
+
+def add(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("recipes", help="list the shipped recipes (give a name to -c from any folder)")
+    p.add_argument("family", nargs="?", help="only this family: ibot, dtm, symmim, cim, tokenizers")
+    p.add_argument("--path", action="store_true", help="also print where each recipe's YAML file lies")
+    p.set_defaults(run=run_recipes)
+
+
+def run_recipes(args: argparse.Namespace) -> int:
+    from mimkit.config import ConfigError
+
+    recipes = shipped_recipes(args.family)
+    if not recipes:
+        families = sorted({r.name.split("/")[0] for r in shipped_recipes()})
+        raise ConfigError(f"no shipped recipes of family {args.family!r}; the families are {', '.join(families)}")
+    width = max(len(r.name) for r in recipes)
+    for recipe in recipes:
+        where = f"  [{recipe.path}]" if args.path else ""
+        print(f"{recipe.name:<{width}}  {recipe.summary}{where}")
+    print(
+        "\nmimkit pretrain -c NAME [key=value ...]   (tokenizers: mimkit tokenizer fit -c NAME); "
+        "copy one with `--path` to make your own"
+    )
+    return 0
