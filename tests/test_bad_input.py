@@ -71,7 +71,7 @@ CASES: dict[str, tuple[Case, str]] = {
             *["pretrain", "-c", RECIPE, *TINY, "data.source=synthetic", f"output_dir={tmp}"],
             f"method.backbone.weights={run / 'checkpoints' / 'last.ckpt'}",
         ],
-        r"is a mimkit checkpoint, not timm weights; export its encoder first \(mimkit export RUN --format timm\)",
+        r"is a mimkit checkpoint, not timm weights; export its encoder first \(mimkit export RUN\)",
     ),
     "not-a-checkpoint": (
         lambda run, image, tmp: ["eval", "linear", str(image)],

@@ -1,4 +1,4 @@
-"""`mimkit export --format timm`: the weights reload into plain timm and compute what the run's networks compute."""
+"""`mimkit export` (timm format): the weights reload into plain timm and compute what the run's networks compute."""
 
 from __future__ import annotations
 
@@ -120,17 +120,26 @@ def test_image_size_resamples_only_the_positional_embeddings(run_dir: Path, expo
         export_timm(run_dir, tmp_path / "30", image_size=30)
 
 
-def test_cli_writes_the_export_and_a_working_snippet(
+def test_cli_writes_the_export_and_working_snippets(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "cli"
-    assert main(["export", str(run_dir / "checkpoints" / "last.ckpt"), "--format", "timm", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert str(out / "model.safetensors") in printed and str(out / "config.json") in printed
-    snippet = printed.strip().splitlines()[-1].removeprefix("load it with: ")
-    namespace: dict = {}
-    exec(snippet, namespace)
-    assert namespace["model"].patch_embed.img_size == (28, 28)
+    """timm is the default format; both printed calls (mimkit's and plain timm's) load the export, also resized."""
+    for size in (None, 36):
+        out = tmp_path / f"cli_{size}"
+        resize = ["--image-size", str(size)] if size else []
+        assert main(["export", str(run_dir / "checkpoints" / "last.ckpt"), "--out", str(out), *resize]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert any(str(out / "model.safetensors") in line for line in lines)
+        models = []
+        for prefix in ("load it with: ", "or with timm alone: "):
+            (line,) = [line for line in lines if line.startswith(prefix)]
+            namespace: dict = {}
+            exec(line.removeprefix(prefix), namespace)
+            models.append(namespace["model"])
+        x = images(size or 28)
+        assert models[0].patch_embed.img_size == (size or 28,) * 2
+        with torch.no_grad():
+            torch.testing.assert_close(models[1].forward_features(x), models[0].forward_features(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""`mimkit export RUN --format timm`: ship a run's backbone as weights any timm user can load.
+"""`mimkit export RUN` (timm format): ship a run's backbone as weights any timm user can load.
 
 Choices are checked by the run function, not argparse, so a wrong value is a ConfigError like every other
 mimkit input error (a one-line message, exit status 2).
@@ -20,7 +20,7 @@ def add(commands: argparse._SubParsersAction) -> None:
     )
     # dest is not "run": that attribute holds the function the CLI calls
     p.add_argument("checkpoint", metavar="RUN", help="run folder (its checkpoints/last.ckpt) or checkpoint file")
-    p.add_argument("--format", required=True, metavar="{timm}", help="export format")
+    p.add_argument("--format", default="timm", metavar="{timm}", help="export format (default: timm)")
     p.add_argument(
         "--network",
         default="encoder",
@@ -43,6 +43,16 @@ def load_snippet(folder: Path) -> str:
     return f"from mimkit.export import load_exported; model = load_exported({str(folder)!r}).eval()"
 
 
+def timm_snippet(config: dict, weights: Path) -> str:
+    """The plain timm call that rebuilds the export without mimkit: the architecture's name alone would build
+    timm's default shape (224 px, its width and depth), so the saved `model_args` go with it."""
+    arguments = ", ".join(f"{key}={value!r}" for key, value in config["model_args"].items())
+    return (
+        f"import timm; model = timm.create_model({config['architecture']!r}, pretrained=True, num_classes=0, "
+        f"pretrained_cfg_overlay=dict(file={str(weights)!r}), {arguments}).eval()"
+    )
+
+
 def run_export(args: argparse.Namespace) -> int:
     import json
 
@@ -62,4 +72,5 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"  {weights} ({weights.stat().st_size / 2**20:.1f} MiB)")
     print(f"  {out / CONFIG_FILE}")
     print(f"load it with: {load_snippet(out)}")
+    print(f"or with timm alone: {timm_snippet(config, weights)}")
     return 0

@@ -147,7 +147,7 @@ def load_weights(model: nn.Module, path: str, field_name: str = "method.backbone
     if isinstance(state, dict) and "config" in state and "method" in state:
         raise ConfigError(
             f"{field_name}: {file} is a mimkit checkpoint, not timm weights; export its encoder first "
-            "(mimkit export RUN --format timm) and give RUN/export/timm/model.safetensors"
+            "(mimkit export RUN) and give RUN/export/timm/model.safetensors"
         )
     if isinstance(state, dict):
         state = state.get("state_dict", state.get("model", state))
