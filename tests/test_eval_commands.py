@@ -19,6 +19,7 @@ from mimkit.engine.train import pretrain
 from mimkit.eval import knn, linear
 from mimkit.eval.finetune import FinetuneConfig
 from mimkit.eval.probe import LastBlocksCLS, probe_features
+from mimkit.eval.results import latest_by_evaluation, read_history, save_result
 from mimkit.models.backbones import BackboneConfig, create_timm_model
 from mimkit.models.vit import MaskableViT
 from mimkit.runs import load_run, load_run_config
@@ -204,6 +205,10 @@ def test_knn_writes_accuracies_with_baselines(run_dir: Path, capsys: pytest.Capt
     assert {name: again[name] for name in baselines} == baselines  # a plain re-run keeps the baselines
     assert cli(capsys, "eval", "knn", str(run_dir), "--k", "1", "--batch-size", "8", "--pooling", "avg")[0] == 0
     assert set(json.loads((run_dir / "eval" / "knn.json").read_text())["accuracy"]) == {"pretrained"}
+    history = [r for r in read_history(run_dir) if r["evaluation"] == "knn"][-3:]  # every one kept, in order
+    assert [r["result"]["pooling"] for r in history] == ["cls", "cls", "avg"]
+    assert history[0]["headline"].startswith("k=1: pretrained ") and "raw pixels" in history[0]["headline"]
+    assert history[0]["result"]["accuracy"]["raw pixels"] == baselines["raw pixels"]
 
 
 def test_finetune_writes_accuracies_and_weights(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -222,6 +227,18 @@ def test_finetune_writes_accuracies_and_weights(run_dir: Path, capsys: pytest.Ca
     assert cli(capsys, *argv, "--limit", "16", "--num-workers", "0", "--random-init")[0] == 0
     assert json.loads((run_dir / "eval" / "finetune_random_init.json").read_text())["random_init"]
     assert not json.loads((run_dir / "eval" / "finetune.json").read_text())["random_init"]
+    latest = latest_by_evaluation(run_dir)
+    assert latest["finetune_random_init"]["headline"].startswith("random init: top-1 ")
+    assert latest["finetune"]["result"]["top1"] == result["top1"]
+
+
+def test_history_skips_a_line_cut_by_a_crash(tmp_path: Path) -> None:
+    save_result(tmp_path, "knn", {"accuracy": {"pretrained": {"20": 0.5}}}, "k=20: pretrained 50.00", 0.5)
+    with (tmp_path / "eval" / "history.jsonl").open("a") as history:
+        history.write('{"time": "2026-12-02T10:00:00", "evalua')
+    save_result(tmp_path, "knn", {"accuracy": {"pretrained": {"20": 0.6}}}, "k=20: pretrained 60.00", 0.6)
+    assert [r["headline"] for r in read_history(tmp_path)] == ["k=20: pretrained 50.00", "k=20: pretrained 60.00"]
+    assert json.loads((tmp_path / "eval" / "knn.json").read_text())["accuracy"]["pretrained"]["20"] == 0.6
 
 
 @pytest.mark.parametrize("evaluation", ["knn", "linear", "finetune"])

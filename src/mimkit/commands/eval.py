@@ -1,7 +1,7 @@
 """`mimkit eval ...`: judge the encoder of a pretraining run by k-NN, linear probe or full fine-tuning.
 
 Parsers are built without importing torch or timm (fast `--help`); each command imports what it runs. Results
-go to `RUN/eval/<evaluation>.json`.
+go to `RUN/eval/<evaluation>.json` (the latest) and `RUN/eval/history.jsonl` (every evaluation).
 """
 
 from __future__ import annotations
@@ -218,12 +218,11 @@ def _writable_results(run: LoadedRun) -> None:
     ensure_writable(run.run_dir / "eval", "eval", "copy the run folder somewhere writable and evaluate it there")
 
 
-def _save(run: LoadedRun, name: str, result: dict, label: str = PRETRAINED) -> None:
-    stem, ext = name.rsplit(".", 1)
-    out = run.run_dir / "eval" / f"{stem}{_suffix(label)}.{ext}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"saved {out}")
+def _save(run: LoadedRun, name: str, result: dict, headline: str, score: float, label: str = PRETRAINED) -> None:
+    from mimkit.eval.results import save_result
+
+    out = save_result(run.run_dir, f"{name}{_suffix(label)}", result, headline, score)
+    print(f"saved {out} (and a line in {out.parent / 'history.jsonl'})")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -281,7 +280,12 @@ def run_knn(args: argparse.Namespace) -> int:
         "limit": args.limit,
     }
     accuracy = {name: {str(k): v for k, v in acc.items()} for name, acc in rows.items()}
-    _save(run, "knn.json", {**settings, "accuracy": {**_earlier_knn_rows(run, settings), **accuracy}})
+    headline = "; ".join(
+        f"k={k}: " + ", ".join(f"{name} {100 * acc[k]:.2f}" for name, acc in rows.items()) for k in args.k
+    )
+    main_k = 20 if 20 in args.k else args.k[0]
+    result = {**settings, "accuracy": {**_earlier_knn_rows(run, settings), **accuracy}}
+    _save(run, "knn", result, headline, rows[PRETRAINED][main_k])
     return 0
 
 
@@ -350,7 +354,7 @@ def run_linear(args: argparse.Namespace) -> int:
             row["val_top1"] = val_top1
     _save(
         run,
-        "linear.json",
+        "linear",
         {
             "checkpoint": str(run.checkpoint),
             "features_of": label,
@@ -365,6 +369,9 @@ def run_linear(args: argparse.Namespace) -> int:
             "best_lr": result.best_lr,
             "best_top1": result.best_top1,
         },
+        f"{label}, {variant} features: top-1 {100 * result.best_top1:.2f} (lr {result.best_lr:g} chosen on the "
+        f"{'held-out train images' if val else 'test split'})",
+        result.best_top1,
         label,
     )
     return 0
@@ -429,7 +436,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     save_file({name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}, str(weights))
     _save(
         run,
-        "finetune.json",
+        "finetune",
         {
             "checkpoint": str(run.checkpoint),
             "random_init": run.random_init,
@@ -443,6 +450,8 @@ def run_finetune(args: argparse.Namespace) -> int:
             "best": best,
             "weights": str(weights),
         },
+        f"{_label(run)}: top-1 {100 * result.top1:.2f} after {cfg.epochs} epochs (best {100 * best['top1']:.2f})",
+        result.top1,
         _label(run),
     )
     return 0

@@ -1,6 +1,7 @@
 """The HTML report of a run: one self-contained folder (index.html beside its PNG figures, linked relatively).
 
-Evaluation results are whatever JSON files `RUN/eval/` holds; they are rendered generically (row -> column
+Evaluation results are whatever JSON files `RUN/eval/` holds, after a table of every evaluation ever run
+(`RUN/eval/history.jsonl`); they are rendered generically (row -> column
 -> value mappings and lists of records become tables), so new evaluations appear without changes here.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mimkit.engine.health import read_health
+from mimkit.eval.results import read_history
 
 CAPTIONS = {
     "curves": "Training curves from metrics.csv against the optimizer step.",
@@ -138,6 +140,13 @@ def write_report(out_dir: Path, run_dir: Path, config_yaml: str, summary: Mappin
     parts += _health_html(read_health(run_dir))
     evaluations = read_evaluations(run_dir)
     parts.append("<h2>Evaluation</h2>")
+    history = [
+        [r["time"], r["evaluation"], r["headline"], str(r["result"].get("checkpoint", ""))]
+        for r in read_history(run_dir)
+    ]
+    if history:
+        columns = ["time", "evaluation", "result", "checkpoint"]
+        parts.append(_table_html(Table("every evaluation, oldest first", columns, history)))
     parts += [_table_html(t) for t in evaluations] or ["<p>No results in eval/ yet (run <code>mimkit eval</code>).</p>"]
     parts += ["<h2>Config</h2>", f"<pre>{escape(config_yaml)}</pre>"]
     environment = run_dir / "environment.yaml"
