@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from rich.console import Console
 
 from mimkit.config import ConfigError
-from mimkit.engine.logs import read_metrics
+from mimkit.engine.logs import ProgressDisplay, read_metrics
 from mimkit.engine.train import NonFiniteLossError, pretrain
 from mimkit.eval.online import online_knn
 from mimkit.methods.saved import read_checkpoint
@@ -135,3 +136,15 @@ def test_online_knn_is_logged_every_n_epochs(tmp_path: Path) -> None:
     knn = [row for row in read_metrics(run) if "knn_top1" in row]
     assert [int(row["epoch"]) for row in knn] == [0, 1]
     assert all(0.0 <= row["knn_top1"] <= 1.0 for row in knn)
+
+
+def test_the_progress_bar_shows_no_loss_before_the_first_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Console, "is_terminal", property(lambda self: True))
+    display = ProgressDisplay(10, 0, enabled=True, log_every=5)
+    try:
+        assert display.bar is not None
+        assert display.bar.tasks[0].fields["numbers"] == "waiting for the first step"
+        display.update(1, 0, 1.5, 1e-3, 64.0)
+        assert display.bar.tasks[0].fields["numbers"] == "loss 1.5000  lr 1.00e-03  64 img/s"
+    finally:
+        display.close()

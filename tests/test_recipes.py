@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -11,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from mimkit.cli import main
-from mimkit.config import ConfigError
+from mimkit.config import ConfigError, read_yaml
 from mimkit.models.tokenizers.fit import load_tokenizer_recipe
-from mimkit.recipes import RECIPES, find_recipe, shipped_recipes
-from mimkit.runs import load_run_config
+from mimkit.recipes import FIELDS_FILE, RECIPES, check_recipe_fields, find_recipe, shipped_recipes
+from mimkit.runs import config_fields, load_run_config
 from support import ROOT
 
 SHIPPED = shipped_recipes()
@@ -80,3 +81,51 @@ def test_the_wheel_ships_every_recipe(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("mimkit-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"mimkit/configs/{recipe.name}.yaml" for recipe in SHIPPED} <= names
+
+
+def test_the_field_names_file_is_current() -> None:
+    assert json.loads(FIELDS_FILE.read_text()) == config_fields(), (
+        'src/mimkit/config_fields.json is stale: regenerate it with python -c "import json; from mimkit.runs '
+        'import config_fields; print(json.dumps(config_fields(), indent=1, sort_keys=True))" > '
+        "src/mimkit/config_fields.json"
+    )
+
+
+@pytest.mark.parametrize(
+    ("recipe", "typo"),
+    [
+        ("ibot/vit_tiny_fmnist", "optim.lrr=1"),
+        ("ibot/vit_tiny_fmnist", "data.batchsize=8"),
+        ("ibot/vit_tiny_fmnist", "method.views.num_locall=2"),
+        ("cim/resnet_tiny_fmnist_respix", "method.generator.depthh=2"),
+        ("symmim/vit_tiny_fmnist", "trian.epochs=1"),
+    ],
+)
+def test_the_early_check_raises_what_validation_raises(recipe: str, typo: str) -> None:
+    with pytest.raises(ConfigError) as slow:
+        load_run_config(recipe, [typo])
+    with pytest.raises(ConfigError) as early:
+        check_recipe_fields(read_yaml(find_recipe(recipe), [typo]))
+    assert str(early.value) == str(slow.value) and "unknown field" in str(slow.value)
+
+
+def test_the_early_check_passes_every_shipped_recipe_and_open_mappings() -> None:
+    for recipe in SHIPPED:
+        if not recipe.name.startswith("tokenizers/"):
+            check_recipe_fields(read_yaml(recipe.path, ["method.backbone.model_args.anything=1"]))
+
+
+def test_a_typo_fails_before_torch_is_imported(tmp_path: Path) -> None:
+    saved = tmp_path / "run" / "config.yaml"
+    saved.parent.mkdir()
+    saved.write_text((RECIPES / "ibot" / "vit_tiny_fmnist.yaml").read_text())
+    script = (
+        "import sys; from mimkit.cli import main; "
+        "codes = [main(['pretrain', '-c', 'ibot/vit_tiny_fmnist', 'optim.lrr=1']), "
+        f"main(['pretrain', '--resume', {str(saved.parent)!r}, 'method.maskk=1'])]; "
+        "assert codes == [2, 2], codes; assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "optim.lrr: unknown field; did you mean 'optim.lr'?" in done.stderr
+    assert "method.maskk: unknown field; did you mean 'method.mask'?" in done.stderr

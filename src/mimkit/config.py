@@ -83,13 +83,7 @@ def from_dict(cls: type[T], data: Any, prefix: str) -> T:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix}: expected a mapping of fields, got {data!r}")
     hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = [key for key in data if key not in names]
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(str(key), names, n=1)
-        hint = f"; did you mean '{_join(prefix, close[0])}'?" if close else f"; known fields: {', '.join(names)}"
-        raise ConfigError(f"{_join(prefix, key)}: unknown field{hint}")
+    _check_names(data, [f.name for f in dataclasses.fields(cls)], prefix)  # type: ignore[arg-type]
     values = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name in data:
@@ -97,6 +91,41 @@ def from_dict(cls: type[T], data: Any, prefix: str) -> T:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_join(prefix, f.name)}: required field is missing")
     return cls(**values)
+
+
+def _check_names(data: Mapping[str, Any], names: Sequence[str], prefix: str) -> None:
+    unknown = [key for key in data if key not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f"; did you mean '{_join(prefix, close[0])}'?" if close else f"; known fields: {', '.join(names)}"
+        raise ConfigError(f"{_join(prefix, key)}: unknown field{hint}")
+
+
+FieldTree = dict[str, Any]
+"""Field name -> the nested config's FieldTree, or None for a value: the names of a config class, as JSON."""
+
+
+def field_tree(cls: type) -> FieldTree:
+    """The field names of config class `cls`, nested configs (also optional ones) as subtrees."""
+    hints = get_type_hints(cls)
+    tree: FieldTree = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        annotation = hints[f.name]
+        options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+        nested = [a for a in options if dataclasses.is_dataclass(a)]
+        tree[f.name] = field_tree(nested[0]) if len(nested) == 1 else None
+    return tree
+
+
+def check_field_names(data: Any, tree: FieldTree, prefix: str = "") -> None:
+    """Raise the unknown-field error `from_dict` would raise, from the field names alone (no class needed)."""
+    if not isinstance(data, Mapping):
+        return
+    _check_names(data, list(tree), prefix)
+    for key, value in data.items():
+        if tree[key] is not None:
+            check_field_names(value, tree[key], _join(prefix, key))
 
 
 def convert(value: Any, annotation: Any, name: str) -> Any:

@@ -1,4 +1,5 @@
-"""The recipes shipped inside the package (`mimkit/configs/<family>/<name>.yaml`), found by name from any folder.
+"""The recipes shipped inside the package (`mimkit/configs/<family>/<name>.yaml`), found by name from any folder,
+and a check of a recipe's field names that needs no torch (so a typo fails at once, before the heavy imports).
 
 `-c ibot/vit_tiny_fmnist` names a shipped recipe; a path to a YAML file (one's own recipe) is taken as it is.
 """
@@ -6,12 +7,18 @@
 from __future__ import annotations
 
 import difflib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from mimkit.config import ConfigError
+from mimkit.config import ConfigError, check_field_names
 
 RECIPES = Path(__file__).resolve().parent / "configs"
+FIELDS_FILE = Path(__file__).resolve().parent / "config_fields.json"
+"""The field names of the run config and of every registered method's config (`mimkit.runs.config_fields`),
+kept current by tests/test_recipes.py."""
 SUFFIX = ".yaml"
 SUMMARY_WIDTH = 100
 
@@ -57,3 +64,13 @@ def find_recipe(name_or_path: str | Path) -> Path:
         f"config {name_or_path}: no such file and no shipped recipe of that name; {hint}"
         "`mimkit recipes` lists the shipped ones (e.g. -c ibot/vit_tiny_fmnist), or give the path of your own YAML"
     )
+
+
+def check_recipe_fields(data: Mapping[str, Any]) -> None:
+    """Raise the unknown-field error that validating `data` would raise, from FIELDS_FILE alone; a method outside
+    mimkit (`package.module:Class`) is left to the full validation."""
+    fields = json.loads(FIELDS_FILE.read_text())
+    check_field_names({k: v for k, v in data.items() if k != "method"}, fields["run"])
+    method = data.get("method")
+    if isinstance(method, Mapping) and str(method.get("name")) in fields["methods"]:
+        check_field_names(method, fields["methods"][str(method["name"])], "method")

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mimkit.config import ConfigError, apply_overrides, from_dict, read_yaml
+from mimkit.config import ConfigError, apply_overrides, field_tree, from_dict, read_yaml
 from mimkit.data.config import DataConfig
 from mimkit.data.info import DataInfo
 from mimkit.data.sources import ImageSource, build_source
 from mimkit.engine.config import OptimConfig, TrainConfig
-from mimkit.methods.base import Method, method_class
+from mimkit.methods.base import Method, method_class, method_names
 from mimkit.methods.saved import check_pretraining_checkpoint, readable_checkpoint, resolve_checkpoint, restore_method
 from mimkit.models.encoder import Encoder
 from mimkit.recipes import find_recipe
@@ -58,6 +58,13 @@ def load_run_config(
     config.method = from_dict(method_cls.Config, method_data, "method")
     config.validate()
     return config
+
+
+def config_fields() -> dict[str, Any]:
+    """The field names of RunConfig and of each registered method's config: what `mimkit.recipes.FIELDS_FILE`
+    holds so that a typo is found without importing torch."""
+    run = field_tree(RunConfig)
+    return {"run": run, "methods": {name: field_tree(method_class(name).Config) for name in method_names()}}
 
 
 @dataclass

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from mimkit.config import ConfigError, describe_fields, dump_yaml, read_yaml
+from mimkit.config import ConfigError, apply_overrides, describe_fields, dump_yaml, read_yaml
+from mimkit.recipes import check_recipe_fields, find_recipe
 
 EPILOG = """examples:
   mimkit pretrain -c ibot/vit_tiny_fmnist
@@ -71,17 +72,22 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and "=" in args.resume:  # `--resume key=value`: a bare --resume followed by an override
         args.overrides.append(args.resume)
         args.resume = ""
-    from mimkit.runs import load_run_config  # imports torch: only once the command runs
-
     overrides = pretrain_overrides(args)
     if args.config:
+        check_recipe_fields(read_yaml(find_recipe(args.config), overrides))  # a typo fails before torch loads
+        from mimkit.runs import load_run_config
+
         cfg = load_run_config(args.config, overrides)
     elif args.resume:
         saved = Path(args.resume) / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"--resume {args.resume}: no config.yaml there; pass the recipe with -c as well")
         # the run continues where it lies now, even if it was moved since it started
-        cfg = load_run_config(None, [f"output_dir={args.resume}", *overrides], base=read_yaml(saved))
+        resumed = [f"output_dir={args.resume}", *overrides]
+        check_recipe_fields(apply_overrides(read_yaml(saved), resumed))
+        from mimkit.runs import load_run_config
+
+        cfg = load_run_config(None, resumed, base=read_yaml(saved))
     else:
         raise ConfigError(
             "pretrain needs a recipe: mimkit pretrain -c NAME (`mimkit recipes` lists them), -c your.yaml, "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -130,21 +129,22 @@ class ProgressDisplay:
                 TextColumn("[bold blue]epoch {task.fields[epoch]}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"),
+                TextColumn("{task.fields[numbers]}"),
                 TimeElapsedColumn(),
                 TextColumn("ETA"),
                 TimeRemainingColumn(),
                 console=console,
             )
             self.task = self.bar.add_task(
-                "pretrain", total=total_steps, completed=done_steps, epoch=0, loss=math.nan, lr=0.0, ips=0.0
+                "pretrain", total=total_steps, completed=done_steps, epoch=0, numbers="waiting for the first step"
             )
             self.bar.start()
         self.started, self.start_step = time.perf_counter(), done_steps
 
     def update(self, step: int, epoch: int, loss: float, lr: float, images_per_second: float) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, epoch=epoch, loss=loss, lr=lr, ips=images_per_second)
+            numbers = f"loss {loss:.4f}  lr {lr:.2e}  {images_per_second:.0f} img/s"
+            self.bar.update(self.task, completed=step, epoch=epoch, numbers=numbers)
         elif step % self.log_every == 0 or step == self.total:
             elapsed = time.perf_counter() - self.started
             rate = (step - self.start_step) / max(elapsed, 1e-9)
