@@ -13,6 +13,7 @@ import torch
 import torchvision.datasets as tvd
 from PIL import Image
 
+from mimkit.config import ConfigError
 from mimkit.data import fashion_mnist
 from mimkit.data.config import DataConfig
 from mimkit.data.info import DataError, UnreadableImage
@@ -24,6 +25,7 @@ from mimkit.data.sources import (
     build_source,
     convert_channels,
     describe,
+    same_images_notice,
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -464,3 +466,46 @@ def test_limit_larger_than_the_data_changes_nothing() -> None:
 
 def test_describe_summarises_the_source() -> None:
     assert describe(build_source(synthetic())) == "synthetic: 20 images, 1 channel(s), 16x16, 4 classes"
+
+
+# ---------------------------------------------------------------------------------------------------
+# A held-out evaluation split (data.val_fraction) and the notice when there is none
+
+
+def class_folder(root: Path, per_class: int = 10) -> Path:
+    for label, name in enumerate(["cat", "dog"]):
+        for j in range(per_class):
+            write_image(root / name / f"{j}.png", seed=100 * label + j)
+    return root
+
+
+def test_val_fraction_holds_out_a_fixed_disjoint_part_of_the_training_images(tmp_path: Path) -> None:
+    cfg = folder_config(class_folder(tmp_path), val_fraction=0.2)
+    train, held = build_source(cfg), build_source(cfg, cfg.eval_split)
+    assert (len(train), len(held)) == (16, 4)
+    assert set(train.indices).isdisjoint(held.indices) and set(train.indices) | set(held.indices) == set(range(20))
+    assert build_source(cfg, cfg.eval_split).indices == held.indices  # the same draw every time
+    assert held.labels().tolist() == [held.load(i)[1] for i in range(4)]
+    assert same_images_notice(cfg) is None
+
+
+def test_without_splits_evaluation_scores_the_training_images_and_says_so(tmp_path: Path) -> None:
+    cfg = folder_config(class_folder(tmp_path))
+    assert build_source(cfg).info.name == build_source(cfg, cfg.eval_split).info.name
+    notice = same_images_notice(cfg)
+    assert notice is not None and "the training images themselves" in notice and "data.val_fraction=0.1" in notice
+
+
+def test_split_folders_need_no_notice(tmp_path: Path) -> None:
+    class_folder(tmp_path / "train")
+    class_folder(tmp_path / "val", per_class=2)
+    assert same_images_notice(folder_config(tmp_path, eval_split="val")) is None
+    assert same_images_notice(DataConfig(source="synthetic", eval_split="train")) is not None
+
+
+def test_a_val_fraction_that_empties_a_split_is_refused(tmp_path: Path) -> None:
+    cfg = folder_config(class_folder(tmp_path, per_class=1), val_fraction=0.1)
+    with pytest.raises(DataError, match=r"val_fraction 0\.1 of 2 images leaves a split empty"):
+        build_source(cfg, cfg.eval_split)
+    with pytest.raises(ConfigError, match="val_fraction: must lie in"):
+        folder_config(tmp_path, val_fraction=1.0).validate()

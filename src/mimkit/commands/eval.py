@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -144,11 +145,14 @@ def _check_options(args: argparse.Namespace) -> None:
 def _labelled_splits(run: LoadedRun, args: argparse.Namespace, evaluation: str) -> list[tuple[str, ImageSource]]:
     """The run's train and eval splits by name (first `args.limit` images each); an error if unlabelled."""
     from mimkit.config import ConfigError
+    from mimkit.data.sources import same_images_notice
 
     data = run.cfg.data
     splits = [(split, run.source(split, limit=args.limit)) for split in (data.split, data.eval_split)]
     if not splits[0][1].info.num_classes:
         raise ConfigError(f"{evaluation} needs labelled data; {data.source} at {data.root} has no labels")
+    if (notice := same_images_notice(data)) is not None:
+        print(f"mimkit: warning: {notice} (data.val_fraction=0.1 goes after the run folder)", file=sys.stderr)
     return splits
 
 

@@ -25,6 +25,10 @@ class DataConfig:
     """Force 1 (grayscale) or 3 (RGB) channels; None keeps the source's own."""
     strict: bool = False
     """Fail on the first unreadable image instead of skipping it with a counted warning."""
+    val_fraction: float = 0.0
+    """Hold out this fraction of the training split's images as the evaluation split (in place of `eval_split`):
+    for a folder without split sub-folders, whose evaluation would otherwise score the training images
+    themselves. The held-out images are a fixed draw (seed 0) over the split's image order, the same every run."""
     limit: int | None = None
     """Use only the first `limit` images (quick runs, tests)."""
     batch_size: int = 64
@@ -46,6 +50,11 @@ class DataConfig:
             "source=imagefolder needs the folder of images, e.g. data.root=/data/imagenet",
         )
         check(self.channels in (None, 1, 3), f"{prefix}.channels", f"must be 1, 3 or null; got {self.channels}")
+        check(
+            0 <= self.val_fraction < 1,
+            f"{prefix}.val_fraction",
+            f"must lie in [0, 1), e.g. 0.1 holds out 10% of the images; got {self.val_fraction}",
+        )
         check(self.limit is None or self.limit > 0, f"{prefix}.limit", f"must be positive; got {self.limit}")
         check(self.batch_size > 0, f"{prefix}.batch_size", f"must be positive; got {self.batch_size}")
         check(self.num_workers >= 0, f"{prefix}.num_workers", f"must be >= 0; got {self.num_workers}")

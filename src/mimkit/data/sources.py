@@ -39,18 +39,58 @@ class ImageSource(ABC):
 
 
 def build_source(cfg: DataConfig, split: str | None = None) -> ImageSource:
-    """The source a data config names, for its training split or for `split` (e.g. cfg.eval_split)."""
+    """The source a data config names, for its training split or for `split` (e.g. cfg.eval_split); with
+    `cfg.val_fraction`, the training split's held-out images stand for the evaluation split."""
     split = split or cfg.split
+    held_out = cfg.val_fraction > 0 and split == cfg.eval_split != cfg.split
     builders = {
-        "fashion-mnist": lambda: FashionMNISTSource(cfg, split),
-        "imagefolder": lambda: ImageFolderSource(cfg, split),
-        "torchvision": lambda: TorchvisionSource(cfg, split),
-        "synthetic": lambda: SyntheticShapes(cfg, split),
+        "fashion-mnist": lambda name: FashionMNISTSource(cfg, name),
+        "imagefolder": lambda name: ImageFolderSource(cfg, name),
+        "torchvision": lambda name: TorchvisionSource(cfg, name),
+        "synthetic": lambda name: SyntheticShapes(cfg, name),
     }
-    source = builders[cfg.source]()
+    source = builders[cfg.source](cfg.split if held_out else split)
+    if cfg.val_fraction > 0 and split in (cfg.split, cfg.eval_split):
+        source = held_out_split(source, cfg.val_fraction, held_out=held_out)
     if cfg.limit is not None and cfg.limit < len(source):
         source = Subset(source, cfg.limit)
     return source
+
+
+def held_out_split(source: ImageSource, fraction: float, *, held_out: bool) -> ImageSource:
+    """The images a fixed draw (seed 0) holds out of `source` (`held_out`), or the others, both in source order."""
+    count = round(fraction * len(source))
+    if not 0 < count < len(source):
+        raise DataError(
+            f"data.val_fraction {fraction} of {len(source)} images leaves a split empty; use more images or "
+            "another fraction"
+        )
+    chosen = torch.zeros(len(source), dtype=torch.bool)
+    chosen[torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[:count]] = True
+    return Subset(source, indices=torch.nonzero(chosen == held_out).flatten().tolist())
+
+
+def same_images_notice(cfg: DataConfig) -> str | None:
+    """A warning when the evaluation split is the training images themselves (an image folder without split
+    sub-folders, or eval_split equal to split), else None."""
+    if cfg.val_fraction > 0:
+        return None
+    same = cfg.split == cfg.eval_split
+    if cfg.source == "imagefolder" and cfg.root and Path(cfg.root).expanduser().is_dir():
+        root = Path(cfg.root).expanduser()
+        names = {cfg.split, cfg.eval_split, "train", "val", "test"}
+        try:
+            same = _split_folder(root, cfg.split, names) == _split_folder(root, cfg.eval_split, names)
+        except DataError:
+            return None
+    if not same:
+        return None
+    return (
+        f"evaluation scores the training images themselves (data.split {cfg.split!r} and data.eval_split "
+        f"{cfg.eval_split!r} are the same images{' of ' + str(cfg.root) if cfg.root else ''}), so its accuracy is "
+        "optimistic (raw-pixel k-NN would be 100%); set data.val_fraction=0.1 to hold out 10% of the images, or give "
+        "the folder train/ and val/ sub-folders"
+    )
 
 
 def convert_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
@@ -75,12 +115,17 @@ def _stats(
 
 class Subset(ImageSource):
     """`limit` images of a source: the first ones (quick runs and tests) or, with `spread`, evenly spaced over it
-    (figures: sorted folders would otherwise show one class)."""
+    (figures: sorted folders would otherwise show one class); or the images at `indices`."""
 
-    def __init__(self, source: ImageSource, limit: int, *, spread: bool = False) -> None:
-        self.source = source
-        self.info = DataInfo(**{**source.info.__dict__, "num_images": limit})
-        self.indices = [i * len(source) // limit for i in range(limit)] if spread else list(range(limit))
+    def __init__(
+        self, source: ImageSource, limit: int | None = None, *, spread: bool = False, indices: list[int] | None = None
+    ) -> None:
+        if indices is None:
+            if limit is None:
+                raise ValueError("Subset needs a limit or indices")
+            indices = [i * len(source) // limit for i in range(limit)] if spread else list(range(limit))
+        self.source, self.indices = source, indices
+        self.info = DataInfo(**{**source.info.__dict__, "num_images": len(indices)})
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         return self.source.load(self.indices[index])

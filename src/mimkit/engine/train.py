@@ -16,7 +16,7 @@ from lightning.fabric import Fabric
 from mimkit.config import ConfigError, dump_yaml
 from mimkit.data.info import DataError
 from mimkit.data.loader import ViewDataset, train_loader
-from mimkit.data.sources import build_source, describe
+from mimkit.data.sources import build_source, describe, same_images_notice
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.health import HealthWatch, read_health
 from mimkit.engine.logs import MetricsCSV, ProgressDisplay, log, setup_logging
@@ -96,6 +96,8 @@ class Trainer:
             source = build_source(cfg.data)
             method_cls.prepare(cfg.method, source)
         log.info("data  %s", describe(source))
+        if (notice := same_images_notice(cfg.data)) is not None:
+            log.warning("data  %s", notice)
         self.method: Method = method_cls(cfg.method, source.info)
         size, image = self.method.encoder().image_size, source.info.image_size
         if image is not None and size > min(image):
