@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from mimkit.cli import main
-from mimkit.config import ConfigError
+from mimkit.config import ConfigError, read_yaml
 from mimkit.models.tokenizers.base import codebook_usage, psnr
 from mimkit.models.tokenizers.files import load_tokenizer, save_tokenizer
 from mimkit.models.tokenizers.fit import fit_tokenizer, load_tokenizer_recipe, measure
@@ -147,6 +147,7 @@ def test_fit_command_saves_the_file_and_its_figure(tmp_path: Path, capsys: pytes
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs" / "tokenizers").glob("*.yaml")), ids=lambda p: p.stem)
-def test_shipped_tokenizer_recipes_load(recipe: Path) -> None:
-    loaded = load_tokenizer_recipe(recipe)
+def test_shipped_tokenizer_recipes_load(recipe: Path, tmp_path: Path) -> None:
+    folder = ["data.root=" + str(tmp_path)] if read_yaml(recipe)["data"]["source"] == "imagefolder" else []
+    loaded = load_tokenizer_recipe(recipe, folder)
     assert loaded.tokenizer.image_size % loaded.tokenizer.patch_size == 0 and loaded.output.startswith("tokenizers/")

@@ -30,7 +30,11 @@ def add(commands: argparse._SubParsersAction) -> None:
 
     knn = _command(sub, "knn", "weighted k-NN accuracy of frozen features (cosine, exp(sim/T) votes)", run_knn)
     knn.add_argument(
-        "--k", type=int, nargs="+", default=list(DEFAULT_KS), help="neighbour counts, one pass (%(default)s)"
+        "--k",
+        type=int,
+        nargs="+",
+        help=f"neighbour counts, one pass (default: {' '.join(map(str, DEFAULT_KS))}, those the bank of training "
+        "images holds)",
     )
     knn.add_argument("--temperature", type=float, default=0.07, help="T of the exp(sim/T) votes (%(default)s)")
     knn.add_argument("--pooling", choices=["cls", "avg", "cls+avg"], default="cls", help="features (%(default)s)")
@@ -125,7 +129,7 @@ def _check_options(args: argparse.Namespace) -> None:
     from mimkit.config import ConfigError
 
     rules = [
-        ("k", lambda v: all(k >= 1 for k in v), "every k must be >= 1"),
+        ("k", lambda v: v is None or all(k >= 1 for k in v), "every k must be >= 1"),
         ("lrs", lambda v: all(lr > 0 for lr in v), "every lr must be > 0"),
         ("temperature", lambda v: v > 0, "must be > 0"),
         ("epochs", lambda v: v >= 1, "must be >= 1"),
@@ -243,6 +247,10 @@ def _knn_row(
     from mimkit.eval.knn import knn_accuracy
 
     train, test = (_features(encoder, run, split, args, label, args.pooling) for split in splits)
+    if args.k is None:  # the defaults that fit a small folder's bank, said once
+        args.k = [k for k in DEFAULT_KS if k <= len(train.labels)] or [len(train.labels)]
+        if len(args.k) < len(DEFAULT_KS):
+            print(f"k-NN: {len(train.labels)} training images, so k = {' '.join(map(str, args.k))}", file=sys.stderr)
     if max(args.k) > len(train.labels):
         from mimkit.config import ConfigError
 

@@ -75,6 +75,8 @@ class CIMConfig(MethodConfig):
     """The tokenizer file (`mimkit tokenizer fit`)."""
     tokenizer_recipe: str | None = None
     """A tokenizer recipe that makes `tokenizer` when the file is missing (fitted before training starts)."""
+    tokenizer_overrides: list[str] = field(default_factory=list)
+    """Overrides of that recipe, e.g. ["data.root=${data.root}"]: fit it on the run's own folder of images."""
     token_patch: int | None = None
     """Pixels per token side at the enhancer's input; None: the enhancer's patch size (set it for CNNs, e.g. 16)."""
     views: MaskedViewConfig = field(default_factory=lambda: MaskedViewConfig(color_jitter_p=0.0))
@@ -88,7 +90,7 @@ class CIMConfig(MethodConfig):
     generator_weight: float = 1.0
     """Weight of the generator's cross-entropy in the summed loss (the two share no parameters)."""
 
-    runtime_fields: ClassVar[tuple[str, ...]] = ("tokenizer_recipe",)
+    runtime_fields: ClassVar[tuple[str, ...]] = ("tokenizer_recipe", "tokenizer_overrides")
     """Only used while the tokenizer file is missing: a resumed run may change it."""
 
     def validate(self, prefix: str = "method") -> None:
@@ -120,8 +122,8 @@ class CIM(Method):
 
     @classmethod
     def prepare(cls, cfg: MethodConfig, source: ImageSource) -> None:
-        """Fit the tokenizer from `tokenizer_recipe` (on that recipe's own data) when its file is missing; without
-        a recipe, stop with the command that makes it."""
+        """Fit the tokenizer from `tokenizer_recipe` (on that recipe's data, with `tokenizer_overrides`) when its file
+        is missing; without a recipe, stop with the command that makes it."""
         assert isinstance(cfg, CIMConfig)
         if Path(cfg.tokenizer).is_file():
             return
@@ -131,7 +133,8 @@ class CIM(Method):
                 "(or name a tokenizer recipe in method.tokenizer_recipe to fit it before training)"
             )
         log.info("method.tokenizer: %s does not exist; fitting it with %s", cfg.tokenizer, cfg.tokenizer_recipe)
-        fitted = fit_tokenizer(load_tokenizer_recipe(cfg.tokenizer_recipe, [f"output={cfg.tokenizer}"]))
+        recipe = load_tokenizer_recipe(cfg.tokenizer_recipe, [*cfg.tokenizer_overrides, f"output={cfg.tokenizer}"])
+        fitted = fit_tokenizer(recipe)
         log.info("tokenizer %s: %s", fitted.path, describe_metrics(fitted.metrics))
 
     def __init__(self, cfg: CIMConfig, data: DataInfo) -> None:
