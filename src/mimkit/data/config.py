@@ -12,7 +12,7 @@ from mimkit.config import check
 class DataConfig:
     """Where the images come from and how they are batched."""
 
-    source: Literal["fashion-mnist", "imagefolder", "torchvision", "synthetic"] = "fashion-mnist"
+    source: Literal["fashion-mnist", "imagefolder", "shards", "torchvision", "synthetic"] = "fashion-mnist"
     root: str | None = None
     """Folder of the data. fashion-mnist: IDX files (default: the Debian package, then mimkit's cache)."""
     name: str | None = None
@@ -48,6 +48,11 @@ class DataConfig:
             self.source != "imagefolder" or bool(self.root),
             f"{prefix}.root",
             "source=imagefolder needs the folder of images, e.g. data.root=/data/imagenet",
+        )
+        check(
+            self.source != "shards" or bool(self.root),
+            f"{prefix}.root",
+            "source=shards needs the folder that `mimkit data shard` wrote, e.g. data.root=/data/imagenet_shards",
         )
         check(self.channels in (None, 1, 3), f"{prefix}.channels", f"must be 1, 3 or null; got {self.channels}")
         check(

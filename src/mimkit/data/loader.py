@@ -68,7 +68,11 @@ class ViewDataset(Dataset):
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
-    """Yields (epoch, index): shuffled and sharded across ranks like DistributedSampler; can resume mid-epoch."""
+    """Yields (epoch, index): shuffled and sharded across ranks like DistributedSampler; can resume mid-epoch.
+
+    With `groups` (the images of each tar shard), a shuffled epoch reads by group instead: the group order and
+    the order within each group are shuffled, and each rank takes a contiguous run of that order, so it reads a
+    few whole groups rather than a little of every one."""
 
     def __init__(
         self,
@@ -79,6 +83,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         num_replicas: int = 1,
         rank: int = 0,
         drop_last: bool = False,
+        groups: list[list[int]] | None = None,
     ) -> None:
         self.inner = DistributedSampler(
             range(num_images),
@@ -88,6 +93,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
             seed=seed,
             drop_last=drop_last,
         )
+        self.groups = groups if shuffle and drop_last else None
+        self.seed, self.rank, self.num_replicas = seed, rank, num_replicas
         self.epoch, self.start = 0, 0
 
     def set_position(self, epoch: int, start: int = 0) -> None:
@@ -97,13 +104,25 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self.epoch, self.start = epoch, start
         self.inner.set_epoch(epoch)
 
+    def _by_group(self) -> list[int]:
+        assert self.groups is not None
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = [
+            self.groups[g][i]
+            for g in torch.randperm(len(self.groups), generator=generator).tolist()
+            for i in torch.randperm(len(self.groups[g]), generator=generator).tolist()
+        ]
+        per_rank = len(order) // self.num_replicas
+        return order[self.rank * per_rank : (self.rank + 1) * per_rank]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for position, index in enumerate(self.inner):
+        indices = self._by_group() if self.groups is not None else self.inner
+        for position, index in enumerate(indices):
             if position >= self.start:
                 yield self.epoch, index
 
     def __len__(self) -> int:
-        return len(self.inner) - self.start
+        return self.samples_per_epoch - self.start
 
     @property
     def samples_per_epoch(self) -> int:
@@ -136,13 +155,22 @@ def train_loader(
     rank: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """Shuffled, sharded, full batches only (drop_last), persistent workers."""
+    """Shuffled, sharded, full batches only (drop_last), persistent workers; read by tar shard when the source
+    stores its images in shards."""
     if len(dataset) < batch_size * num_replicas:
         raise DataError(
             f"{len(dataset)} images are fewer than one global batch ({batch_size} x {num_replicas} "
             "devices); lower data.batch_size or add images"
         )
-    sampler = EpochSampler(len(dataset), shuffle=True, seed=seed, num_replicas=num_replicas, rank=rank, drop_last=True)
+    sampler = EpochSampler(
+        len(dataset),
+        shuffle=True,
+        seed=seed,
+        num_replicas=num_replicas,
+        rank=rank,
+        drop_last=True,
+        groups=dataset.source.groups(),
+    )
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -7,6 +7,9 @@ label (-1 when the data has none). Decoding happens per image, so one corrupt fi
 from __future__ import annotations
 
 import inspect
+import io
+import itertools
+import json
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -18,6 +21,8 @@ from mimkit.data import fashion_mnist
 from mimkit.data.config import DataConfig
 from mimkit.data.info import DataError, DataInfo, UnreadableImage
 
+SHARD_INDEX = "index.json"
+SHARD_FORMAT = "mimkit-shards/1"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)
@@ -28,6 +33,11 @@ class ImageSource(ABC):
 
     def __len__(self) -> int:
         return self.info.num_images
+
+    def groups(self) -> list[list[int]] | None:
+        """Indices stored together (the images of one tar shard), for samplers that read by group; None: any
+        order is as cheap as any other."""
+        return None
 
     @abstractmethod
     def load(self, index: int) -> tuple[torch.Tensor, int]:
@@ -48,6 +58,7 @@ def build_source(cfg: DataConfig, split: str | None = None) -> ImageSource:
         "imagefolder": lambda name: ImageFolderSource(cfg, name),
         "torchvision": lambda name: TorchvisionSource(cfg, name),
         "synthetic": lambda name: SyntheticShapes(cfg, name),
+        "shards": lambda name: ShardSource(cfg.root, name, cfg.channels),
     }
     source = builders[cfg.source](cfg.split if held_out else split)
     if cfg.val_fraction > 0 and split in (cfg.split, cfg.eval_split):
@@ -83,6 +94,10 @@ def same_images_notice(cfg: DataConfig) -> str | None:
             same = _split_folder(root, cfg.split, names) == _split_folder(root, cfg.eval_split, names)
         except DataError:
             return None
+    if cfg.source == "shards" and cfg.root:
+        same = _shard_folder(Path(cfg.root).expanduser(), cfg.split) == _shard_folder(
+            Path(cfg.root).expanduser(), cfg.eval_split
+        )
     if not same:
         return None
     return (
@@ -133,6 +148,14 @@ class Subset(ImageSource):
     def labels(self) -> torch.Tensor | None:
         labels = self.source.labels()
         return None if labels is None else labels[self.indices]
+
+    def groups(self) -> list[list[int]] | None:
+        base = self.source.groups()
+        if base is None:
+            return None
+        position = {index: i for i, index in enumerate(self.indices)}
+        mapped = [[position[i] for i in group if i in position] for group in base]
+        return [group for group in mapped if group]
 
 
 class FashionMNISTSource(ImageSource):
@@ -356,3 +379,65 @@ def describe(source: ImageSource) -> str:
     size = "x".join(map(str, info.image_size)) if info.image_size else "various sizes"
     labels = f"{info.num_classes} classes" if info.num_classes else "no labels"
     return f"{info.name}: {info.num_images:,} images, {info.channels} channel(s), {size}, {labels}"
+
+
+class ShardSource(ImageSource):
+    """The images of a shard folder (`root/<split>/index.json` when split folders exist, else `root/index.json`)."""
+
+    def __init__(self, root: str | None, split: str, channels: int | None) -> None:
+        folder = _shard_folder(Path(root or "").expanduser(), split)
+        if not (folder / SHARD_INDEX).is_file():
+            raise DataError(
+                f"data.root {folder} holds no {SHARD_INDEX}: it is not a shard folder; write one with "
+                "`mimkit data shard IMAGE_FOLDER OUT` and set data.root=OUT"
+            )
+        index = json.loads((folder / SHARD_INDEX).read_text())
+        if index.get("format") != SHARD_FORMAT:
+            raise DataError(f"{folder / SHARD_INDEX}: format {index.get('format')!r}, expected {SHARD_FORMAT!r}")
+        self.folder = folder
+        self.files = [folder / shard["file"] for shard in index["shards"]]
+        self.members = [(s, m[1], m[2], m[3]) for s, shard in enumerate(index["shards"]) for m in shard["members"]]
+        self.shard_sizes = [len(shard["members"]) for shard in index["shards"]]
+        self.keys = [m[0] for shard in index["shards"] for m in shard["members"]]
+        self.channels = channels or index["channels"]
+        classes = tuple(index["classes"])
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.channels == 3 else (GRAY_MEAN, GRAY_STD)
+        self.info = DataInfo(
+            f"shards:{folder}", self.channels, len(self.members), None, len(classes) or None, mean, std, classes
+        )
+        self._handles: dict[tuple[int, int], int] = {}
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        shard, offset, size, label = self.members[index]
+        where = f"{self.files[shard]}:{self.keys[index]}"
+        try:
+            data = os.pread(self._handle(shard), size, offset)
+            if len(data) != size:
+                raise OSError(f"read {len(data)} of {size} bytes (truncated shard?)")
+            with Image.open(io.BytesIO(data)) as image:
+                image = image.convert("L" if self.channels == 1 else "RGB")
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+            raise UnreadableImage(where, f"{type(error).__name__}: {error}") from None
+        return _pil_to_tensor(image), label
+
+    def _handle(self, shard: int) -> int:
+        """An open descriptor per (process, shard): a forked worker opens its own."""
+        key = (os.getpid(), shard)
+        if key not in self._handles:
+            self._handles[key] = os.open(self.files[shard], os.O_RDONLY)
+        return self._handles[key]
+
+    def labels(self) -> torch.Tensor | None:
+        return torch.tensor([m[3] for m in self.members]) if self.info.num_classes else None
+
+    def groups(self) -> list[list[int]] | None:
+        starts = [0, *itertools.accumulate(self.shard_sizes)]
+        return [list(range(a, b)) for a, b in itertools.pairwise(starts) if b > a]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}}  # descriptors do not travel to spawned workers
+
+
+def _shard_folder(root: Path, split: str) -> Path:
+    """`root/split` when it holds shards (a sharded folder with split folders), else `root`."""
+    return root / split if (root / split / SHARD_INDEX).is_file() else root
