@@ -33,7 +33,7 @@ test: data
 	$(PY) -m pytest -q
 
 demo: data
-	$(MIMKIT) pretrain -c configs/ibot/vit_tiny_fmnist.yaml output_dir=$(DEMO_DIR) resume=auto
+	$(MIMKIT) pretrain -c cim/resnet_tiny_fmnist_demo output_dir=$(DEMO_DIR) resume=auto
 	$(MIMKIT) eval knn $(DEMO_DIR) --baselines
 	$(MIMKIT) viz $(DEMO_DIR)
 

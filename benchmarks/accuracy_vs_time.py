@@ -56,6 +56,7 @@ IBOT_ON_RESNET = (
 """iBOT's demo recipe on CIM's small ResNet-18; masks off (a CNN takes none): DINO on a CNN."""
 STUDY: tuple[Point, ...] = (
     Point("ibot_vit_24k_3ep", "configs/ibot/vit_tiny_fmnist.yaml"),
+    Point("ibot_vit_center099_24k_3ep", "configs/ibot/vit_tiny_fmnist.yaml", ("method.center_momentum=0.99",)),
     Point("ibot_vit_nolocal_60k_2ep", "configs/ibot/vit_tiny_fmnist.yaml",
           ("method.views.num_local=0", "data.limit=null", "train.epochs=2")),
     Point("symmim_vit_24k_3ep", "configs/symmim/vit_tiny_fmnist.yaml"),

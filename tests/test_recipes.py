@@ -129,3 +129,10 @@ def test_a_typo_fails_before_torch_is_imported(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "optim.lrr: unknown field; did you mean 'optim.lr'?" in done.stderr
     assert "method.maskk: unknown field; did you mean 'method.mask'?" in done.stderr
+
+
+def test_no_two_recipes_share_a_run_folder() -> None:
+    folders = [read_yaml(r.path).get("output_dir") for r in SHIPPED if not r.name.startswith("tokenizers/")]
+    assert len(folders) == len(set(folders)), sorted(f for f in folders if folders.count(f) > 1)
+    outputs = [read_yaml(r.path)["output"] for r in SHIPPED if r.name.startswith("tokenizers/")]
+    assert len(outputs) == len(set(outputs))
