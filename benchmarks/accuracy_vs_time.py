@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -31,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 QUIET = ("train.knn_every_epochs=0", "train.progress_bar=false")
 """Every point trains without online k-NN (the evaluations below score it once) and without a live bar."""
 LINEAR = ("--cache", "--val-fraction", "0.1", "--epochs", "30")
+HEALTH = ("loss_cls", "health_teacher_entropy", "health_feature_rank")
+"""Training-health values of metrics.csv kept with each point, averaged over its last HEALTH_ROWS logged steps."""
+HEALTH_ROWS = 5
 """The linear probe of docs/benchmarks.md: lr chosen on 6,000 held-out training images."""
 
 
@@ -92,7 +97,9 @@ def evaluated(run_dir: Path) -> bool:
 def measure(point: Point, run_dir: Path) -> dict:
     """One row: what was trained, for how long, and its accuracies against its own initialisation."""
     cfg = load_run_config(run_dir / "config.yaml")
-    minutes = [row["train_minutes"] for row in read_metrics(run_dir) if "train_minutes" in row]
+    rows = read_metrics(run_dir)
+    minutes = [row["train_minutes"] for row in rows if "train_minutes" in row]
+    last = [row for row in rows if "loss" in row][-HEALTH_ROWS:]
     if len(minutes) != cfg.train.epochs:
         raise RuntimeError(f"{run_dir}: {len(minutes)} of {cfg.train.epochs} epochs logged train_minutes")
     knn = json.loads((run_dir / "eval" / "knn.json").read_text())["accuracy"]
@@ -100,33 +107,41 @@ def measure(point: Point, run_dir: Path) -> dict:
     return {
         "name": point.name,
         "method": cfg.method.name,
-        "backbone": cfg.method.backbone.name,
+        "backbone": getattr(getattr(cfg.method, "backbone", None), "name", "-"),
         "images": cfg.data.limit,
         "epochs": cfg.train.epochs,
         "train_minutes": minutes[-1],
+        "log_k": math.log(cfg.method.out_dim) if hasattr(cfg.method, "out_dim") else None,
         "knn": knn["pretrained"]["20"],
         "knn_random_init": knn["random init"]["20"],
         "knn_raw_pixels": knn["raw pixels"]["20"],
         "linear": linear["best_top1"],
+        **{key: statistics.fmean(r[key] for r in last) for key in HEALTH if last and key in last[-1]},
         "commands": [shlex.join(c) for c in commands(point, run_dir)],
     }
 
 
 def markdown(rows: list[dict], raw_linear: float | None) -> str:
     lines = [
-        "| point | method | encoder | images × epochs | training minutes | k-NN | k-NN at init | linear probe |",
-        "|---|---|---|--:|--:|--:|--:|--:|",
+        "| point | method | encoder | images × epochs | training minutes | k-NN | k-NN at init | linear probe "
+        "| [CLS] loss / log K | feature rank |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         images = f"{r['images']:,}" if r["images"] else "60,000"
         lines.append(
             f"| {r['name']} | {r['method']} | {r['backbone']} | {images} × {r['epochs']} | {r['train_minutes']:.1f} "
-            f"| {100 * r['knn']:.2f} | {100 * r['knn_random_init']:.2f} | {100 * r['linear']:.2f} |"
+            f"| {100 * r['knn']:.2f} | {100 * r['knn_random_init']:.2f} | {100 * r['linear']:.2f} "
+            f"| {_ratio(r, 'loss_cls', r.get('log_k'))} | {_ratio(r, 'health_feature_rank')} |"
         )
     pixels = f"{100 * rows[0]['knn_raw_pixels']:.2f}" if rows else "-"
     linear = f"{100 * raw_linear:.2f}" if raw_linear is not None else "-"
-    lines.append(f"| raw pixels | – | – | – | – | {pixels} | – | {linear} |")
+    lines.append(f"| raw pixels | – | – | – | – | {pixels} | – | {linear} | – | – |")
     return "\n".join(lines)
+
+
+def _ratio(row: dict, key: str, scale: float | None = 1.0) -> str:
+    return f"{row[key] / scale:.2f}" if key in row and scale else "–"
 
 
 def plot(rows: list[dict], raw_linear: float | None, out: Path) -> None:
