@@ -4,7 +4,6 @@ curves, reconstructions, generic evaluation tables, and `mimkit viz` end to end 
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from PIL import Image
 from mimkit.cli import main
 from mimkit.engine.logs import read_metrics
 from mimkit.engine.train import pretrain
+from mimkit.eval.results import save_result
 from mimkit.models.backbones import BackboneConfig, build_backbone
 from mimkit.models.vit import MaskableViT
 from mimkit.runs import load_run_config
@@ -221,9 +221,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-epoch iBOT run on 8 synthetic images, with a k-NN result file beside it."""
     run = tmp_path_factory.mktemp("viz") / "run"
     pretrain(load_run_config(IBOT_RECIPE, [*TINY_RUN, f"output_dir={run}"]))
-    (run / "eval").mkdir()
     accuracy = {"pretrained": {"10": 0.5, "20": 0.25}, "random init": {"10": 0.3, "20": 0.2}}
-    (run / "eval" / "knn.json").write_text(json.dumps({"pooling": "cls", "accuracy": accuracy}))
+    save_result(run, "knn", {"pooling": "cls", "accuracy": {"pretrained": {"20": 0.125}}}, "k=20: first 12.50", 0.125)
+    save_result(run, "knn", {"pooling": "cls", "accuracy": accuracy}, "k=20: pretrained 25.00", 0.25)
     return run
 
 
@@ -240,6 +240,7 @@ def test_viz_writes_every_figure_and_a_report(tiny_run: Path, capsys: pytest.Cap
     assert all(f'src="{name}.png"' in page for name in figures)
     assert "name: ibot" in page and "global_size: 28" in page  # the config
     assert "<td>random init</td>" in page and "knn / accuracy" in page  # the evaluation table
+    assert page.index("k=20: first 12.50") < page.index("k=20: pretrained 25.00")  # every evaluation, in order
     assert "Environment" in page
 
 
