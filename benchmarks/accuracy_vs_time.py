@@ -191,13 +191,14 @@ def main(argv: list[str] | None = None) -> int:
         if evaluated(run_dir):
             rows.append(measure(point, run_dir))
     raw_linear = None
-    if rows:  # logistic regression on the pixels, once, in the first point's folder
-        first = args.runs / rows[0]["name"]
-        raw_file = first / "eval" / "linear_raw_pixels.json"
-        if not args.report_only and not raw_file.is_file():
+    if rows:  # logistic regression on the pixels, once, in the folder of the first point that has it
+        found = [p for r in rows if (p := args.runs / r["name"] / "eval" / "linear_raw_pixels.json").is_file()]
+        if not found and not args.report_only:
+            first = args.runs / rows[0]["name"]
             subprocess.run(mimkit("eval", "linear", str(first), *LINEAR, "--raw-pixels"), check=True, cwd=ROOT)
-        if raw_file.is_file():
-            raw_linear = json.loads(raw_file.read_text())["best_top1"]
+            found = [first / "eval" / "linear_raw_pixels.json"]
+        if found:
+            raw_linear = json.loads(found[0].read_text())["best_top1"]
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, raw_linear)
     result = {"machine": machine(), "versions": package_versions(), "points": rows, "raw_pixels_linear": raw_linear}
