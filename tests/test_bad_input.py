@@ -99,7 +99,7 @@ CASES: dict[str, tuple[Case, str]] = {
             *SYNTHETIC_28,
             f"output_dir={tmp}",
         ],
-        r"method.tokenizer: .*none.pt does not exist; make it with: mimkit tokenizer fit -c configs/tokenizers/",
+        r"method.tokenizer: .*none.pt does not exist; make it with: mimkit tokenizer fit -c tokenizers/",
     ),
     "dall-e-files-missing": (
         lambda run, image, tmp: ["tokenizer", "fit", "-c", DALL_E, "data.source=synthetic", f"output={tmp}/t.pt"],

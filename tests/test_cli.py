@@ -42,7 +42,7 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
     assert "pretrain" in out and "pretrain a backbone with a recipe" in out
     assert "data" in out and "get and inspect datasets" in out
     assert "eval" in out
-    assert "mimkit pretrain -c configs/ibot/vit_tiny_fmnist.yaml" in out  # the examples
+    assert "mimkit pretrain -c ibot/vit_tiny_fmnist" in out  # the examples
 
 
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -118,7 +118,7 @@ def test_pretrain_without_recipe_exits_2(capsys: pytest.CaptureFixture[str]) -> 
 
 def test_missing_recipe_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, _, err = run(capsys, "pretrain", "-c", str(tmp_path / "nope.yaml"))
-    assert code == 2 and "nope.yaml does not exist" in err
+    assert code == 2 and "nope.yaml: no such file and no shipped recipe of that name" in err
 
 
 def test_resume_of_a_folder_without_config_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

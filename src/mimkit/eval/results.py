@@ -24,8 +24,10 @@ def save_result(run_dir: Path, evaluation: str, result: dict[str, Any], headline
         "headline": headline,
         "score": score,
     }
-    with (folder / HISTORY).open("a") as history:
-        history.write(json.dumps({**record, "result": result}) + "\n")
+    path = folder / HISTORY
+    cut = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    with path.open("a") as history:  # a line cut by a crash stays its own (unreadable) line
+        history.write(("\n" if cut else "") + json.dumps({**record, "result": result}) + "\n")
     return latest
 
 
