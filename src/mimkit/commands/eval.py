@@ -247,10 +247,6 @@ def _knn_row(
     from mimkit.eval.knn import knn_accuracy
 
     train, test = (_features(encoder, run, split, args, label, args.pooling) for split in splits)
-    if args.k is None:  # the defaults that fit a small folder's bank, said once
-        args.k = [k for k in DEFAULT_KS if k <= len(train.labels)] or [len(train.labels)]
-        if len(args.k) < len(DEFAULT_KS):
-            print(f"k-NN: {len(train.labels)} training images, so k = {' '.join(map(str, args.k))}", file=sys.stderr)
     if max(args.k) > len(train.labels):
         from mimkit.config import ConfigError
 
@@ -273,6 +269,11 @@ def run_knn(args: argparse.Namespace) -> int:
     run = load_run(args.run_path, args.overrides)
     _writable_results(run)
     splits = _labelled_splits(run, args, "k-NN")
+    if args.k is None:  # the defaults that the bank of training images holds
+        bank = len(splits[0][1])
+        args.k = [k for k in DEFAULT_KS if k <= bank] or [bank]
+        if len(args.k) < len(DEFAULT_KS):
+            print(f"k-NN: {bank} training images, so k = {' '.join(map(str, args.k))}", file=sys.stderr)
     rows = {PRETRAINED: _knn_row(run.encoder(), run, splits, args, PRETRAINED)}
     if args.baselines:
         random_init = load_run(args.run_path, args.overrides, random_init=True)

@@ -74,25 +74,22 @@ def run(args: argparse.Namespace) -> int:
         args.resume = ""
     overrides = pretrain_overrides(args)
     if args.config:
-        check_recipe_fields(read_yaml(find_recipe(args.config), overrides))  # a typo fails before torch loads
-        from mimkit.runs import load_run_config
-
-        cfg = load_run_config(args.config, overrides)
+        data = read_yaml(find_recipe(args.config), overrides)
     elif args.resume:
         saved = Path(args.resume) / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"--resume {args.resume}: no config.yaml there; pass the recipe with -c as well")
         # the run continues where it lies now, even if it was moved since it started
-        resumed = [f"output_dir={args.resume}", *overrides]
-        check_recipe_fields(apply_overrides(read_yaml(saved), resumed))
-        from mimkit.runs import load_run_config
-
-        cfg = load_run_config(None, resumed, base=read_yaml(saved))
+        data = apply_overrides(read_yaml(saved), [f"output_dir={args.resume}", *overrides])
     else:
         raise ConfigError(
             "pretrain needs a recipe: mimkit pretrain -c NAME (`mimkit recipes` lists them), -c your.yaml, "
             "or --resume RUN_FOLDER"
         )
+    check_recipe_fields(data)  # a typo fails before torch loads
+    from mimkit.runs import load_run_config
+
+    cfg = load_run_config(None, base=data)  # the recipe read once, its overrides applied
     if args.resume is not None:
         cfg.resume = args.resume or cfg.output_dir
     if args.print_config:

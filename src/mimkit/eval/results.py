@@ -4,6 +4,7 @@ scripts read), and `RUN/eval/history.jsonl` keeps every evaluation ever run, one
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,12 @@ def save_result(run_dir: Path, evaluation: str, result: dict[str, Any], headline
         "score": score,
     }
     path = folder / HISTORY
-    cut = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-    with path.open("a") as history:  # a line cut by a crash stays its own (unreadable) line
-        history.write(("\n" if cut else "") + json.dumps({**record, "result": result}) + "\n")
+    with path.open("a+b") as history:  # appends go to the end; only the last byte is read
+        cut = False
+        if history.seek(0, os.SEEK_END):
+            history.seek(-1, os.SEEK_END)
+            cut = history.read(1) != b"\n"  # a line cut by a crash stays its own (unreadable) line
+        history.write((("\n" if cut else "") + json.dumps({**record, "result": result}) + "\n").encode())
     return latest
 
 
