@@ -8,7 +8,7 @@ READY := $(VENV)/.ready
 FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup data test demo lint bench clean
+.PHONY: setup data test demo lint bench wheelhouse clean
 
 setup: $(READY)
 
@@ -41,6 +41,10 @@ demo: data
 bench: $(READY)
 	$(PY) benchmarks/step_throughput.py --method ibot --tier cpu-small --repeats 3
 	$(PY) benchmarks/step_throughput.py --method dtm --tier cpu-small --repeats 3
+
+# What a GPU machine without a package index lacks, for `benchmarks/gpu_tier.py --wheels wheelhouse` (carry it).
+wheelhouse: $(READY)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -c constraints.txt -d wheelhouse omegaconf
 
 lint: $(READY)
 	$(VENV)/bin/ruff check .

@@ -22,7 +22,13 @@ SUMMARY_KEYS = {
     "outside_backbone_heads_share",
     "images_per_s",
     "view_ms_per_image",
+    "views_worker_load",
     "peak_memory_mib",
+    "step_gflop",
+    "step_of_roof",
+    "backbone_of_roof",
+    "reference_ms",
+    "step_vs_reference",
 }
 
 
@@ -90,6 +96,7 @@ def test_every_tier_case_is_a_valid_recipe_of_the_specified_shape() -> None:
                     small = name == "cpu-small"
                     assert (views.num_local, views.local_size) == ((4, 12) if small else (10, 96))
                     assert cfg.method.out_dim == cfg.method.patch_out_dim == (1024 if small else 8192)
+                    assert (cfg.method.head_hidden_dim, cfg.method.head_bottleneck_dim) == (2048, 256)  # reference
                 elif method == "dtm":
                     assert cfg.method.teacher.kind == "ema"
 
@@ -97,3 +104,38 @@ def test_every_tier_case_is_a_valid_recipe_of_the_specified_shape() -> None:
 def test_unknown_case_is_refused() -> None:
     with pytest.raises(SystemExit):
         bench.parse_args(["--method", "ibot", "--tier", "cpu-small", "--case", "vit_huge"])
+
+
+def test_flop_counts_of_a_linear_layer_and_of_cpu_attention() -> None:
+    flops = load_benchmark("flop_utilisation")
+    layer, x = torch.nn.Linear(16, 8), torch.randn(4, 16)
+    assert flops.count_flops(lambda: layer(x)) == 2 * 4 * 16 * 8
+    q = torch.randn(2, 3, 10, 8)
+    attention = flops.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    assert attention == 2 * (2 * 2 * 3 * 10 * 10 * 8)  # q k^T and p v: the CPU kernel is counted like the GPU's
+    rows = flops.utilisation({"step": 10**9}, {"step": 0.5}, roof=4e9, peak=None)
+    assert rows["step"]["flop_per_s"] == 2e9 and rows["step"]["of_roof"] == 0.5 and rows["step"]["of_peak"] is None
+
+
+def test_reference_must_be_a_checkout_of_the_official_code(tmp_path) -> None:
+    with pytest.raises(SystemExit, match="not a checkout of the official iBOT code"):
+        bench.main(["--method", "ibot", "--tier", "test", "--steps", "1", "--reference", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--method", "dtm", "--tier", "test", "--reference", str(tmp_path)])  # no adapter
+
+
+def test_gpu_tier_driver_runs_on_a_cpu_and_reports_each_run(tmp_path) -> None:
+    driver = load_benchmark("gpu_tier")
+    argv = ["--tier", "test", "--device", "cpu", "--methods", "ibot", "dtm", "--no-compile", "--steps", "1"]
+    report = driver.main([*argv, "--warmup", "0", "--repeats", "1", "--out", str(tmp_path)])
+    text = report.read_text()
+    assert "- packages: all present" in text and "- ibot: done" in text and "- dtm: done" in text
+    assert "| vit_micro | 4 |" in text and (tmp_path / "ibot_test_cpu.json").is_file()
+    assert driver.runs(["ibot", "dtm", "cim"], True) == [
+        ("ibot", False),
+        ("ibot", True),
+        ("dtm", False),
+        ("cim", False),
+        ("dtm", True),
+        ("cim", True),
+    ]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from floors.shapes import Case, data, vit
+from reference.ibot_official import reference_step
 
 
 def views(global_size: int, local_size: int, num_local: int, prototypes: int) -> tuple[str, ...]:
@@ -18,6 +20,10 @@ def views(global_size: int, local_size: int, num_local: int, prototypes: int) ->
         f"method.patch_out_dim={prototypes}",
     )
 
+
+REFERENCE_HEAD = ("method.head_hidden_dim=2048", "method.head_bottleneck_dim=256")
+"""The reference's 3-layer head (2048 hidden, 256 bottleneck) instead of the demo recipe's small one, so the step can
+be held against the official code at equal math (`--reference`)."""
 
 CASES = {
     "test": [
@@ -35,7 +41,11 @@ CASES = {
         )
     ],
     "cpu-small": [
-        Case("vit_tiny", "ibot/vit_tiny_fmnist.yaml", (*vit(192, 12, 3), *views(28, 12, 4, 1024), *data(28, 64, 1)))
+        Case(
+            "vit_tiny",
+            "ibot/vit_tiny_fmnist.yaml",
+            (*vit(192, 12, 3), *views(28, 12, 4, 1024), *REFERENCE_HEAD, *data(28, 64, 1)),
+        )
     ],
     "gpu-base": [
         Case(name, f"ibot/{recipe}.yaml", (*views(224, 96, 10, 8192), *data(224, 64, 3)))
@@ -78,3 +88,37 @@ def floor(bench: Any, heads: bool) -> Any:
         bench.backward(outputs)
 
     return run
+
+
+def reference(bench: Any, checkout: Any) -> Any:
+    """One iteration of the official iBOT code at this case's shapes (benchmarks/reference/ibot_official.py)."""
+    return reference_step(bench, checkout)
+
+
+def packing(bench: Any) -> tuple[Any, Any]:
+    """The student's transformer blocks, forward + backward, on tokens of this batch's crop shapes: one call per crop
+    size (what `forward_crops` runs) and every crop of an image packed into one sequence with a block-diagonal
+    attention mask (DINOv2's packing). Random tokens: only the cost is compared."""
+    student = bench.method.student
+    blocks = student.transformer_blocks()
+    views = bench.batch["views"]
+    crops = [*views["global"], *views["local"]]
+    lengths = [math.prod(student.grid(*crop.shape[-2:])) + student.num_prefix_tokens for crop in crops]
+    batch, dim, device = len(crops[0]), student.embed_dim, bench.fabric.device
+    sizes: dict[int, int] = {}
+    for length in lengths:
+        sizes[length] = sizes.get(length, 0) + 1
+    grouped = [torch.randn(count * batch, length, dim, device=device) for length, count in sizes.items()]
+    packed = torch.randn(batch, sum(lengths), dim, device=device)
+    mask = torch.block_diag(*(torch.ones(n, n, dtype=torch.bool) for n in lengths)).to(device)
+
+    def run(inputs: list[torch.Tensor], attn_mask: torch.Tensor | None) -> None:
+        outputs = []
+        with bench.fabric.autocast():
+            for tokens in inputs:
+                for block in blocks:
+                    tokens = block(tokens, attn_mask=attn_mask)
+                outputs.append(tokens)
+        bench.backward(outputs)
+
+    return (lambda: run(grouped, None)), (lambda: run([packed], mask))

@@ -17,6 +17,9 @@ class Progress:
     """Optimizer steps completed before this one (0-based index of the current step)."""
     steps_per_epoch: int
     epochs: int
+    logged: bool = True
+    """Whether the engine logs this step's metrics: measures that only feed the logs (training health, whose
+    linear algebra waits for the GPU) are computed on these steps alone."""
 
     @property
     def total_steps(self) -> int:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.loggers import Logger
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from rich.console import Console
@@ -117,6 +119,10 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
     return rows
 
 
+REFRESH_S = 0.5
+"""How often the progress bar reads the loss (a host-device sync) and redraws its numbers."""
+
+
 class ProgressDisplay:
     """A rich progress bar (loss, lr, images/s, ETA) on a terminal; a log line every few steps otherwise."""
 
@@ -140,11 +146,17 @@ class ProgressDisplay:
             )
             self.bar.start()
         self.started, self.start_step = time.perf_counter(), done_steps
+        self.shown, self.numbers = -math.inf, "waiting for the first step"
 
-    def update(self, step: int, epoch: int, loss: float, lr: float, images_per_second: float) -> None:
+    def update(self, step: int, epoch: int, loss: torch.Tensor, lr: float, images_per_second: float) -> None:
+        """`loss` stays a tensor until it is shown (at most every REFRESH_S on a terminal, every `log_every` steps
+        otherwise): reading it waits for the device, which the training loop should not do every step."""
         if self.bar is not None:
-            numbers = f"loss {loss:.4f}  lr {lr:.2e}  {images_per_second:.0f} img/s"
-            self.bar.update(self.task, completed=step, epoch=epoch, numbers=numbers)
+            now = time.perf_counter()
+            if now - self.shown >= REFRESH_S or step == self.total:
+                self.shown = now
+                self.numbers = f"loss {float(loss):.4f}  lr {lr:.2e}  {images_per_second:.0f} img/s"
+            self.bar.update(self.task, completed=step, epoch=epoch, numbers=self.numbers)
         elif step % self.log_every == 0 or step == self.total:
             elapsed = time.perf_counter() - self.started
             rate = (step - self.start_step) / max(elapsed, 1e-9)
@@ -154,7 +166,7 @@ class ProgressDisplay:
                 epoch,
                 step,
                 self.total,
-                loss,
+                float(loss),
                 lr,
                 images_per_second,
                 _duration(eta),

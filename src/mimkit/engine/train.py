@@ -139,7 +139,7 @@ class Trainer:
             cfg.train.epochs,
         )
         self.module, self.optimizer = setup_for_training(
-            fabric, self.method, build_optimizer(self.method, cfg.optim), cfg.train.compile
+            fabric, self.method, build_optimizer(self.method, cfg.optim, cfg.train.precision), cfg.train.compile
         )
         self.position = Position()
         self.clock = time.perf_counter()  # start of the training time not yet in position.train_seconds
@@ -187,7 +187,9 @@ class Trainer:
         readable = 0
         batches = iter(self.loader)
         while pos.batch_in_epoch < self.steps_per_epoch * self.accumulate:
-            progress = Progress(pos.epoch, pos.step, self.steps_per_epoch, self.cfg.train.epochs)
+            progress = Progress(
+                pos.epoch, pos.step, self.steps_per_epoch, self.cfg.train.epochs, self._logs_step(pos.step + 1)
+            )
             micro_batches = []
             for _ in range(self.accumulate):
                 batch = fabric.to_device(next(batches))
@@ -212,10 +214,10 @@ class Trainer:
             pos.step += 1
             elapsed = time.perf_counter() - window_start
             images_per_second = window_images / max(elapsed, 1e-9)
-            if pos.step % self.cfg.train.log_every_steps == 0 or pos.step == progress.total_steps:
+            if self._logs_step(pos.step):
                 self._log_step(step_loss, metrics, norms, images_per_second)
                 window_start, window_images = time.perf_counter(), 0
-            display.update(pos.step, pos.epoch, float(step_loss), self._current_lr(), images_per_second)
+            display.update(pos.step, pos.epoch, step_loss, self._current_lr(), images_per_second)
             if self.stop.requested(fabric, pos.step, self.cfg.train.log_every_steps):
                 if pos.batch_in_epoch < self.steps_per_epoch * self.accumulate:
                     return
@@ -260,6 +262,10 @@ class Trainer:
             self.save(ckpt.epoch_checkpoint(self.run_dir, finished))
 
     # ------------------------------------------------------------------------------------------------
+    def _logs_step(self, step: int) -> bool:
+        """Whether the metrics of the step that completes `step` steps are logged."""
+        return step % self.cfg.train.log_every_steps == 0 or step == self.steps_per_epoch * self.cfg.train.epochs
+
     def _current_lr(self) -> float:
         return max(g["lr"] for g in self.optimizer.param_groups)
 

@@ -208,7 +208,7 @@ class CIM(Method):
             "generator_accuracy": global_token_mean((corruption.logits.argmax(-1) == targets).float()),
             "mask_ratio": masks.float().mean(),
             "replaced_ratio": corruption.replaced.float().mean(),
-            **feature_health(self.enhancer.pooled(tokens)),
+            **(feature_health(self.enhancer.pooled(tokens)) if progress.logged else {}),
         }
         if self.cfg.objective == "revdet":
             metrics["detection_accuracy"] = ((prediction > 0) == corruption.replaced).float().mean()

@@ -151,7 +151,7 @@ class DTM(Method):
             "loss_tokenwise": tokenwise,
             "morph_removed": sum(s.num_removed for s in schedules) / len(schedules),
             "mask_ratio": masks.float().mean(),
-            **feature_health(self.student.pooled(student_tokens)),
+            **(feature_health(self.student.pooled(student_tokens)) if progress.logged else {}),
         }
         return StepOutput(loss * self.cfg.loss_weight, metrics)
 

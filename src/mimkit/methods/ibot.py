@@ -213,9 +213,10 @@ class IBOT(Method):
             ]
 
         teacher_cls = teacher_cls.view(num_global, batch_size, -1)
-        health = distribution_health(
-            self.loss.cls_targets(teacher_cls.detach(), progress.epoch)
-        )  # the center the loss uses
+        health = {}
+        if progress.logged:  # before the loss, which moves the center
+            health = distribution_health(self.loss.cls_targets(teacher_cls.detach(), progress.epoch))
+            health |= feature_health(self.teacher.pooled(teacher_tokens[:batch_size]))
         out = self.loss(
             student_cls.view(-1, batch_size, student_cls.shape[-1]),
             teacher_cls,
@@ -232,7 +233,6 @@ class IBOT(Method):
             "mask_ratio": flat_masks.float().mean(),
             "teacher_temp": self.loss.teacher_temp.at_epoch(progress.epoch),
             **health,
-            **feature_health(self.teacher.pooled(teacher_tokens[:batch_size])),
         }
         return StepOutput(out.total, metrics)
 

@@ -130,7 +130,7 @@ class SymMIM(Method):
             "loss_con": loss_con.detach(),
             "online_mask_ratio": online_masks.float().mean(),
             "momentum_mask_ratio": momentum_masks.float().mean(),
-            **feature_health(features[: len(features) // 2]),
+            **(feature_health(features[: len(features) // 2]) if progress.logged else {}),
         }
         return StepOutput(loss_mim + self.cfg.lambda_con * loss_con, metrics)
 

@@ -45,7 +45,8 @@ class MaskableBEiT(TransformerEncoder):
             tokens = tokens + beit.pos_embed
         tokens = beit.pos_drop(tokens)
         shared_bias = beit.rel_pos_bias() if beit.rel_pos_bias is not None else None
-        tokens = self.run_blocks(beit.blocks, tokens, shared_rel_pos_bias=shared_bias)
+        with self.attention_path(tokens):
+            tokens = self.run_blocks(beit.blocks, tokens, shared_rel_pos_bias=shared_bias)
         return beit.norm(tokens)
 
     def grid(self, height: int, width: int) -> tuple[int, int]:

@@ -47,7 +47,8 @@ class MaskableViT(TransformerEncoder):
         tokens = vit._pos_embed(tokens)
         tokens = vit.patch_drop(tokens)
         tokens = vit.norm_pre(tokens)
-        tokens = self.run_blocks(vit.blocks, tokens) if self.activation_checkpointing else vit.blocks(tokens)
+        with self.attention_path(tokens):
+            tokens = self.run_blocks(vit.blocks, tokens) if self.activation_checkpointing else vit.blocks(tokens)
         return vit.norm(tokens)
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
