@@ -37,10 +37,15 @@ demo: data
 	$(MIMKIT) eval knn $(DEMO_DIR) --baselines
 	$(MIMKIT) viz $(DEMO_DIR)
 
-# Step-time benchmarks on this machine's CPU (GPU tiers: see benchmarks/README.md).
+# Step-time benchmarks on this machine's CPU (GPU tiers: benchmarks/gpu_tier.py). IBOT_REFERENCE=PATH: a checkout
+# of github.com/bytedance/ibot to time against.
+BENCH := --tier cpu-small --steps 5 --warmup 2 --repeats 2
 bench: $(READY)
-	$(PY) benchmarks/step_throughput.py --method ibot --tier cpu-small --repeats 3
-	$(PY) benchmarks/step_throughput.py --method dtm --tier cpu-small --repeats 3
+	$(PY) benchmarks/step_throughput.py --method ibot $(BENCH) $(if $(IBOT_REFERENCE),--reference $(IBOT_REFERENCE))
+	$(PY) benchmarks/step_throughput.py --method dtm $(BENCH)
+	$(PY) benchmarks/step_throughput.py --method cim $(BENCH)
+	$(PY) benchmarks/step_throughput.py --method symmim --tier cpu-small --steps 3 --warmup 1 --repeats 2
+	for m in ibot dtm symmim cim; do $(PY) benchmarks/speed_changes.py --method $$m || exit 1; done
 
 # What a GPU machine without a package index lacks, for `benchmarks/gpu_tier.py --wheels wheelhouse` (carry it).
 wheelhouse: $(READY)

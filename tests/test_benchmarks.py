@@ -139,3 +139,20 @@ def test_gpu_tier_driver_runs_on_a_cpu_and_reports_each_run(tmp_path) -> None:
         ("dtm", True),
         ("cim", True),
     ]
+
+
+def test_speed_changes_and_the_docs_tables_from_the_result_files(tmp_path) -> None:
+    changes = load_benchmark("speed_changes")
+    report = load_benchmark("speed_report")
+    common = ["--steps", "1", "--warmup", "0", "--repeats", "1", "--out", str(tmp_path)]
+    bench.main(["--method", "dtm", "--tier", "test", *common])
+    path = changes.main(["--method", "dtm", "--tier", "test", *common[:-2], "--out", str(tmp_path)])
+    rows = {row["change"]: row for row in json.loads(path.read_text())["changes"]}
+    assert rows.keys() == {"adamw", "health", "precision", "attention"}  # DTM has one crop size: no packing
+    assert all(row["before_ms"] > 0 and row["after_ms"] > 0 for row in rows.values())
+    ibot = changes.main(["--method", "ibot", "--tier", "test", *common])
+    assert {row["change"] for row in json.loads(ibot.read_text())["changes"]} >= {"adamw", "packing"}
+    text = report.main(["--results", str(tmp_path), "--tier", "test"])
+    assert "| DTM (EMA teacher, L = 2) |" in text and "| AdamW: per-tensor loop → fused | " in text
+    assert "| fp32: eager → `torch.compile` backbones | – | – | – | – |" in text  # not run without --compile
+    assert "| iBOT fp32" not in text  # no iBOT result file: no row
