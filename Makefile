@@ -43,7 +43,7 @@ BENCH := --tier cpu-small --steps 5 --warmup 2 --repeats 2
 bench: $(READY)
 	$(PY) benchmarks/step_throughput.py --method ibot $(BENCH) $(if $(IBOT_REFERENCE),--reference $(IBOT_REFERENCE))
 	$(PY) benchmarks/step_throughput.py --method dtm $(BENCH)
-	$(PY) benchmarks/step_throughput.py --method cim $(BENCH)
+	$(PY) benchmarks/step_throughput.py --method cim --tier cpu-small --steps 10 --warmup 2 --repeats 3
 	$(PY) benchmarks/step_throughput.py --method symmim --tier cpu-small --steps 3 --warmup 1 --repeats 2
 	for m in ibot dtm symmim cim; do $(PY) benchmarks/speed_changes.py --method $$m || exit 1; done
 
