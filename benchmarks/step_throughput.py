@@ -65,7 +65,7 @@ from floors.shapes import Case
 from flop_utilisation import count_flops, matmul_dtype, matmul_roof, utilisation, vendor_peak
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "src" / "mimkit" / "configs"  # the shipped recipes (configs/ links here)
 STEPS_PER_EPOCH = 1000
 """Nominal epoch length for the schedules: only the step's cost is measured, not an epoch."""
 
@@ -139,9 +139,12 @@ class Bench:
         self.method.zero_grad(set_to_none=True)
 
 
-def overrides_for(case: Case, device: str, precision: str, compile_backbones: bool) -> list[str]:
+def overrides_for(
+    case: Case, device: str, precision: str, compile_backbones: bool, extra: Sequence[str] = ()
+) -> list[str]:
     return [
         *case.overrides,
+        *extra,
         f"train.accelerator={device}",
         f"train.precision={precision}",
         f"train.compile={str(compile_backbones).lower()}",
@@ -318,7 +321,7 @@ def summarize(
 
 
 def run_case(method_name: str, case: Case, args: argparse.Namespace) -> dict[str, Any]:
-    overrides = overrides_for(case, args.device, args.precision, args.compile)
+    overrides = overrides_for(case, args.device, args.precision, args.compile, args.set)
     if hasattr(method_file(method_name), "prepare"):
         method_file(method_name).prepare(case)  # what a case needs on disk (CIM's GPU tier: a dVAE file)
     bench = build(CONFIGS / case.recipe, overrides)
@@ -378,6 +381,7 @@ def memory_alone(method_name: str, case: Case, part: str, args: argparse.Namespa
             *("--steps", "2", "--warmup", "1", "--repeats", "1", "--no-flops", "--threads", str(args.threads)),
             *("--device", args.device, "--precision", args.precision, "--out", folder),
             *(["--reference", str(args.reference)] if part == "reference" else []),
+            *(f"--set={override}" for override in args.set),
             *(["--compile"] if args.compile else []),
         ]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -518,6 +522,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--parts", type=lambda text: text.split(","), help="time only these parts (comma-separated)")
     parser.add_argument("--no-flops", action="store_true", help="skip counting FLOPs")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="one more config override (repeatable)"
+    )
     args = parser.parse_args(argv)
     tier = TIERS[args.tier]
     cases = method_file(args.method).CASES

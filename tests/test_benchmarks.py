@@ -156,3 +156,12 @@ def test_speed_changes_and_the_docs_tables_from_the_result_files(tmp_path) -> No
     assert "| DTM (EMA teacher, L = 2) |" in text and "| AdamW: per-tensor loop → fused | " in text
     assert "| fp32: eager → `torch.compile` backbones | – | – | – | – |" in text  # not run without --compile
     assert "| iBOT fp32" not in text  # no iBOT result file: no row
+
+
+def test_extra_overrides_and_a_subset_of_parts(tmp_path) -> None:
+    argv = ["--method", "dtm", "--tier", "test", "--steps", "1", "--warmup", "0", "--parts", "step", "--no-flops"]
+    path = bench.main([*argv, "--set", "method.backbone.activation_checkpointing=true", "--out", str(tmp_path)])
+    (case,) = json.loads(path.read_text())["cases"]
+    assert case["config"]["method"]["backbone"]["activation_checkpointing"] is True
+    assert case["times_s"].keys() == {"step"} and case["flops"] == {}
+    assert case["summary"].keys() == {"peak_memory_mib"} and case["peak_memory"]["before_steps"] > 0
