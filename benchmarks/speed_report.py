@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,14 @@ CHANGES = {
     "compile": ("fp32: eager → `torch.compile` backbones", "opt-in (`train.compile`)"),
 }
 SPEED_METHODS = ("ibot", "dtm", "symmim", "cim")
+
+
+def method_cases(results: dict[str, Any], tier: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(row label, case) of every METHOD_ROWS entry whose result file is there."""
+    for label, pattern, index in METHOD_ROWS:
+        name = pattern.format(tier=tier)
+        if name in results:
+            yield label, results[name]["cases"][index]
 
 
 def _mib(value: float) -> str:
@@ -68,11 +76,8 @@ def method_table(results: dict[str, Any], tier: str) -> list[str]:
         "| one worker's views / step | peak RSS MiB |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for label, pattern, index in METHOD_ROWS:
-        name = pattern.format(tier=tier)
-        if name not in results:
-            continue
-        s = results[name]["cases"][index]["summary"]
+    for label, case in method_cases(results, tier):
+        s = case["summary"]
         own = s.get("morphing_share", s.get("tokenizer_share"))
         lines.append(
             f"| {label} | {s['step_ms']:.0f} | {s['backbone_ms']:.0f} | {s['backbone_heads_ms']:.0f} "
@@ -89,11 +94,7 @@ def flop_table(results: dict[str, Any], tier: str) -> list[str]:
         "| backbone floor of roof |",
         "|---|--:|--:|--:|--:|--:|",
     ]
-    for label, pattern, index in METHOD_ROWS:
-        name = pattern.format(tier=tier)
-        if name not in results:
-            continue
-        case = results[name]["cases"][index]
+    for label, case in method_cases(results, tier):
         flops = case["flops"]
         rows = [(label, flops["step"], f"{100 * flops['backbone']['of_roof']:.0f}%")]
         if "reference" in flops:
