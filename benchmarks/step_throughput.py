@@ -335,6 +335,7 @@ def run_case(method_name: str, case: Case, args: argparse.Namespace) -> dict[str
         memory = {"kind": "cpu_max_rss_process", "bytes": max_rss_bytes(), "before_steps": built}
         if args.reference is not None and args.parts is None:
             memory["alone"] = {part: memory_alone(method_name, case, part, args) for part in ("step", "reference")}
+    profile = profile_table(timed["step"], device) if args.profile and "step" in timed else None
     roof = matmul_roof(device, matmul_dtype(args.precision))
     flops = {} if args.no_flops else flop_rows(timed, times, roof, vendor_peak(device, args.precision))
     parameters = list(bench.method.parameters())
@@ -354,6 +355,7 @@ def run_case(method_name: str, case: Case, args: argparse.Namespace) -> dict[str
         "times_s": times,
         "peak_memory": memory,
         "matmul_roof_flop_per_s": roof,
+        "profile": profile,
         "flops": flops,
         "summary": (
             summarize(times, bench.cfg.data.batch_size, bench.view_seconds, memory["bytes"], flops)
@@ -361,6 +363,17 @@ def run_case(method_name: str, case: Case, args: argparse.Namespace) -> dict[str
             else {"peak_memory_mib": memory["bytes"] / 2**20}
         ),
     }
+
+
+def profile_table(step: Timed, device: torch.device, rows: int = 25) -> str:
+    """torch.profiler's operators of one step, most self time first: where a step's time goes."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        step()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort, row_limit=rows)
 
 
 def flop_rows(
@@ -522,6 +535,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--parts", type=lambda text: text.split(","), help="time only these parts (comma-separated)")
     parser.add_argument("--no-flops", action="store_true", help="skip counting FLOPs")
+    parser.add_argument("--profile", action="store_true", help="write torch.profiler's table of one step")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="one more config override (repeatable)"
     )
@@ -577,6 +591,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     path.write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(result)
     path.with_suffix(".md").write_text(table)
+    for case in results:
+        if case["profile"]:
+            path.with_name(f"{path.stem}_{case['case']}_profile.txt").write_text(case["profile"])
     print(table)
     return path
 

@@ -160,7 +160,10 @@ def test_speed_changes_and_the_docs_tables_from_the_result_files(tmp_path) -> No
 
 def test_extra_overrides_and_a_subset_of_parts(tmp_path) -> None:
     argv = ["--method", "dtm", "--tier", "test", "--steps", "1", "--warmup", "0", "--parts", "step", "--no-flops"]
-    path = bench.main([*argv, "--set", "method.backbone.activation_checkpointing=true", "--out", str(tmp_path)])
+    path = bench.main(
+        [*argv, "--set", "method.backbone.activation_checkpointing=true", "--profile", "--out", str(tmp_path)]
+    )
+    assert "aten::" in (tmp_path / "dtm_test_cpu_vit_micro_profile.txt").read_text()  # the operators of a step
     (case,) = json.loads(path.read_text())["cases"]
     assert case["config"]["method"]["backbone"]["activation_checkpointing"] is True
     assert case["times_s"].keys() == {"step"} and case["flops"] == {}
