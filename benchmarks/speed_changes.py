@@ -21,9 +21,7 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from mimkit.engine.runtime import machine
 from mimkit.models.transformer import TransformerEncoder
 
 Pair = tuple[Callable[[], None], Callable[[], None]]
+CPU = torch.device("cpu")
 
 
 def case_bench(method: str, tier: str, precision: str, compile_backbones: bool = False) -> st.Bench:
@@ -74,20 +73,6 @@ def attention_pair(bench: st.Bench) -> Pair:
     return fused, bench.step
 
 
-def measure(pair: Pair, warmup: int, steps: int, repeats: int) -> tuple[list[float], list[float]]:
-    for run in pair:
-        for _ in range(warmup):
-            run()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for run, samples in zip(pair, times, strict=True):
-            for _ in range(steps):
-                start = time.perf_counter()
-                run()
-                samples.append(time.perf_counter() - start)
-    return times
-
-
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", required=True, choices=st.METHODS)
@@ -116,8 +101,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         changes["compile"] = ("fp32 eager", "fp32 compiled backbones", (fp32.step, compiled.step))
     rows = []
     for name, (before, after, pair) in changes.items():
-        a, b = measure(pair, args.warmup, args.steps, args.repeats)
-        ms_a, ms_b = 1e3 * statistics.median(a), 1e3 * statistics.median(b)
+        times, _ = st.measure(
+            dict(zip(("before", "after"), pair, strict=True)), CPU, args.warmup, args.steps, args.repeats
+        )
+        medians = st.medians_s(times)
+        ms_a, ms_b = 1e3 * medians["before"], 1e3 * medians["after"]
         rows.append(
             {
                 "change": name,
@@ -126,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 "before_ms": ms_a,
                 "after_ms": ms_b,
                 "ratio": ms_b / ms_a,
-                "times_s": {"before": a, "after": b},
+                "times_s": times,
             }
         )
         print(f"{name}: {before} {ms_a:.1f} ms -> {after} {ms_b:.1f} ms ({ms_b / ms_a:.2f}x)", flush=True)

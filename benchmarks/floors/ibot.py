@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 import torch
@@ -105,10 +106,7 @@ def packing(bench: Any) -> tuple[Any, Any]:
     crops = [*views["global"], *views["local"]]
     lengths = [math.prod(student.grid(*crop.shape[-2:])) + student.num_prefix_tokens for crop in crops]
     batch, dim, device = len(crops[0]), student.embed_dim, bench.fabric.device
-    sizes: dict[int, int] = {}
-    for length in lengths:
-        sizes[length] = sizes.get(length, 0) + 1
-    grouped = [torch.randn(count * batch, length, dim, device=device) for length, count in sizes.items()]
+    grouped = [torch.randn(count * batch, n, dim, device=device) for n, count in Counter(lengths).items()]
     packed = torch.randn(batch, sum(lengths), dim, device=device)
     mask = torch.block_diag(*(torch.ones(n, n, dtype=torch.bool) for n in lengths)).to(device)
 

@@ -119,9 +119,8 @@ def reference_step(bench: Any, checkout: Path) -> Any:
     optimizer = torch.optim.AdamW(ref.utils.get_params_groups(student))
     lr = bench.hyperparameters.lr
     momentum = method_cfg.momentum_teacher
-    common = [name for name, _ in teacher.named_parameters()]
     student_params = dict(student.named_parameters())
-    pairs = [(student_params[n], p) for n, p in teacher.named_parameters() if n in student_params and n in common]
+    pairs = [(student_params[n], p) for n, p in teacher.named_parameters() if n in student_params]
     epoch = bench.epoch
 
     def step() -> None:

@@ -24,6 +24,19 @@ from mimkit.config import ConfigError
 from mimkit.models.encoder import Encoder
 
 
+@contextmanager
+def explicit_attention(modules: list[nn.Module]) -> Iterator[None]:
+    """timm attention modules on their explicit path (`fused_attn` off) for the block, restored after."""
+    fused = [attn.fused_attn for attn in modules]
+    for attn in modules:
+        attn.fused_attn = False
+    try:
+        yield
+    finally:
+        for attn, was in zip(modules, fused, strict=True):
+            attn.fused_attn = was
+
+
 class TransformerEncoder(Encoder):
     has_attention = True
 
@@ -52,16 +65,8 @@ class TransformerEncoder(Encoder):
             and torch.get_autocast_dtype("cpu") == torch.bfloat16
         )
         modules = [block.attn for block in self.transformer_blocks() if getattr(block.attn, "fused_attn", False)]
-        if not explicit or not modules:
+        with explicit_attention(modules if explicit else []):
             yield
-            return
-        for attn in modules:
-            attn.fused_attn = False
-        try:
-            yield
-        finally:
-            for attn in modules:
-                attn.fused_attn = True
 
     @property
     def supports_mask(self) -> bool:  # type: ignore[override]
@@ -91,13 +96,11 @@ class TransformerEncoder(Encoder):
         if not hasattr(attn, "fused_attn") or not isinstance(getattr(attn, "attn_drop", None), nn.Module):
             raise TypeError(f"last block uses {type(attn).__name__}; attention maps need a timm attention module")
         captured: list[torch.Tensor] = []
-        fused = attn.fused_attn
         handle = attn.attn_drop.register_forward_hook(lambda _module, args, _output: captured.append(args[0]))
-        attn.fused_attn = False
         try:
-            self(images)
+            with explicit_attention([attn]):
+                self(images)
         finally:
-            attn.fused_attn = fused
             handle.remove()
         return captured[0]
 
