@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import step_throughput as st
 from mimkit.engine.checkpoint import package_versions
 from mimkit.engine.runtime import machine
-from mimkit.models.transformer import TransformerEncoder
+from mimkit.models.families.transformer import TransformerEncoder
 
 Pair = tuple[Callable[[], None], Callable[[], None]]
 CPU = torch.device("cpu")

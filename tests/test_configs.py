@@ -17,7 +17,7 @@ import pytest
 
 from mimkit.config import read_yaml
 from mimkit.engine.train import pretrain
-from mimkit.models.backbones import family
+from mimkit.models.families import family_of
 from mimkit.runs import load_run_config
 from support import QUIET_CPU_RUN, ROOT, tiny_overlay
 
@@ -32,11 +32,11 @@ def shrunk(recipe: Path, output_dir: Path) -> list[str]:
     """The recipe family's tiny overlay (tests/tiny/<family>.yaml) plus a tiny backbone and synthetic data."""
     cfg = load_run_config(recipe, ["data.source=synthetic"])  # an image-folder recipe names no folder
     channels = 1 if read_yaml(recipe)["data"]["source"] == "fashion-mnist" else 3
-    cnn = family(cfg.method.backbone.name) == "cnn"
+    shaped_by_model_args = not family_of(cfg.method.backbone.name).shape_fields  # a CNN
     return [
         *(
             [f"method.backbone.model_args={json.dumps(cfg.method.backbone.model_args | TINY_CNN)}"]
-            if cnn
+            if shaped_by_model_args
             else TINY_BACKBONE
         ),
         *tiny_overlay(recipe.parent.name)["overrides"],

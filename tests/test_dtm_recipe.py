@@ -15,7 +15,7 @@ from mimkit.data.masking import MaskConfig, MaskGenerator, top_up
 from mimkit.data.views import MaskedView, MaskedViewConfig
 from mimkit.methods.dtm import DTM
 from mimkit.methods.ibot import IBOT
-from mimkit.models.beit import MaskableBEiT
+from mimkit.models.families.beit import MaskableBEiT
 from mimkit.models.teachers import TokenTeacher
 from mimkit.morphing import ScheduleSampler, step_generator
 from mimkit.runs import load_run_config

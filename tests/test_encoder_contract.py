@@ -24,12 +24,15 @@ from mimkit.engine.train import pretrain
 from mimkit.methods import method_names
 from mimkit.models.backbones import BackboneConfig, build_backbone
 from mimkit.models.encoder import Encoder, block_types_of
+from mimkit.models.families import family_names, family_of
 from mimkit.runs import load_run, load_run_config
 from support import QUIET_CPU_RUN, ROOT, tiny_overlay
 
 BACKBONES: dict[str, dict] = tiny_overlay("backbones")
 SIZE = 64
 CONVNEXT = BackboneConfig("convnext_atto", img_size=SIZE, model_args={"depths": [1, 1, 1, 1], "dims": [8, 8, 16, 16]})
+DEIT3 = BackboneConfig("deit3_small_patch16_224", img_size=SIZE, patch_size=8, embed_dim=32, depth=4, num_heads=2)
+"""A ViT of timm's deit module, taken by the vit family through its name pattern."""
 
 
 def backbone_config(name: str) -> BackboneConfig:
@@ -38,7 +41,7 @@ def backbone_config(name: str) -> BackboneConfig:
     return from_dict(BackboneConfig, fields, "method.backbone")
 
 
-ENCODERS = {name: backbone_config(name) for name in BACKBONES} | {"convnext": CONVNEXT}
+ENCODERS = {name: backbone_config(name) for name in BACKBONES} | {"convnext": CONVNEXT, "deit3": DEIT3}
 
 
 def encoder_of(name: str, mask_token: bool = False) -> Encoder:
@@ -74,7 +77,12 @@ def test_block_types_name_the_repeated_blocks(name: str) -> None:
     assert not policy(encoder, False, 0) and policy(encoder, True, 0)  # recurse through, wrap only blocks
 
 
-@pytest.mark.parametrize("name", ["vit", "beit"])
+def test_every_registered_family_is_in_the_contract_tests() -> None:
+    tested = {family_of(cfg.name).family for cfg in ENCODERS.values()}
+    assert tested == set(family_names())
+
+
+@pytest.mark.parametrize("name", ["vit", "beit", "deit3"])
 def test_transformers_take_masks_and_draw_attention(name: str) -> None:
     encoder = encoder_of(name, mask_token=True)
     images = torch.randn(2, 1, SIZE, SIZE)
@@ -93,7 +101,7 @@ def test_transformers_take_masks_and_draw_attention(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["resnet", "convnext"])
 def test_cnns_refuse_masks_attention_and_block_features_clearly(name: str) -> None:
-    with pytest.raises(ConfigError, match=r"is a CNN, which takes no patch mask.*use a ViT or BEiT"):
+    with pytest.raises(ConfigError, match=r"is a CNN, which takes no patch mask.*family that does: ViT .*BEiT"):
         encoder_of(name, mask_token=True)
     encoder = encoder_of(name)
     assert not encoder.has_attention and not encoder.supports_mask
@@ -112,9 +120,9 @@ def test_beit_takes_its_own_size_only() -> None:
 
 
 def test_another_family_is_refused_with_the_ones_that_work() -> None:
-    with pytest.raises(ConfigError, match=r"swin_transformer model; mimkit encoders wrap the timm families"):
+    with pytest.raises(ConfigError, match=r"swin_transformer model; mimkit encoders wrap the timm families.*beit"):
         build_backbone(BackboneConfig("swin_tiny_patch4_window7_224"), 3, mask_token=False)
-    with pytest.raises(ConfigError, match=r"a CNN's shape goes in method.backbone.model_args"):
+    with pytest.raises(ConfigError, match=r"resnet18 is a CNN \(resnet family\): a CNN's shape goes in .*model_args"):
         build_backbone(BackboneConfig("resnet18", embed_dim=32), 3, mask_token=False)
 
 

@@ -21,7 +21,7 @@ from mimkit.eval.finetune import FinetuneConfig
 from mimkit.eval.probe import LastBlocksCLS, probe_features
 from mimkit.eval.results import latest_by_evaluation, read_history, save_result
 from mimkit.models.backbones import BackboneConfig, create_timm_model
-from mimkit.models.vit import MaskableViT
+from mimkit.models.families.vit import MaskableViT
 from mimkit.runs import load_run, load_run_config
 from support import IBOT_RECIPE, QUIET_CPU_RUN, SYNTHETIC_28, TINY_IBOT_HEADS
 

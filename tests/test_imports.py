@@ -110,6 +110,6 @@ def test_the_checker_catches_a_cycle_and_an_upward_import() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert layer_of("mimkit.losses.ibot") < layer_of("mimkit.engine.train")
-    assert layer_of("mimkit.morphing") == layer_of("mimkit.models.vit")
+    assert layer_of("mimkit.morphing") == layer_of("mimkit.models.families.vit")
     with pytest.raises(AssertionError, match="no layer"):
         layer_of("mimkit.somewhere_new")

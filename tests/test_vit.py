@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from mimkit.config import ConfigError
 from mimkit.models.backbones import BackboneConfig, build_backbone, create_timm_model
-from mimkit.models.vit import MaskableViT
+from mimkit.models.families.vit import MaskableViT
 
 TINY = BackboneConfig(
     name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.0

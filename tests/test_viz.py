@@ -17,7 +17,7 @@ from mimkit.engine.logs import read_metrics
 from mimkit.engine.train import pretrain
 from mimkit.eval.results import save_result
 from mimkit.models.backbones import BackboneConfig, build_backbone
-from mimkit.models.vit import MaskableViT
+from mimkit.models.families.vit import MaskableViT
 from mimkit.runs import load_run_config
 from mimkit.viz.attention import attention_maps, kept_mass
 from mimkit.viz.curves import curves_figure, smoothed

@@ -101,11 +101,24 @@ class Method(nn.Module):
     """Base class of pretraining methods. Subclasses set `Config` and implement the abstract parts."""
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    renamed_state: ClassVar[dict[str, str]] = {}
+    """Old state-dict key -> its new key, for parts that moved inside the method: checkpoints written before the
+    move still load (a key that names a module renames every key under it)."""
 
     def __init__(self, cfg: MethodConfig, data: DataInfo) -> None:
         super().__init__()
         self.cfg = cfg
         self.data = data
+        if self.renamed_state:
+            self._register_load_state_dict_pre_hook(self._rename_old_keys)
+
+    def _rename_old_keys(self, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        for key in [k for k in state if k.startswith(prefix)]:
+            local = key[len(prefix) :]
+            for old, new in self.renamed_state.items():
+                if local == old or local.startswith(old + "."):
+                    state[prefix + new + local[len(old) :]] = state.pop(key)
+                    break
 
     def views(self) -> Views:
         """The transform that turns one image into the typed views `training_step` reads."""

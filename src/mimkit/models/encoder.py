@@ -8,12 +8,13 @@ so every trained backbone stays loadable by `timm.create_model` without mimkit.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from mimkit.config import ConfigError
+from mimkit.models.backbone_config import BackboneConfig
 
 
 class Encoder(nn.Module):
@@ -32,6 +33,41 @@ class Encoder(nn.Module):
     """`forward` takes a patch mask (a mask token replaces the masked patches)."""
     block_types: tuple[type[nn.Module], ...] = ()
     """The repeated blocks: FSDP wrap units and compile targets."""
+
+    # What a family registers (`mimkit.models.families`): the timm models it wraps and how it builds them.
+    family: ClassVar[str] = ""
+    """The family's registry name (vit, beit, resnet, ...)."""
+    timm_modules: ClassVar[tuple[str, ...]] = ()
+    """timm model modules whose every model this family wraps (e.g. vision_transformer)."""
+    name_patterns: ClassVar[tuple[str, ...]] = ()
+    """Shell patterns of further timm names it wraps (models of another module built as this family's class)."""
+    example: ClassVar[str] = ""
+    """One timm name of the family, for error messages."""
+    kind: ClassVar[str] = "encoder"
+    """What the family is called in messages (ViT, BEiT, CNN)."""
+    takes_mask: ClassVar[bool] = False
+    """The family can carry a mask token (`supports_mask` then says whether this instance was built with one)."""
+    shape_fields: ClassVar[tuple[str, ...]] = ()
+    """The BackboneConfig shape fields (patch_size, embed_dim, ...) its timm models take as arguments."""
+    shape_hint: ClassVar[str] = "its shape goes in method.backbone.model_args"
+    """Where a recipe sets the shape instead, when it gives shape fields the family does not take."""
+
+    @classmethod
+    def timm_arguments(cls, cfg: BackboneConfig) -> dict[str, Any]:
+        """Arguments of `timm.create_model` this family adds to `in_chans` and `cfg.model_args` (what export
+        records to rebuild the model)."""
+        return {}
+
+    @classmethod
+    def build_arguments(cls) -> dict[str, Any]:
+        """Arguments for building only, not recorded by export (a ViT's dynamic image size)."""
+        return {}
+
+    @classmethod
+    def wrap(cls, model: nn.Module, cfg: BackboneConfig, timm_args: dict[str, Any], *, mask_token: bool) -> Encoder:
+        """The encoder around a fresh timm `model` built from `cfg` with `timm_args`; `mask_token` only for a
+        family that `supports_mask` (the builder refuses the others first)."""
+        raise NotImplementedError
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens (B, prefix + N, D); `mask` (B, h, w) bool on the token grid, True = masked."""

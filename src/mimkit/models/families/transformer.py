@@ -39,6 +39,7 @@ def explicit_attention(modules: list[nn.Module]) -> Iterator[None]:
 
 class TransformerEncoder(Encoder):
     has_attention = True
+    takes_mask = True
 
     def __init__(self, mask_token: nn.Parameter | None) -> None:
         super().__init__()

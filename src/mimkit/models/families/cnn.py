@@ -1,8 +1,8 @@
-"""CNNEncoder: any timm CNN (ResNet, ConvNeXt) as an encoder: its last feature map as tokens, no prefix, no mask.
+"""CNN encoders: a timm CNN's last feature map as tokens, no prefix, no mask; one registered family per timm module.
 
 The map (B, C, h, w) leaves as (B, h * w, C) tokens in row-major order; the image feature is timm's own
 pre-logits output on that map (global average pool, plus ConvNeXt's head norm), so k-NN and linear probes
-see what a timm classifier head would.
+see what a timm classifier head would. A CNN's shape is set through timm's own arguments (`model_args`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,19 @@ from timm.models.convnext import ConvNeXtBlock
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
+from mimkit.models.backbone_config import BackboneConfig
 from mimkit.models.encoder import Encoder
+from mimkit.models.families import register_family
 
 
 class CNNEncoder(Encoder):
-    block_types = (BasicBlock, Bottleneck, ConvNeXtBlock)
+    """What every CNN family shares; a family subclass names its timm module and block types."""
+
+    kind = "CNN"
+    shape_hint = (
+        "a CNN's shape goes in method.backbone.model_args (e.g. layers, channels for a ResNet; depths, dims for a "
+        "ConvNeXt)"
+    )
 
     def __init__(self, model: nn.Module, *, timm_name: str, timm_args: dict[str, Any], image_size: int) -> None:
         super().__init__()
@@ -29,6 +37,10 @@ class CNNEncoder(Encoder):
         self.num_prefix_tokens = 0
         self.timm_name, self.timm_args = timm_name, dict(timm_args)
         self._grids: dict[tuple[int, int], tuple[int, int]] = {}
+
+    @classmethod
+    def wrap(cls, model: nn.Module, cfg: BackboneConfig, timm_args: dict[str, Any], *, mask_token: bool) -> Encoder:
+        return cls(model, timm_name=cfg.name, timm_args=timm_args, image_size=cfg.img_size)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is not None:
@@ -59,3 +71,19 @@ class CNNEncoder(Encoder):
     def timm_spec(self, image_size: int | None = None) -> tuple[str, dict[str, Any]]:
         """A CNN takes any size: `image_size` only changes what export records as the input size."""
         return self.timm_name, dict(self.timm_args)
+
+
+@register_family
+class ResNetEncoder(CNNEncoder):
+    family = "resnet"
+    timm_modules = ("resnet",)
+    example = "resnet50"
+    block_types = (BasicBlock, Bottleneck)
+
+
+@register_family
+class ConvNeXtEncoder(CNNEncoder):
+    family = "convnext"
+    timm_modules = ("convnext",)
+    example = "convnext_tiny"
+    block_types = (ConvNeXtBlock,)
