@@ -98,7 +98,9 @@ def test_a_registered_family_builds_and_keeps_the_contract(registered: type[Enco
 def test_a_registered_family_trains_and_reloads(registered: type[Encoder], tmp_path: Path) -> None:
     """iBOT without masks or local crops (DINO) on the toy family: two steps, then the run reopens."""
     overrides = [
-        *(f"method.backbone.{k}={v}" for k, v in TINY.__dict__.items() if k not in ("model_args", "weights")),
+        f"method.backbone.name={NAME}",
+        *(f"method.backbone.{k}={v}" for k, v in TINY.shape_overrides().items()),
+        "method.backbone.img_size=32",
         *TINY_IBOT_HEADS,
         "method.views.global_size=32",
         "method.views.num_local=0",
