@@ -13,6 +13,7 @@ from mimkit.data.info import DataInfo
 from mimkit.data.loader import ViewDataset, collate
 from mimkit.data.sources import SyntheticShapes
 from mimkit.methods.ibot import IBOT
+from mimkit.methods.saved import restore_method
 from mimkit.morphing import MorphSchedule
 from mimkit.runs import load_run_config
 from mimkit.schedules import Progress
@@ -44,9 +45,9 @@ def straightforward_loss(method: IBOT, batch: dict, epoch: int) -> torch.Tensor:
     """iBOT as the paper writes it: heads on every token, loops over crop pairs, masks applied afterwards."""
     views = batch["views"]
     globals_, locals_, masks = views["global"], views["local"], views["masks"]
-    loss_fn = method.loss
-    teacher_t = loss_fn.teacher_temp.at_epoch(epoch)
-    patch_t = loss_fn.teacher_patch_temp.at_epoch(epoch)
+    cfg = method.cfg
+    teacher_t = method.teacher_temp.at_epoch(epoch)
+    patch_t = method.teacher_patch_temp.at_epoch(epoch)
     with torch.no_grad():
         teacher = [method.teacher(crop) for crop in globals_]
         t_cls = [method.teacher_head.cls_logits(method.teacher_head.embed(t[:, 0])) for t in teacher]
@@ -57,18 +58,18 @@ def straightforward_loss(method: IBOT, batch: dict, epoch: int) -> torch.Tensor:
     s_patch = [method.student_head.patch_logits(method.student_head.embed(s[:, 1:])) for s in student[: len(globals_)]]
     cls_terms, patch_terms = [], []
     for q in range(len(globals_)):
-        target = F.softmax((t_cls[q] - loss_fn.center) / teacher_t, dim=-1)
+        target = F.softmax((t_cls[q] - method.cls_center.value) / teacher_t, dim=-1)
         for v in range(len(student)):
             if v == q:
-                patch_target = F.softmax((t_patch[q] - loss_fn.center_patch) / patch_t, dim=-1)
-                ce = -(patch_target * F.log_softmax(s_patch[v] / loss_fn.student_temp, dim=-1)).sum(-1)
+                patch_target = F.softmax((t_patch[q] - method.patch_center.value) / patch_t, dim=-1)
+                ce = -(patch_target * F.log_softmax(s_patch[v] / cfg.student_temp, dim=-1)).sum(-1)
                 mask = masks[q].flatten(1).to(ce.dtype)
                 patch_terms.append(((ce * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean())
             else:
-                ce = -(target * F.log_softmax(s_cls[v] / loss_fn.student_temp, dim=-1)).sum(-1)
+                ce = -(target * F.log_softmax(s_cls[v] / cfg.student_temp, dim=-1)).sum(-1)
                 cls_terms.append(ce.mean())
-    cls = torch.stack(cls_terms).mean() * loss_fn.lambda_cls
-    patch = torch.stack(patch_terms).mean() * loss_fn.lambda_patch
+    cls = torch.stack(cls_terms).mean() * cfg.lambda_cls
+    patch = torch.stack(patch_terms).mean() * cfg.lambda_patch
     return cls + patch
 
 
@@ -104,8 +105,26 @@ def test_centers_follow_teacher_outputs_of_all_tokens() -> None:
         tokens = method.teacher(torch.cat(batch["views"]["global"]))
         cls = method.teacher_head.cls_logits(method.teacher_head.embed(tokens[:, 0]))
         patch = method.teacher_head.patch_logits(method.teacher_head.embed(tokens[:, 1:]))
-    torch.testing.assert_close(method.loss.center, 0.1 * cls.mean(0, keepdim=True), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(method.loss.center_patch, 0.1 * patch.mean((0, 1)).view(1, 1, -1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(method.cls_center.value, 0.1 * cls.mean(0, keepdim=True), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(method.patch_center.value, 0.1 * patch.mean((0, 1)).view(1, 1, -1), rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoints_with_the_loss_modules_center_keys_still_load() -> None:
+    """Before the loss was split into parts its centers were `loss.center` and `loss.center_patch`."""
+    trained, source = tiny_ibot()
+    trained.training_step(make_batch(trained, source), Progress(1, 0, 10, 4))
+    old = trained.state_dict()
+    old["loss.center"], old["loss.center_patch"] = old.pop("cls_center.value"), old.pop("patch_center.value")
+    assert old["loss.center"].abs().sum() > 0 and old["loss.center_patch"].abs().sum() > 0
+
+    fresh, _ = tiny_ibot()
+    fresh.load_state_dict(old)  # strict: every key must find its place
+    torch.testing.assert_close(fresh.cls_center.value, trained.cls_center.value, rtol=0, atol=0)
+    torch.testing.assert_close(fresh.patch_center.value, trained.patch_center.value, rtol=0, atol=0)
+    restored = restore_method(
+        {"method": old}, fresh.cfg, source.info, seed=0
+    )  # what DTM's mimkit teacher and eval open
+    torch.testing.assert_close(restored.patch_center.value, trained.patch_center.value, rtol=0, atol=0)
 
 
 def test_last_layer_is_frozen_during_the_first_epochs() -> None:

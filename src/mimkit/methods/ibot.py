@@ -5,8 +5,11 @@ Algorithm, per batch:
   teacher EMA of the student, sees the unmasked global crops -> [CLS] and patch prototype logits
   student sees the masked global crops and the local crops -> [CLS] logits of every crop, patch logits
           at the masked positions only
-  loss    [CLS] self-distillation across views + masked patch distillation within a view (IBOTLoss)
-  after   EMA update of the teacher (cosine momentum), centers updated inside the loss
+  targets teacher logits minus their Center ([CLS], patch), sharpened at this epoch's EpochWarmup temperatures
+  loss    lambda_cls * [CLS] self-distillation across views (IBOTClsLoss)
+          + lambda_patch * masked patch distillation within a view (IBOTPatchLoss)
+  centers EMA towards this batch's teacher [CLS] and patch-mean logits, after the loss
+  after   EMA update of the teacher (cosine momentum)
 
 With `morph.enabled` (iBOT + DTM) the patch distributions of student and teacher are averaged over token groups
 found on the teacher's patch tokens before the patch cross-entropy; the heads then run on every patch token.
@@ -15,7 +18,7 @@ found on the teacher's patch tokens before the patch cross-entropy; the heads th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,13 +28,14 @@ from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskConfig, MaskGenerator
 from mimkit.data.views import MultiCropConfig, MultiCropViews
 from mimkit.health import distribution_health, feature_health
-from mimkit.losses.ibot import IBOTLoss
+from mimkit.losses.center import Center
+from mimkit.losses.ibot import IBOTClsLoss, IBOTPatchLoss, masked_cross_entropy, sharpen
 from mimkit.methods.base import ClipMode, Method, MethodConfig, Progress, StepOutput, register
 from mimkit.models.backbones import BackboneConfig, build_backbone
 from mimkit.models.encoder import Encoder
 from mimkit.models.heads import PrototypeHead
 from mimkit.models.teachers import EMA, frozen_copy
-from mimkit.morphing import MorphConfig, ScheduleSampler, draw_seed, group_tokens, step_generator
+from mimkit.morphing import MorphConfig, ScheduleSampler, TokenGrouping, draw_seed, group_tokens, step_generator
 from mimkit.schedules import CosineSchedule, EpochWarmup
 
 
@@ -110,10 +114,27 @@ class IBOTConfig(MethodConfig):
         check(self.out_dim > 0 and self.patch_out_dim > 0, f"{prefix}.out_dim", "must be positive")
 
 
+def teacher_temperatures(cfg: IBOTConfig) -> tuple[EpochWarmup, EpochWarmup]:
+    """The teacher's [CLS] and patch temperature schedules; the patch one waits until masking starts."""
+    cls = EpochWarmup(cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs)
+    patch = EpochWarmup(
+        cfg.warmup_teacher_patch_temp,
+        cfg.teacher_patch_temp,
+        cfg.warmup_teacher_temp_epochs,
+        delay_epochs=cfg.mask.start_epoch,
+    )
+    return cls, patch
+
+
 @register("ibot")
 class IBOT(Method):
     Config = IBOTConfig
     cfg: IBOTConfig
+    renamed_state: ClassVar[dict[str, str]] = {
+        "loss.center": "cls_center.value",
+        "loss.center_patch": "patch_center.value",
+    }
+    """The centers were buffers of the loss module before it was split into parts."""
 
     def __init__(self, cfg: IBOTConfig, data: DataInfo) -> None:
         super().__init__(cfg, data)
@@ -149,22 +170,11 @@ class IBOT(Method):
             allow_teacher_only=cfg.shared_head and not cfg.teacher_shares_head,
         )
         self.ema.copy_student()
-        self.loss = IBOTLoss(
-            cfg.out_dim,
-            cfg.patch_out_dim,
-            teacher_temp=EpochWarmup(cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs),
-            teacher_patch_temp=EpochWarmup(
-                cfg.warmup_teacher_patch_temp,
-                cfg.teacher_patch_temp,
-                cfg.warmup_teacher_temp_epochs,
-                delay_epochs=cfg.mask.start_epoch,
-            ),
-            student_temp=cfg.student_temp,
-            center_momentum=cfg.center_momentum,
-            center_momentum_patch=cfg.center_momentum_patch,
-            lambda_cls=cfg.lambda_cls,
-            lambda_patch=cfg.lambda_patch,
-        )
+        self.teacher_temp, self.teacher_patch_temp = teacher_temperatures(cfg)
+        self.cls_center = Center((1, cfg.out_dim), cfg.center_momentum)
+        self.patch_center = Center((1, 1, cfg.patch_out_dim), cfg.center_momentum_patch)
+        self.cls_loss = IBOTClsLoss(cfg.student_temp)
+        self.patch_loss = IBOTPatchLoss(cfg.student_temp)
         self.momentum = CosineSchedule(cfg.momentum_teacher, 1.0)
         self.grid = self.student.grid(cfg.views.global_size, cfg.views.global_size)
         self.morph_sampler = ScheduleSampler(
@@ -213,28 +223,55 @@ class IBOT(Method):
             ]
 
         teacher_cls = teacher_cls.view(num_global, batch_size, -1)
-        health = {}
-        if progress.logged:  # before the loss, which moves the center
-            health = distribution_health(self.loss.cls_targets(teacher_cls.detach(), progress.epoch))
-            health |= feature_health(self.teacher.pooled(teacher_tokens[:batch_size]))
-        out = self.loss(
-            student_cls.view(-1, batch_size, student_cls.shape[-1]),
-            teacher_cls,
-            student_patch,
-            teacher_patch,
-            masks.flatten(2),
-            teacher_patch_mean,
-            progress.epoch,
-            groupings,
+        teacher_temp = self.teacher_temp.at_epoch(progress.epoch)
+        cls_targets = sharpen(self.cls_center.subtract(teacher_cls), teacher_temp)
+        patch_targets = sharpen(
+            self.patch_center.subtract(teacher_patch), self.teacher_patch_temp.at_epoch(progress.epoch)
         )
+        health = {}
+        if progress.logged:  # the targets of this step, taken before the centers move
+            health = distribution_health(cls_targets)
+            health |= feature_health(self.teacher.pooled(teacher_tokens[:batch_size]))
+        loss_cls = self.cls_loss(student_cls.view(-1, batch_size, student_cls.shape[-1]), cls_targets)
+        loss_cls = loss_cls * self.cfg.lambda_cls
+        if groupings is None:
+            loss_patch = self.patch_loss(student_patch, patch_targets, masks.flatten(2))
+        else:
+            loss_patch = self.morphed_patch_loss(student_patch, patch_targets, masks.flatten(2), groupings)
+        loss_patch = loss_patch * self.cfg.lambda_patch
+        # after the loss, as in the reference: the patch center follows the mean over *all* tokens
+        self.cls_center.update(teacher_cls)
+        self.patch_center.update(teacher_patch_mean)
         metrics = {
-            "loss_cls": out.cls.detach(),
-            "loss_patch": out.patch.detach(),
+            "loss_cls": loss_cls.detach(),
+            "loss_patch": loss_patch.detach(),
             "mask_ratio": flat_masks.float().mean(),
-            "teacher_temp": self.loss.teacher_temp.at_epoch(progress.epoch),
+            "teacher_temp": teacher_temp,
             **health,
         }
-        return StepOutput(out.total, metrics)
+        return StepOutput(loss_cls + loss_patch, metrics)
+
+    def morphed_patch_loss(
+        self,
+        student_patch: torch.Tensor,
+        targets: torch.Tensor,
+        masks: torch.Tensor,
+        groupings: list[TokenGrouping],
+    ) -> torch.Tensor:
+        """iBOT's patch loss on DTM-morphed distributions (iBOT + DTM), averaged over the groupings.
+
+        student_patch (G*B, N, Kp): logits of *every* patch token; targets (G*B, N, Kp): the teacher's centred,
+        sharpened distributions there; masks (G, B, N). Both distributions are replaced by their group means
+        (mixtures stay distributions), then the per-token cross-entropy is taken at the masked positions as in
+        the plain patch loss. ASSUMPTION: probabilities, not logits, are averaged.
+        """
+        student = sharpen(student_patch, self.patch_loss.student_temp)
+        tiny = torch.finfo(student.dtype).tiny
+        losses = []
+        for grouping in groupings:
+            log_student = grouping.morph(student).clamp_min(tiny).log()
+            losses.append(masked_cross_entropy(grouping.morph(targets), log_student, masks))
+        return torch.stack(losses).mean()
 
     def before_optimizer_step(self, progress: Progress) -> None:
         if progress.epoch < self.cfg.freeze_last_layer_epochs:
