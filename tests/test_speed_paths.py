@@ -107,7 +107,8 @@ def test_health_is_measured_on_logged_steps_only_and_changes_nothing_else() -> N
     assert {k for k in logged.metrics if k.startswith("health_")} >= {"health_teacher_entropy", "health_feature_rank"}
     assert not any(k.startswith("health_") for k in quiet.metrics)
     assert logged.loss.item() == quiet.loss.item()
-    torch.testing.assert_close(method.loss.center, twin.loss.center, rtol=0, atol=0)
+    torch.testing.assert_close(method.cls_center.value, twin.cls_center.value, rtol=0, atol=0)
+    torch.testing.assert_close(method.patch_center.value, twin.patch_center.value, rtol=0, atol=0)
     assert logged.metrics.keys() - quiet.metrics.keys() == {k for k in logged.metrics if k.startswith("health_")}
 
 
