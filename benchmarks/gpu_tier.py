@@ -23,8 +23,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/floors, also when this file is imported by path
+import floors
+
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("ibot", "dtm", "symmim", "cim")
+METHODS = sorted(floors.method_names(), key=lambda name: name != "ibot")
+"""Every benchmarked method, iBOT first (the one with a reference implementation to compare against)."""
 NEEDED = {"omegaconf": "omegaconf"}
 """Modules mimkit imports that the GPU image lacks (it has torch, torchvision, timm, lightning with PyYAML, rich,
 matplotlib, safetensors), and the distribution to install for each."""

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/floors, also when this file is imported by path
+import floors
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_ROWS = (
@@ -32,7 +36,7 @@ CHANGES = {
     "packing": ("crops: one call per size → packed, block-diagonal mask", "no"),
     "compile": ("fp32: eager → `torch.compile` backbones", "opt-in (`train.compile`)"),
 }
-SPEED_METHODS = ("ibot", "dtm", "symmim", "cim")
+SPEED_METHODS = floors.method_names()
 
 
 def method_cases(results: dict[str, Any], tier: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -114,7 +118,10 @@ def speed_table(results: dict[str, Any], tier: str) -> list[str]:
     for method in SPEED_METHODS:
         for row in results.get(f"speed_changes_{method}_{tier}.json", {}).get("changes", []):
             by_change.setdefault(row["change"], {})[method] = row
-    lines = ["| change | iBOT | DTM | SymMIM | CIM ResPix | kept |", "|---|--:|--:|--:|--:|---|"]
+    lines = [
+        f"| change | {' | '.join(SPEED_METHODS)} | kept |",
+        "|---|" + "--:|" * len(SPEED_METHODS) + "---|",
+    ]
     for change, (label, kept) in CHANGES.items():
         cells = []
         for method in SPEED_METHODS:

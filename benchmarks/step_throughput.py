@@ -61,6 +61,7 @@ from mimkit.runs import RunConfig, load_run_config
 from mimkit.schedules import Progress
 
 sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/floors, also when this file is imported by path
+import floors
 from floors.shapes import Case
 from flop_utilisation import count_flops, matmul_dtype, matmul_roof, utilisation, vendor_peak
 
@@ -87,9 +88,7 @@ TIERS: dict[str, Tier] = {
     "cpu-small": Tier("cpu", "32-true"),
     "gpu-base": Tier("cuda", "bf16-mixed"),
 }
-METHODS = sorted(
-    p.stem for p in (Path(__file__).parent / "floors").glob("*.py") if p.stem not in ("__init__", "shapes")
-)
+METHODS = floors.method_names()
 """Methods with a file in benchmarks/floors/."""
 
 

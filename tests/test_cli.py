@@ -284,9 +284,21 @@ def test_fields_show_the_defaults_a_recipe_gets(capsys: pytest.CaptureFixture[st
 
 
 def test_help_names_exactly_the_methods_that_exist(capsys: pytest.CaptureFixture[str]) -> None:
+    """The help lists the shipped recipe families that pretrain: every registered method ships recipes."""
     from mimkit.methods import method_names
 
     with pytest.raises(SystemExit):
         main(["--help"])
     described = capsys.readouterr().out.split("vision backbones (", 1)[1].split(")", 1)[0]
-    assert {name.strip().lower() for name in described.split(",")} == set(method_names())
+    assert {name.strip() for name in described.split(",")} == set(method_names())
+
+
+def test_any_dotted_override_reaches_the_config_check_unless_it_is_a_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(["pretrain", "-c", "ibot/vit_tiny_fmnist", "--print-config", "optim.lrr=1"]) == 2
+    assert "optim.lrr: unknown field; did you mean 'optim.lr'?" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lr=1e-3").mkdir()
+    assert main(["eval", "knn", "lr=1e-3"]) == 2  # a run folder with '=' in its name is the command's argument
+    assert "unrecognized arguments" not in capsys.readouterr().err

@@ -6,22 +6,30 @@ import argparse
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from mimkit import __version__
 from mimkit.commands import COMMANDS
 from mimkit.commands.pretrain import EPILOG
 from mimkit.config import ConfigError
 from mimkit.data.info import DataError
+from mimkit.recipes import method_families
 
-OVERRIDE = re.compile(r"^(seed|output_dir|resume|(data|optim|train|method)\.[\w.]+)=")
-"""A config override (`optim.lr=1e-3`) wherever it stands on the command line, also after a flag."""
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")
+"""A config override (`optim.lr=1e-3`, `seed=1`) wherever it stands on the command line, also after a flag. Any
+dotted name counts, so a misspelt one reaches the config's own check, which names the closest field."""
+
+
+def is_override(argument: str) -> bool:
+    """`key=value` that is not an existing file or folder (a run folder may be called `lr=1e-3`)."""
+    return bool(OVERRIDE.match(argument)) and not Path(argument).exists()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     arguments = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in arguments if OVERRIDE.match(a)]
-    args = parser.parse_args([a for a in arguments if not OVERRIDE.match(a)])
+    overrides = [a for a in arguments if is_override(a)]
+    args = parser.parse_args([a for a in arguments if not is_override(a)])
     if not hasattr(args, "run"):
         parser.print_help()
         return 0
@@ -52,7 +60,7 @@ def user_message(error: BaseException) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mimkit",
-        description="Masked-image-modeling pretraining of vision backbones (iBOT, DTM, SymMIM, CIM).",
+        description=f"Masked-image-modeling pretraining of vision backbones ({', '.join(method_families())}).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from mimkit.config import ConfigError, check_field_names
 
 RECIPES = Path(__file__).resolve().parent / "configs"
@@ -46,6 +48,18 @@ def shipped_recipes(family: str | None = None) -> list[Recipe]:
     """Every shipped recipe (of one family: `ibot`, `tokenizers`, ...), sorted by name."""
     found = [Recipe(p.relative_to(RECIPES).with_suffix("").as_posix(), p) for p in RECIPES.glob(f"*/*{SUFFIX}")]
     return sorted((r for r in found if family is None or r.name.split("/")[0] == family), key=lambda r: r.name)
+
+
+def recipe_families() -> list[str]:
+    """The folders of shipped recipes (ibot, ..., tokenizers): what `mimkit recipes FAMILY` takes."""
+    return sorted({r.name.split("/")[0] for r in shipped_recipes()})
+
+
+def method_families() -> list[str]:
+    """The recipe families that pretrain (their recipes name a method; the others make files, e.g. tokenizers)."""
+    return sorted(
+        {r.name.split("/")[0] for r in shipped_recipes() if "method" in (yaml.safe_load(r.path.read_text()) or {})}
+    )
 
 
 def find_recipe(name_or_path: str | Path) -> Path:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 from mimkit.config import ConfigError, apply_overrides, describe_fields, dump_yaml, read_yaml
+from mimkit.engine.config import TrainConfig
 from mimkit.recipes import check_recipe_fields, find_recipe
 
 EPILOG = """examples:
@@ -46,12 +48,16 @@ def add(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", help="run folder (same as output_dir=...)")
     p.add_argument("--devices", help="devices per node: a number or auto (train.devices)")
     p.add_argument("--num-nodes", type=int, help="number of nodes (train.num_nodes)")
-    p.add_argument("--strategy", choices=["auto", "ddp", "ddp_spawn", "fsdp"], help="train.strategy")
-    p.add_argument("--precision", choices=["32-true", "bf16-mixed", "16-mixed"], help="train.precision")
-    p.add_argument("--accelerator", choices=["auto", "cpu", "gpu", "cuda", "mps"], help="train.accelerator")
+    for name in ("strategy", "precision", "accelerator"):
+        p.add_argument(f"--{name}", choices=train_choices(name), help=f"train.{name}")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--fields", metavar="METHOD", help="list every config field of a method's recipes and exit")
     p.set_defaults(run=run)
+
+
+def train_choices(field_name: str) -> tuple[str, ...]:
+    """The values TrainConfig allows for a field (its Literal), so a flag offers exactly what the config takes."""
+    return get_args(get_type_hints(TrainConfig)[field_name])
 
 
 def pretrain_overrides(args: argparse.Namespace) -> list[str]:

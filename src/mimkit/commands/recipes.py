@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from mimkit.recipes import shipped_recipes
+from mimkit.recipes import recipe_families, shipped_recipes
 
 
 def add(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("recipes", help="list the shipped recipes (give a name to -c from any folder)")
-    p.add_argument("family", nargs="?", help="only this family: ibot, dtm, symmim, cim, tokenizers")
+    p.add_argument("family", nargs="?", help=f"only this family: {', '.join(recipe_families())}")
     p.add_argument("--path", action="store_true", help="also print where each recipe's YAML file lies")
     p.set_defaults(run=run_recipes)
 
@@ -19,8 +19,8 @@ def run_recipes(args: argparse.Namespace) -> int:
 
     recipes = shipped_recipes(args.family)
     if not recipes:
-        families = sorted({r.name.split("/")[0] for r in shipped_recipes()})
-        raise ConfigError(f"no shipped recipes of family {args.family!r}; the families are {', '.join(families)}")
+        families = ", ".join(recipe_families())
+        raise ConfigError(f"no shipped recipes of family {args.family!r}; the families are {families}")
     width = max(len(r.name) for r in recipes)
     for recipe in recipes:
         where = f"  [{recipe.path}]" if args.path else ""
