@@ -18,7 +18,7 @@ REFERENCE_DIR = Path(os.environ.get("MIMKIT_REFERENCE_DIR", ROOT.parent / "share
 IBOT_RECIPE = ROOT / "configs" / "ibot" / "vit_tiny_fmnist.yaml"
 
 # Override lists that shrink a recipe into a seconds-long test run.
-SYNTHETIC_28 = ["data.source=synthetic", "data.synthetic_size=28"]
+SYNTHETIC_28 = ["data.source=synthetic", "data.synthetic.size=28"]
 TINY_IBOT_HEADS = [
     "method.out_dim=64",
     "method.patch_out_dim=64",

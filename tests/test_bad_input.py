@@ -27,7 +27,7 @@ DALL_E = str(ROOT / "configs" / "tokenizers" / "dall_e.yaml")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    overrides = [*TINY, *SYNTHETIC_28, "data.synthetic_images=8", "data.batch_size=4", "train.epochs=1"]
+    overrides = [*TINY, *SYNTHETIC_28, "data.synthetic.images=8", "data.batch_size=4", "train.epochs=1"]
     out = tmp_path_factory.mktemp("run") / "ibot"
     if not TINY_TOKENIZER.is_file():  # CIM cases read it; fitting it here keeps their output to the message
         fit_tokenizer(load_tokenizer_recipe(ROOT / "tests" / "tiny" / "tokenizer.yaml", [f"output={TINY_TOKENIZER}"]))
@@ -159,7 +159,7 @@ def test_a_data_error_in_a_worker_shows_its_message_only(tmp_path: Path, capsys:
     for i in range(7):
         Image.new("RGB", (16, 16), (i * 30, 0, 0)).save(folder / f"{i}.png")
     (folder / "broken.png").write_text("not an image")
-    args = ["pretrain", "-c", TOY, f"output_dir={tmp_path / 'run'}", "data.source=imagefolder"]
+    args = ["pretrain", "-c", TOY, f"output_dir={tmp_path / 'run'}", "data.source=imagefolder", "data.synthetic=null"]
     args += [f"data.root={tmp_path / 'photos'}", "data.batch_size=4", "method.crop=8", "data.strict=true"]
     assert main([*args, "data.num_workers=1"]) == 2
     err = capsys.readouterr().err
@@ -169,7 +169,7 @@ def test_a_data_error_in_a_worker_shows_its_message_only(tmp_path: Path, capsys:
 
 def test_crops_larger_than_the_images_warn_that_they_are_upsampled(tmp_path: Path) -> None:
     sizes = ["method.backbone.img_size=56", "method.views.global_size=56", "method.views.local_size=28"]
-    overrides = [*TINY, *SYNTHETIC_28, "data.synthetic_images=4", "data.batch_size=4", "train.epochs=1", *sizes]
+    overrides = [*TINY, *SYNTHETIC_28, "data.synthetic.images=4", "data.batch_size=4", "train.epochs=1", *sizes]
     run = pretrain(load_run_config(IBOT_RECIPE, [*overrides, *QUIET_CPU_RUN, f"output_dir={tmp_path / 'run'}"]))
     log = (run / "train.log").read_text()
     assert "the images are 28x28 and the encoder trains at 56 px: every crop is upsampled" in log

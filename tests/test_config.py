@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mimkit.config import ConfigError, apply_overrides, describe_fields, dump_yaml, read_yaml
-from mimkit.data.config import DataConfig
+from mimkit.config import ConfigError, apply_overrides, describe_fields, dump_yaml, read_yaml, to_dict
+from mimkit.data.config import DataConfig, upgrade_older_fields
+from mimkit.data.sources import SyntheticConfig, TorchvisionConfig
+from mimkit.recipes import check_recipe_fields
 from mimkit.runs import RunConfig, load_run_config
 from support import IBOT_RECIPE, ROOT
 from toy_method import ToyConfig
@@ -172,8 +174,13 @@ def test_method_section_is_typed_by_the_named_method() -> None:
         (["data.num_workers=-1"], "data.num_workers: must be >= 0"),
         (["data.channels=2"], "data.channels: must be 1, 3 or null; got 2"),
         (["data.limit=0"], "data.limit: must be positive"),
-        (["data.source=imagefolder"], "data.root: source=imagefolder needs the folder"),
-        (["data.source=torchvision"], "data.name: source=torchvision needs the dataset class name"),
+        (["data.source=imagefolder", "data.synthetic=null"], "data.root: source=imagefolder needs the folder"),
+        (
+            ["data.source=torchvision", "data.synthetic=null"],
+            "data.torchvision.name: source=torchvision needs the dataset class name",
+        ),
+        (["data.synthetic.classes=7"], "data.synthetic.classes: at most 6 shape classes"),
+        (["data.synthetic.size=4"], "data.synthetic.size: must be at least 8 pixels"),
         (["optim.lr=0"], "optim.lr: must be positive"),
         (["optim.betas=[0.9,1.0]"], "optim.betas: must lie in [0, 1)"),
         (["optim.accumulate_grad_batches=0"], "optim.accumulate_grad_batches: must be >= 1"),
@@ -250,3 +257,104 @@ def test_describe_fields_includes_inherited_and_method_docs() -> None:
 
 def test_data_config_defaults_validate() -> None:
     DataConfig().validate()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data sources: each source's own section, typed by data.source
+
+
+def test_a_source_section_is_typed_by_the_chosen_source() -> None:
+    cfg = load_run_config(TOY, ["data.synthetic.size=20"])
+    assert cfg.data.options == SyntheticConfig(images=64, size=20, classes=4)
+    cfg = load_run_config(TOY, ["data.source=torchvision", "data.synthetic=null", "data.torchvision.name=CIFAR10"])
+    assert cfg.data.options == TorchvisionConfig(name="CIFAR10")
+    assert load_run_config(TOY, ["data.source=fashion-mnist", "data.synthetic=null"]).data.options is None
+
+
+def test_a_config_built_in_python_gets_its_source_defaults() -> None:
+    assert DataConfig(source="synthetic").options == SyntheticConfig()
+    assert DataConfig().options is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["data.source=synthtic"],
+            "data.source: unknown source 'synthtic'; did you mean 'synthetic'? "
+            "(registered: fashion-mnist, imagefolder, shards, synthetic, torchvision)",
+        ),
+        (
+            ["data.source=fashion-mnist"],
+            "data.synthetic: a section for source 'synthetic', which is not the chosen one (data.source is "
+            "'fashion-mnist'); remove it or set data.synthetic=null",
+        ),
+        (["data.synthetic.name=CIFAR10"], "data.synthetic.name: unknown field; known fields: images, size, classes"),
+        (
+            ["data.source=imagefolder", "data.synthetic=null", "data.imagefolder.root=/x"],
+            "data.imagefolder: a section for source 'imagefolder', which has no settings of its own",
+        ),
+        (["data.synthetic_sise=3"], "data.synthetic_sise: unknown field"),
+        (["data.options.size=3"], "data.options: unknown field"),
+    ],
+)
+def test_source_sections_are_checked_naming_the_field(overrides: list[str], message: str) -> None:
+    assert config_error(*overrides).startswith(message)
+
+
+def test_the_torch_free_check_reads_source_sections() -> None:
+    recipe = read_yaml(TOY)
+    with pytest.raises(ConfigError, match=r"data.synthetic.sise: unknown field; did you mean 'data.synthetic.size'"):
+        check_recipe_fields(apply_overrides(recipe, ["data.synthetic.sise=3"]))
+    check_recipe_fields(apply_overrides(recipe, ["data.torchvision.name=CIFAR10"]))  # the full check refuses it
+    # a source registered outside mimkit: its section is left to the full check, other typos are still caught
+    check_recipe_fields(apply_overrides(recipe, ["data.source=mine", "data.mine.anything=1"]))
+    with pytest.raises(ConfigError, match=r"data\.batch_sise: unknown field"):
+        check_recipe_fields(apply_overrides(recipe, ["data.source=mine", "data.batch_sise=1"]))
+
+
+def test_describe_fields_lists_every_source_section() -> None:
+    rows = {name: (type_name, default) for name, type_name, default, _ in describe_fields(RunConfig)}
+    assert rows["data.source"] == ("fashion-mnist|imagefolder|shards|synthetic|torchvision", "fashion-mnist")
+    assert rows["data.synthetic.size"] == ("int", 32) and rows["data.torchvision.name"] == ("str or null", None)
+    assert "data.options" not in rows
+
+
+OLD_DATA = {
+    "source": "synthetic",
+    "root": None,
+    "name": None,
+    "download": True,
+    "batch_size": 8,
+    "synthetic_images": 64,
+    "synthetic_size": 16,
+    "synthetic_classes": 3,
+}
+"""The data section of a run saved before sources owned their sections (every source's flat fields, always)."""
+
+
+def test_older_flat_fields_move_into_the_chosen_source_section() -> None:
+    upgraded = upgrade_older_fields(OLD_DATA)
+    assert upgraded == {
+        "source": "synthetic",
+        "root": None,
+        "download": True,
+        "batch_size": 8,
+        "synthetic": {"images": 64, "size": 16, "classes": 3},
+    }
+    assert upgrade_older_fields({**OLD_DATA, "synthetic": {"size": 16}})["synthetic"]["images"] == 64
+    with pytest.raises(ConfigError, match=r"data\.synthetic_size: the older spelling of data\.synthetic\.size"):
+        upgrade_older_fields({**OLD_DATA, "synthetic": {"size": 20}})  # an older override on a newer recipe
+    fmnist = upgrade_older_fields({**OLD_DATA, "source": "fashion-mnist"})
+    assert "synthetic" not in fmnist and "name" not in fmnist  # dumped for every source, meaningful for one
+    cifar = upgrade_older_fields({**OLD_DATA, "source": "torchvision", "name": "CIFAR10"})
+    assert cifar["torchvision"] == {"name": "CIFAR10"} and "synthetic" not in cifar
+
+
+def test_a_run_saved_before_source_sections_still_loads() -> None:
+    saved = {**to_dict(load_run_config(TOY)), "data": OLD_DATA}
+    check_recipe_fields(saved)  # `mimkit pretrain --resume` checks the saved config.yaml before torch loads
+    cfg = load_run_config(None, ["train.epochs=3"], base=saved)
+    assert cfg.data.options == SyntheticConfig(images=64, size=16, classes=3) and cfg.data.batch_size == 8
+    again = load_run_config(None, [], base=yaml.safe_load(dump_yaml(cfg)))
+    assert again == cfg and "synthetic_size" not in dump_yaml(cfg)

@@ -21,7 +21,9 @@ from mimkit.data.sources import (
     GRAY_MEAN,
     IMAGENET_MEAN,
     Subset,
+    SyntheticConfig,
     SyntheticShapes,
+    TorchvisionConfig,
     build_source,
     convert_channels,
     describe,
@@ -356,7 +358,7 @@ def tiny_set(monkeypatch: pytest.MonkeyPatch) -> type[TinySet]:
 
 
 def test_torchvision_dataset_by_name(tmp_path: Path, tiny_set: type[TinySet]) -> None:
-    cfg = DataConfig(source="torchvision", name="TinySet", root=str(tmp_path), download=False)
+    cfg = DataConfig(source="torchvision", options=TorchvisionConfig(name="TinySet"), root=str(tmp_path), download=False)
     train, test = build_source(cfg), build_source(cfg, "test")
     assert tiny_set.built == [
         {"root": str(tmp_path), "train": True, "download": False},
@@ -370,34 +372,34 @@ def test_torchvision_dataset_by_name(tmp_path: Path, tiny_set: type[TinySet]) ->
 
 
 def test_torchvision_dataset_with_forced_gray(tmp_path: Path, tiny_set: type[TinySet]) -> None:
-    cfg = DataConfig(source="torchvision", name="TinySet", root=str(tmp_path), channels=1)
+    cfg = DataConfig(source="torchvision", options=TorchvisionConfig(name="TinySet"), root=str(tmp_path), channels=1)
     source = build_source(cfg)
     assert source.info.channels == 1 and source.load(2)[0].shape == (1, 8, 9)
 
 
 def test_torchvision_fake_data_by_name(tmp_path: Path) -> None:
-    cfg = DataConfig(source="torchvision", name="FakeData", root=str(tmp_path), download=False)
+    cfg = DataConfig(source="torchvision", options=TorchvisionConfig(name="FakeData"), root=str(tmp_path), download=False)
     source = build_source(cfg)
     assert source.info.channels == 3 and len(source) > 0
     assert source.load(0)[0].dtype == torch.uint8
 
 
 def test_unreadable_first_torchvision_image_is_a_data_error(tmp_path: Path, tiny_set: type[TinySet]) -> None:
-    cfg = DataConfig(source="torchvision", name="BrokenFirstImage", root=str(tmp_path), download=False)
+    cfg = DataConfig(source="torchvision", options=TorchvisionConfig(name="BrokenFirstImage"), root=str(tmp_path), download=False)
     with pytest.raises((DataError, UnreadableImage), match="truncated"):
         build_source(cfg)
 
 
 def test_unknown_torchvision_name_lists_alternatives() -> None:
     with pytest.raises(DataError) as info:
-        build_source(DataConfig(source="torchvision", name="CIFAR11", download=False))
+        build_source(DataConfig(source="torchvision", options=TorchvisionConfig(name="CIFAR11"), download=False))
     message = str(info.value)
-    assert message.startswith("data.name: unknown torchvision dataset 'CIFAR11'; available: ")
+    assert message.startswith("data.torchvision.name: unknown torchvision dataset 'CIFAR11'; available: ")
     assert "CIFAR10" in message and "FakeData" in message and "MNIST" in message
 
 
 def test_torchvision_dataset_missing_without_download(tmp_path: Path) -> None:
-    cfg = DataConfig(source="torchvision", name="CIFAR10", root=str(tmp_path), download=False)
+    cfg = DataConfig(source="torchvision", options=TorchvisionConfig(name="CIFAR10"), root=str(tmp_path), download=False)
     with pytest.raises(DataError, match=r"torchvision CIFAR10 \(split 'train'\) could not be opened from .*download"):
         build_source(cfg)
 
@@ -406,8 +408,8 @@ def test_torchvision_dataset_missing_without_download(tmp_path: Path) -> None:
 # Synthetic shapes and subsets
 
 
-def synthetic(**kwargs) -> DataConfig:
-    return DataConfig(source="synthetic", **{"synthetic_images": 20, "synthetic_size": 16, **kwargs})
+def synthetic(classes: int = 4, **kwargs) -> DataConfig:
+    return DataConfig(source="synthetic", options=SyntheticConfig(images=20, size=16, classes=classes), **kwargs)
 
 
 def test_synthetic_images_are_deterministic_per_index() -> None:
@@ -427,7 +429,7 @@ def test_synthetic_splits_differ() -> None:
 
 
 def test_synthetic_info_and_labels() -> None:
-    source = build_source(synthetic(synthetic_classes=3, channels=3))
+    source = build_source(synthetic(classes=3, channels=3))
     assert isinstance(source, SyntheticShapes)
     assert source.info.num_images == 20 and source.info.image_size == (16, 16) and source.info.channels == 3
     assert source.info.class_names == ("square", "disk", "bars")
@@ -437,8 +439,8 @@ def test_synthetic_info_and_labels() -> None:
 
 
 def test_too_many_synthetic_classes_is_refused() -> None:
-    with pytest.raises(DataError, match="at most 6 shape classes; got 7"):
-        build_source(synthetic(synthetic_classes=7))
+    with pytest.raises(ConfigError, match="data.synthetic.classes: at most 6 shape classes, at least 1; got 7"):
+        build_source(synthetic(classes=7))
 
 
 def test_limit_keeps_the_first_images() -> None:

@@ -51,6 +51,7 @@ def folder_config(data_root: Path, run_dir: Path, *overrides: str):
         [
             f"output_dir={run_dir}",
             "data.source=imagefolder",
+            "data.synthetic=null",
             f"data.root={data_root}",
             "data.batch_size=4",
             "method.crop=12",  # every image is at least 16 pixels on a side

@@ -14,7 +14,7 @@ from mimkit.data.config import DataConfig
 from mimkit.data.info import DataError, DataInfo, UnreadableImage
 from mimkit.data.loader import EpochSampler, Skipped, ViewDataset, collate, seeded, train_loader
 from mimkit.data.masking import MaskGenerator
-from mimkit.data.sources import ImageSource, build_source
+from mimkit.data.sources import ImageSource, SyntheticConfig, build_source
 from mimkit.data.views import EvalView, MultiCropViews
 from mimkit.methods import method_class
 from mimkit.runs import load_run_config
@@ -26,7 +26,9 @@ IBOT_PATCH4 = ["data.source=synthetic", "method.backbone.patch_size=4", "method.
 
 
 def shapes(images: int = 32, size: int = 16, channels: int | None = None) -> ImageSource:
-    return build_source(DataConfig(source="synthetic", synthetic_images=images, synthetic_size=size, channels=channels))
+    return build_source(
+        DataConfig(source="synthetic", options=SyntheticConfig(images=images, size=size), channels=channels)
+    )
 
 
 def toy_dataset(images: int = 32, seed: int = 7) -> ViewDataset:

@@ -113,7 +113,8 @@ def test_data_shard_command_mirrors_split_folders(tmp_path: Path, capsys: pytest
 
 
 def test_training_on_shards_resumes_exactly(folder: Path, shards: Path, tmp_path: Path) -> None:
-    data = ["data.source=shards", f"data.root={shards}", "data.num_workers=2", "train.checkpoint_every_steps=2"]
+    data = ["data.source=shards", "data.synthetic=null", f"data.root={shards}", "data.num_workers=2"]
+    data += ["train.checkpoint_every_steps=2"]
     reference = pretrain(load_run_config(TOY, [f"output_dir={tmp_path / 'reference'}", *data]))
     crashed = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):

@@ -7,12 +7,16 @@ It knows no schema: the run schema (`mimkit.runs.RunConfig`) and its parts live 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import itertools
+import textwrap
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -82,11 +86,20 @@ def from_dict(cls: type[T], data: Any, prefix: str) -> T:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix}: expected a mapping of fields, got {data!r}")
+    older = getattr(cls, OLDER_ATTRIBUTE, None)
+    if isinstance(older, Older):
+        data = older.upgrade(data)
     hints = get_type_hints(cls)
-    _check_names(data, [f.name for f in dataclasses.fields(cls)], prefix)  # type: ignore[arg-type]
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    chosen = {f.name: _chosen(f.metadata[SECTIONS], data, cls, prefix) for f in fields if SECTIONS in f.metadata}
+    plain = [f.name for f in fields if SECTIONS not in f.metadata]
+    _check_names(data, plain + [key for *_, keys in chosen.values() for key in keys], prefix)
     values = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name in data:
+    for f in fields:
+        if f.name in chosen:
+            key, section, _ = chosen[f.name]
+            values[f.name] = None if section is None else from_dict(section, data.get(key), _join(prefix, key))
+        elif f.name in data:
             values[f.name] = convert(data[f.name], hints[f.name], _join(prefix, f.name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_join(prefix, f.name)}: required field is missing")
@@ -102,30 +115,126 @@ def _check_names(data: Mapping[str, Any], names: Sequence[str], prefix: str) -> 
         raise ConfigError(f"{_join(prefix, key)}: unknown field{hint}")
 
 
+# ---------------------------------------------------------------------------------------------------
+# Sections typed by a sibling field (a registry's choice), and older spellings
+
+SECTIONS = "mimkit.sections"  # the dataclass field metadata key of a `Sections`
+OLDER_ATTRIBUTE = "older_fields"  # the class attribute (an `Older`) of a config whose fields moved
+
+
+@dataclass(frozen=True)
+class Sections:
+    """A field holding the section of whichever choice sibling field `by` names, its class looked up in `table` (a
+    registry: choice -> section class, None for a choice with nothing of its own); declared as `field(default=None,
+    metadata={SECTIONS: Sections(...)})`. YAML spells the section under the choice's own name (`data.source:
+    synthetic` -> `data.synthetic: {size: 16}`); a section of another choice is an error, not silently ignored."""
+
+    by: str
+    table: Callable[[], Mapping[str, type | None]]
+
+
+@dataclass(frozen=True)
+class Older:
+    """How older versions spelled a config class's fields, so that saved runs keep loading after fields move:
+    `names` are the older top-level names (the torch-free name check lets them pass), and `upgrade` rewrites a
+    mapping that may use them into today's spelling (`from_dict` calls it first)."""
+
+    names: tuple[str, ...]
+    upgrade: Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+def _chosen(sections: Sections, data: Mapping[str, Any], cls: type, prefix: str) -> tuple[str, type | None, list[str]]:
+    """The YAML key and section class of the choice `data` makes, and the keys of `data` it accounts for: that
+    section, and sections of other choices set to null (how an override drops a recipe's section). Any other
+    section of a choice is refused."""
+    by = next(f for f in dataclasses.fields(cls) if f.name == sections.by)  # type: ignore[arg-type]
+    name, table = _join(prefix, by.name), sections.table()
+    choice = convert(data.get(by.name, by.default), get_type_hints(cls)[by.name], name)
+    check_choice(choice, table, name)
+    nulled = [key for key in data if key in table and data[key] is None]
+    for key in [k for k in data if k in table and k not in nulled and (k != choice or table[k] is None)]:
+        why = "has no settings of its own" if key == choice else f"is not the chosen one ({name} is {choice!r})"
+        where = _join(prefix, key)
+        raise ConfigError(f"{where}: a section for {by.name} {key!r}, which {why}; remove it or set {where}=null")
+    return str(choice), table[choice], nulled + ([str(choice)] if table[choice] else [])
+
+
+def check_choice(choice: Any, choices: Sequence[str] | Mapping[str, Any], name: str) -> None:
+    """Raise a ConfigError for `name` unless `choice` is one of the registered `choices` (with a close-match hint)."""
+    if choice not in choices:
+        close = difflib.get_close_matches(str(choice), list(choices), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        what = name.rpartition(".")[2]
+        raise ConfigError(f"{name}: unknown {what} {choice!r}{hint} (registered: {', '.join(sorted(choices))})")
+
+
+def fill_sections(config: Any) -> None:
+    """Give each empty choice-typed section of `config` its choice's defaults, so that a config built in Python holds
+    what one read from a file without that section does (an unknown choice is left to validation)."""
+    for f in dataclasses.fields(config):
+        if (sections := f.metadata.get(SECTIONS)) is not None and getattr(config, f.name) is None:
+            section = sections.table().get(getattr(config, sections.by))
+            setattr(config, f.name, section() if section is not None else None)
+
+
+def check_sections(config: Any, prefix: str) -> None:
+    """Validate `config`'s choice-typed sections: a registered choice, a section of its class, the section's own
+    `validate(prefix)`."""
+    for f in (f for f in dataclasses.fields(config) if SECTIONS in f.metadata):
+        by, table, section = f.metadata[SECTIONS].by, f.metadata[SECTIONS].table(), getattr(config, f.name)
+        check_choice(choice := getattr(config, by), table, _join(prefix, by))
+        expected, name = table[choice], _join(prefix, choice)
+        wanted = expected.__name__ if expected is not None else "nothing (no settings of its own)"
+        check(type(section) is (expected or type(None)), name, f"{by} {choice!r} takes {wanted}; got {section!r}")
+        if hasattr(section, "validate"):
+            section.validate(name)
+
+
 FieldTree = dict[str, Any]
-"""Field name -> the nested config's FieldTree, or None for a value: the names of a config class, as JSON."""
+"""Field name -> the nested config's FieldTree, or None for a value: the names of a config class, as JSON. Two keys
+in angle brackets are not fields: `<by>` maps each known choice of sibling field `by` to its section's FieldTree
+(`Sections`), and `<older>` lists older spellings (`Older`)."""
+OLDER_KEY = "<older>"
 
 
 def field_tree(cls: type) -> FieldTree:
-    """The field names of config class `cls`, nested configs (also optional ones) as subtrees."""
+    """The field names of config class `cls`, nested configs (also optional ones) as subtrees; the sections of
+    choices registered now (import what registers more before calling it)."""
     hints = get_type_hints(cls)
     tree: FieldTree = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if SECTIONS in f.metadata:
+            table = f.metadata[SECTIONS].table()
+            tree[f"<{f.metadata[SECTIONS].by}>"] = {c: field_tree(s) for c, s in sorted(table.items()) if s}
+            continue
         annotation = hints[f.name]
         options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
         nested = [a for a in options if dataclasses.is_dataclass(a)]
         tree[f.name] = field_tree(nested[0]) if len(nested) == 1 else None
+    older = getattr(cls, OLDER_ATTRIBUTE, None)
+    if isinstance(older, Older):
+        tree[OLDER_KEY] = sorted(older.names)
     return tree
 
 
 def check_field_names(data: Any, tree: FieldTree, prefix: str = "") -> None:
-    """Raise the unknown-field error `from_dict` would raise, from the field names alone (no class needed)."""
+    """Raise the unknown-field error `from_dict` would raise, from the field names alone (no class needed).
+
+    It skips what the tree cannot know: the section of a choice registered outside mimkit (e.g. `data.mine` for
+    `data.source: mine`) and older spellings; the full conversion checks those. It also lets through a section of
+    a choice that is not the chosen one, which the full conversion refuses with a clearer message.
+    """
     if not isinstance(data, Mapping):
         return
-    _check_names(data, list(tree), prefix)
+    names = [key for key in tree if not key.startswith("<")]
+    sections = {key[1:-1]: tree[key] for key in tree if key.startswith("<") and key != OLDER_KEY}
+    known = {choice: section for choices in sections.values() for choice, section in choices.items()}
+    skipped = {str(data.get(by)) for by in sections} - set(known) | set(tree.get(OLDER_KEY, ()))
+    _check_names({k: v for k, v in data.items() if k not in skipped}, names + sorted(known), prefix)
     for key, value in data.items():
-        if tree[key] is not None:
-            check_field_names(value, tree[key], _join(prefix, key))
+        subtree = tree.get(key) if key in names else known.get(key)
+        if subtree is not None:
+            check_field_names(value, subtree, _join(prefix, key))
 
 
 def convert(value: Any, annotation: Any, name: str) -> Any:
@@ -197,7 +306,14 @@ def _convert_scalar(value: Any, annotation: Any, name: str) -> Any:
 def to_dict(config: Any) -> Any:
     """A dataclass config as plain YAML-friendly data (tuples become lists)."""
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+        data = {}
+        for f in dataclasses.fields(config):
+            sections, value = f.metadata.get(SECTIONS), getattr(config, f.name)
+            if sections is None:
+                data[f.name] = to_dict(value)
+            elif value is not None:  # spelled under the choice's name, as `from_dict` reads it
+                data[str(getattr(config, sections.by))] = to_dict(value)
+        return data
     if isinstance(config, (list, tuple)):
         return [to_dict(v) for v in config]
     if isinstance(config, dict):
@@ -221,7 +337,13 @@ def describe_fields(cls: type, prefix: str = "", defaults: Any = None) -> typing
     """
     docs = _field_docs(cls)
     hints = get_type_hints(cls)
+    sections = {s.by: s.table() for f in dataclasses.fields(cls) if (s := f.metadata.get(SECTIONS))}  # type: ignore[arg-type]
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if SECTIONS in f.metadata:  # each choice's section under its own name, with that section's defaults
+            for choice, section in sorted(sections[f.metadata[SECTIONS].by].items()):
+                if section is not None:
+                    yield from describe_fields(section, _join(prefix, choice))
+            continue
         name = _join(prefix, f.name)
         annotation = hints[f.name]
         if defaults is not None:
@@ -233,7 +355,8 @@ def describe_fields(cls: type, prefix: str = "", defaults: Any = None) -> typing
         if dataclasses.is_dataclass(annotation):
             yield from describe_fields(annotation, name, default)  # type: ignore[arg-type]
             continue
-        yield name, _type_name(annotation), default, docs.get(f.name, "")
+        type_name = "|".join(sorted(sections[f.name])) if f.name in sections else _type_name(annotation)
+        yield name, type_name, default, docs.get(f.name, "")
 
 
 def _type_name(annotation: Any) -> str:
@@ -251,10 +374,6 @@ def _type_name(annotation: Any) -> str:
 
 def _field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings (the string literal right after a field) of a dataclass, by field name."""
-    import ast
-    import inspect
-    import textwrap
-
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):

@@ -1,26 +1,80 @@
-"""Where a run's images come from and how they are batched."""
+"""Where a run's images come from and how they are batched.
+
+The fields every source shares live here; a source's own settings are its section, `data.<source>` (e.g.
+`data.synthetic: {images: 512, size: 32}`), typed by the config class the source registers (`mimkit.data.sources`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-from mimkit.config import check
+from mimkit.config import SECTIONS, ConfigError, Older, Sections, check, check_sections, fill_sections
+
+DEFAULT_SOURCE = "fashion-mnist"
+OLDER_FIELDS: dict[str, tuple[str, str]] = {
+    "synthetic_images": ("synthetic", "images"),
+    "synthetic_size": ("synthetic", "size"),
+    "synthetic_classes": ("synthetic", "classes"),
+    "name": ("torchvision", "name"),
+}
+"""Flat `data` fields of runs saved before each source owned its section -> (that section, its field there)."""
+
+
+def upgrade_older_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    """`data` with the flat fields of older runs moved into their source's section.
+
+    Run folders written before sources owned their sections hold `data.synthetic_size`, `data.name`, ... in their
+    config.yaml and checkpoints, for every source alike (the old schema dumped them all). Opening, evaluating and
+    resuming such a run must keep working, so each one moves into its section when that source is the chosen one
+    and is dropped otherwise. Both spellings at once (an older override on a recipe's section) must agree.
+    """
+    upgraded = {key: value for key, value in data.items() if key not in OLDER_FIELDS}
+    source = data.get("source", DEFAULT_SOURCE)
+    for old, (section, field_name) in OLDER_FIELDS.items():
+        given = upgraded.get(section) or {}
+        if old not in data or section != source or not isinstance(given, Mapping):
+            continue
+        if given.get(field_name, data[old]) != data[old]:
+            raise ConfigError(
+                f"data.{old}: the older spelling of data.{section}.{field_name}, which says otherwise; keep only "
+                f"data.{section}.{field_name}"
+            )
+        upgraded[section] = {**given, field_name: data[old]}
+    return upgraded
+
+
+def source_sections() -> dict[str, type | None]:
+    """Every registered source -> the config class of its section (None: it has no settings of its own)."""
+    from mimkit.data.sources.registry import source_classes  # the sources import this module: imported when used
+
+    sections = {name: cls.Config for name, cls in source_classes().items()}
+    clash = sorted(set(sections) & {f.name for f in dataclasses.fields(DataConfig)})
+    if clash:
+        raise ValueError(f"data sources named like shared data fields ({', '.join(clash)}): their sections would clash")
+    return sections
 
 
 @dataclass
 class DataConfig:
-    """Where the images come from and how they are batched."""
+    """Where the images come from and how they are batched: the fields every source shares, plus the chosen
+    source's own section. `download` is shared rather than torchvision's own: it is the machine's one switch for
+    fetching data, which Fashion-MNIST's fallback honours as well as torchvision sets."""
 
-    source: Literal["fashion-mnist", "imagefolder", "shards", "torchvision", "synthetic"] = "fashion-mnist"
+    older_fields: ClassVar[Older] = Older(tuple(OLDER_FIELDS), upgrade_older_fields)
+
+    source: str = DEFAULT_SOURCE
+    """A registered source: fashion-mnist, imagefolder, shards, torchvision, synthetic, or one's own (docs/data.md)."""
+    options: Any = field(default=None, metadata={SECTIONS: Sections("source", source_sections)})
+    """The source's own settings, spelled in YAML as its section `data.<source>`; None for a source without any."""
     root: str | None = None
     """Folder of the data. fashion-mnist: IDX files (default: the Debian package, then mimkit's cache)."""
-    name: str | None = None
-    """torchvision dataset class name (source=torchvision), e.g. CIFAR10."""
     split: str = "train"
     eval_split: str = "test"
     download: bool = True
-    """Allow torchvision downloads (fashion-mnist fallback, torchvision sets)."""
+    """Allow downloads (Fashion-MNIST's fallback, torchvision sets)."""
     channels: int | None = None
     """Force 1 (grayscale) or 3 (RGB) channels; None keeps the source's own."""
     strict: bool = False
@@ -34,26 +88,15 @@ class DataConfig:
     batch_size: int = 64
     """Images per device and optimizer micro-step."""
     num_workers: int = 2
-    synthetic_images: int = 512
-    synthetic_size: int = 32
-    synthetic_classes: int = 4
+
+    def __post_init__(self) -> None:
+        fill_sections(self)
 
     def validate(self, prefix: str = "data") -> None:
-        check(
-            self.source != "torchvision" or bool(self.name),
-            f"{prefix}.name",
-            "source=torchvision needs the dataset class name, e.g. data.name=CIFAR10",
-        )
-        check(
-            self.source != "imagefolder" or bool(self.root),
-            f"{prefix}.root",
-            "source=imagefolder needs the folder of images, e.g. data.root=/data/imagenet",
-        )
-        check(
-            self.source != "shards" or bool(self.root),
-            f"{prefix}.root",
-            "source=shards needs the folder that `mimkit data shard` wrote, e.g. data.root=/data/imagenet_shards",
-        )
+        from mimkit.data.sources.registry import source_class
+
+        check_sections(self, prefix)
+        source_class(self.source).check_config(self, prefix)
         check(self.channels in (None, 1, 3), f"{prefix}.channels", f"must be 1, 3 or null; got {self.channels}")
         check(
             0 <= self.val_fraction < 1,
@@ -63,8 +106,3 @@ class DataConfig:
         check(self.limit is None or self.limit > 0, f"{prefix}.limit", f"must be positive; got {self.limit}")
         check(self.batch_size > 0, f"{prefix}.batch_size", f"must be positive; got {self.batch_size}")
         check(self.num_workers >= 0, f"{prefix}.num_workers", f"must be >= 0; got {self.num_workers}")
-        check(
-            self.synthetic_classes > 0 and self.synthetic_images > 0 and self.synthetic_size >= 8,
-            f"{prefix}.synthetic_*",
-            "need positive counts and a size of at least 8 pixels",
-        )

@@ -2,7 +2,7 @@
 
 A shard folder holds `shard-000000.tar`, ... in the webdataset layout (each image's original file bytes as
 `<key>.<ext>` and its label as `<key>.cls`; `tar tf` and webdataset read them) and `index.json`, which records
-where every member's bytes start. So the `shards` source (`mimkit.data.sources.ShardSource`) reads an image with
+where every member's bytes start. So the `shards` source (`mimkit.data.sources.shards.ShardSource`) reads an image with
 one positioned read (`os.pread`: no shared file offset, safe in forked DataLoader workers), and training keeps
 what a map-style source has: per-image seeded views and exact mid-epoch resume. The training sampler reads by
 shard (`ImageSource.groups`): each epoch shuffles the shard order and the images within each shard, and every
@@ -20,7 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mimkit.data.info import DataError
-from mimkit.data.sources import SHARD_FORMAT, SHARD_INDEX, ImageFolderSource
+from mimkit.data.sources.imagefolder import ImageFolderSource
+from mimkit.data.sources.shards import SHARD_FORMAT, SHARD_INDEX
 
 
 def write_shards(
