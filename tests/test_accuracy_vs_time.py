@@ -17,7 +17,7 @@ def test_a_toy_point_is_trained_evaluated_and_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))  # the toy method, in the subprocesses
-    toy = study.Point("toy", str(ROOT / "tests" / "recipes" / "toy.yaml"), ("data.synthetic_images=48",), "cls")
+    toy = study.Point("toy", str(ROOT / "tests" / "recipes" / "toy.yaml"), ("data.synthetic.images=48",), "cls")
     monkeypatch.setattr(study, "STUDY", (toy,))
     monkeypatch.setattr(study, "LINEAR", ("--epochs", "2"))
     out = tmp_path / "report"

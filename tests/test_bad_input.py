@@ -117,6 +117,15 @@ CASES: dict[str, tuple[Case, str]] = {
         lambda run, image, tmp: ["pretrain", "-c", RECIPE, "optim.lrr=1", "--print-config"],
         r"optim.lrr: unknown field; did you mean 'optim.lr'\?",
     ),
+    "unknown-data-source": (
+        lambda run, image, tmp: ["pretrain", "-c", RECIPE, "data.source=synthtic", "--print-config"],
+        r"data.source: unknown source 'synthtic'; did you mean 'synthetic'\? \(registered: fashion-mnist, imagefolder",
+    ),
+    "section-of-another-source": (
+        lambda run, image, tmp: ["pretrain", "-c", RECIPE, "data.synthetic.size=16", "--print-config"],
+        r"data.synthetic: a section for source 'synthetic', which is not the chosen one \(data.source is "
+        r"'fashion-mnist'\); remove it or set data.synthetic=null",
+    ),
 }
 if not torch.cuda.is_available():
     CASES["gpu-without-a-gpu"] = (

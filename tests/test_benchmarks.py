@@ -88,10 +88,10 @@ def test_every_tier_case_is_a_valid_recipe_of_the_specified_shape() -> None:
                 assert cfg.data.batch_size == 64
                 if name == "cpu-small":
                     shape = (backbone.embed_dim, backbone.depth, backbone.num_heads, backbone.patch_size)
-                    assert shape == (192, 12, 3, 4) and backbone.img_size == cfg.data.synthetic_size == 28
+                    assert shape == (192, 12, 3, 4) and backbone.img_size == cfg.data.options.size == 28
                     assert cfg.data.channels == 1 and cfg.train.precision == "32-true"
                 else:
-                    assert backbone.img_size == cfg.data.synthetic_size == 224 and cfg.train.precision == "bf16-mixed"
+                    assert backbone.img_size == cfg.data.options.size == 224 and cfg.train.precision == "bf16-mixed"
                 if method == "ibot":
                     small = name == "cpu-small"
                     assert (views.num_local, views.local_size) == ((4, 12) if small else (10, 96))

@@ -21,7 +21,7 @@ from mimkit.schedules import Progress
 from support import QUIET_CPU_RUN, ROOT, tiny_overlay
 
 TINY_VIT = ["method.backbone.embed_dim=32", "method.backbone.depth=2", "method.backbone.num_heads=2"]
-SYNTHETIC = ["data.source=synthetic", "data.synthetic_size=28", "data.channels=1", "data.synthetic_images=16"]
+SYNTHETIC = ["data.source=synthetic", "data.synthetic.size=28", "data.channels=1", "data.synthetic.images=16"]
 PROGRESS = Progress(epoch=0, step=0, steps_per_epoch=10, epochs=1)
 
 

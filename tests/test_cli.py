@@ -246,7 +246,9 @@ def test_data_info_applies_overrides(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_data_info_reports_missing_data(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code, out, _ = run(capsys, "data", "info", "-c", TOY, "data.source=fashion-mnist", f"data.root={tmp_path}")
+    code, out, _ = run(
+        capsys, "data", "info", "-c", TOY, "data.source=fashion-mnist", "data.synthetic=null", f"data.root={tmp_path}"
+    )
     assert code == 0
     lines = out.splitlines()
     assert lines[0].startswith("train: not available (Fashion-MNIST IDX files not found")
@@ -266,7 +268,7 @@ def test_pretrain_runs_then_refuses_to_overwrite_then_resumes(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    args = ("pretrain", "-c", TOY, f"output_dir={run_dir}", "train.epochs=1", "data.synthetic_images=16")
+    args = ("pretrain", "-c", TOY, f"output_dir={run_dir}", "train.epochs=1", "data.synthetic.images=16")
     code, _, err = run(capsys, *args)
     assert code == 0, err
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "config.yaml").is_file()

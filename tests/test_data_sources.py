@@ -358,7 +358,9 @@ def tiny_set(monkeypatch: pytest.MonkeyPatch) -> type[TinySet]:
 
 
 def test_torchvision_dataset_by_name(tmp_path: Path, tiny_set: type[TinySet]) -> None:
-    cfg = DataConfig(source="torchvision", options=TorchvisionConfig(name="TinySet"), root=str(tmp_path), download=False)
+    cfg = DataConfig(
+        source="torchvision", options=TorchvisionConfig(name="TinySet"), root=str(tmp_path), download=False
+    )
     train, test = build_source(cfg), build_source(cfg, "test")
     assert tiny_set.built == [
         {"root": str(tmp_path), "train": True, "download": False},
@@ -378,14 +380,18 @@ def test_torchvision_dataset_with_forced_gray(tmp_path: Path, tiny_set: type[Tin
 
 
 def test_torchvision_fake_data_by_name(tmp_path: Path) -> None:
-    cfg = DataConfig(source="torchvision", options=TorchvisionConfig(name="FakeData"), root=str(tmp_path), download=False)
+    cfg = DataConfig(
+        source="torchvision", options=TorchvisionConfig(name="FakeData"), root=str(tmp_path), download=False
+    )
     source = build_source(cfg)
     assert source.info.channels == 3 and len(source) > 0
     assert source.load(0)[0].dtype == torch.uint8
 
 
 def test_unreadable_first_torchvision_image_is_a_data_error(tmp_path: Path, tiny_set: type[TinySet]) -> None:
-    cfg = DataConfig(source="torchvision", options=TorchvisionConfig(name="BrokenFirstImage"), root=str(tmp_path), download=False)
+    cfg = DataConfig(
+        source="torchvision", options=TorchvisionConfig(name="BrokenFirstImage"), root=str(tmp_path), download=False
+    )
     with pytest.raises((DataError, UnreadableImage), match="truncated"):
         build_source(cfg)
 
@@ -399,7 +405,9 @@ def test_unknown_torchvision_name_lists_alternatives() -> None:
 
 
 def test_torchvision_dataset_missing_without_download(tmp_path: Path) -> None:
-    cfg = DataConfig(source="torchvision", options=TorchvisionConfig(name="CIFAR10"), root=str(tmp_path), download=False)
+    cfg = DataConfig(
+        source="torchvision", options=TorchvisionConfig(name="CIFAR10"), root=str(tmp_path), download=False
+    )
     with pytest.raises(DataError, match=r"torchvision CIFAR10 \(split 'train'\) could not be opened from .*download"):
         build_source(cfg)
 
@@ -439,7 +447,7 @@ def test_synthetic_info_and_labels() -> None:
 
 
 def test_too_many_synthetic_classes_is_refused() -> None:
-    with pytest.raises(ConfigError, match="data.synthetic.classes: at most 6 shape classes, at least 1; got 7"):
+    with pytest.raises(ConfigError, match=r"data\.synthetic\.classes: at most 6 shape classes, at least 1; got 7"):
         build_source(synthetic(classes=7))
 
 

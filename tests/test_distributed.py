@@ -20,7 +20,7 @@ TINY_VIT = [
     "method.backbone.num_heads=2",
     "method.backbone.drop_path_rate=0.0",
     *SYNTHETIC_28,
-    "data.synthetic_images=16",
+    "data.synthetic.images=16",
     "data.num_workers=0",
     "optim.eps=1e-6",
 ]

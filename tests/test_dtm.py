@@ -27,7 +27,7 @@ TINY = [
     "method.backbone.depth=2",
     "method.backbone.num_heads=2",
     *SYNTHETIC_28,
-    "data.synthetic_images=16",
+    "data.synthetic.images=16",
     "data.batch_size=8",
     "data.num_workers=0",
 ]

@@ -139,7 +139,7 @@ def test_ibot_teacher_head_sharing_is_its_own_flag(student: bool, teacher: bool)
         f"method.shared_head={str(student).lower()}",
         f"method.shared_head_teacher={str(teacher).lower()}",
         "data.source=synthetic",
-        "data.synthetic_size=28",
+        "data.synthetic.size=28",
     ]
     cfg = load_run_config(IBOT_RECIPE, overrides)
     method = IBOT(cfg.method, DataInfo("gray", 1, 8, (28, 28), 2, (0.5,), (0.25,)))

@@ -113,7 +113,7 @@ def test_bf16_mixed_precision_trains_on_cpu(tmp_path: Path) -> None:
 
 def test_sigkill_during_an_epoch_then_resume_matches(tmp_path: Path) -> None:
     """A real process killed with SIGKILL mid-epoch continues from its last checkpoint with identical losses."""
-    common = ["train.checkpoint_every_steps=2", "data.synthetic_images=96", "train.epochs=2"]
+    common = ["train.checkpoint_every_steps=2", "data.synthetic.images=96", "train.epochs=2"]
     reference = pretrain(toy_config(tmp_path / "reference", *common))
     run = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}

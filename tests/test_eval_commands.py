@@ -34,7 +34,7 @@ TINY_RUN = [
     "method.views.num_local=1",
     "method.views.local_size=12",
     *SYNTHETIC_28,
-    "data.synthetic_images=24",
+    "data.synthetic.images=24",
     "data.limit=20",
     "data.batch_size=8",
     "train.epochs=1",

@@ -30,7 +30,7 @@ TINY_IBOT = [
     "method.views.num_local=1",
     "method.momentum_teacher=0.5",
     *SYNTHETIC_28,
-    "data.synthetic_images=8",
+    "data.synthetic.images=8",
     "data.batch_size=4",
     "optim.lr=1e-2",
     "optim.lr_scaling=none",
@@ -164,7 +164,7 @@ def test_cli_bad_input_exits_2_with_a_message(
 def test_methods_without_the_network_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     toy = load_run_config(
         ROOT / "tests" / "recipes" / "toy.yaml",
-        ["train.epochs=1", "data.synthetic_images=8", f"output_dir={tmp_path / 'toy'}"],
+        ["train.epochs=1", "data.synthetic.images=8", f"output_dir={tmp_path / 'toy'}"],
     )
     run = pretrain(toy)
     assert main(["export", str(run), "--format", "timm", "--network", "student"]) == 2

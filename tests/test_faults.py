@@ -100,7 +100,7 @@ def test_eval_checks_its_folder_before_working(finished: Path, capsys: pytest.Ca
 
 def test_export_checks_its_folder_before_writing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tiny = ["method.backbone.embed_dim=32", "method.backbone.depth=1", "method.backbone.num_heads=2"]
-    tiny += [*TINY_IBOT_HEADS, *SYNTHETIC_28, "data.synthetic_images=8", "data.batch_size=4", "train.epochs=1"]
+    tiny += [*TINY_IBOT_HEADS, *SYNTHETIC_28, "data.synthetic.images=8", "data.batch_size=4", "train.epochs=1"]
     run = pretrain(load_run_config(IBOT_RECIPE, [*tiny, *QUIET_CPU_RUN, f"output_dir={tmp_path / 'run'}"]))
     blocker = tmp_path / "blocker"
     blocker.write_text("")
@@ -122,7 +122,14 @@ def test_a_folder_of_unreadable_images_says_so(tmp_path: Path, capsys: pytest.Ca
         folder = tmp_path / "photos" / ("a" if i % 2 else "b")
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{i}.png").write_text("not an image")
-    args = ["pretrain", "-c", str(TOY), f"output_dir={tmp_path / 'run'}", "data.source=imagefolder"]
+    args = [
+        "pretrain",
+        "-c",
+        str(TOY),
+        f"output_dir={tmp_path / 'run'}",
+        "data.source=imagefolder",
+        "data.synthetic=null",
+    ]
     args += [f"data.root={tmp_path / 'photos'}", "data.batch_size=4", "method.crop=8"]
     assert main(args) == 2
     err = capsys.readouterr().err

@@ -29,7 +29,7 @@ def tiny_vit() -> nn.Module:
 
 
 def synthetic(split: str, images: int = 16) -> SyntheticShapes:
-    cfg = load_run_config(ROOT / "tests" / "recipes" / "toy.yaml", [f"data.synthetic_images={images}"])
+    cfg = load_run_config(ROOT / "tests" / "recipes" / "toy.yaml", [f"data.synthetic.images={images}"])
     return SyntheticShapes(cfg.data, split)
 
 

@@ -71,7 +71,7 @@ def test_watch_is_quiet_on_healthy_metrics_short_spells_and_when_off() -> None:
 
 def tiny_ibot(out: Path, *extra: str) -> Path:
     tiny = ["method.backbone.embed_dim=32", "method.backbone.depth=1", "method.backbone.num_heads=2"]
-    overrides = [*tiny, *TINY_IBOT_HEADS, *SYNTHETIC_28, "data.synthetic_images=64", "data.batch_size=8"]
+    overrides = [*tiny, *TINY_IBOT_HEADS, *SYNTHETIC_28, "data.synthetic.images=64", "data.batch_size=8"]
     overrides += ["train.epochs=1", "train.log_every_steps=1", "train.health_window_steps=4"]
     return pretrain(load_run_config(IBOT_RECIPE, [*overrides, *QUIET_CPU_RUN, f"output_dir={out}", *extra]))
 

@@ -25,7 +25,7 @@ TINY = [
     "method.views.num_local=1",
     "method.views.local_size=12",
     *SYNTHETIC_28,
-    "data.synthetic_images=24",
+    "data.synthetic.images=24",
     "data.batch_size=8",
     "train.epochs=2",
     *QUIET_CPU_RUN,

@@ -70,7 +70,7 @@ def test_change_classification() -> None:
 
 
 def test_sigint_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    common = ["data.synthetic_images=96", "train.epochs=2", "data.num_workers=1"]
+    common = ["data.synthetic.images=96", "train.epochs=2", "data.num_workers=1"]
     reference = pretrain(load_run_config(TOY, [f"output_dir={tmp_path / 'reference'}", *common]))
     run = tmp_path / "interrupted"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}

@@ -89,7 +89,7 @@ def test_masked_mse_reads_the_masked_patches_only() -> None:
 
 def tiny_symmim(*overrides: str) -> tuple[SymMIM, dict]:
     shrink = ["method.backbone.embed_dim=32", "method.backbone.depth=2", "method.backbone.num_heads=2"]
-    shrink += [*tiny_overlay("symmim")["overrides"], "data.source=synthetic", "data.synthetic_size=28"]
+    shrink += [*tiny_overlay("symmim")["overrides"], "data.source=synthetic", "data.synthetic.size=28"]
     cfg = load_run_config(RECIPE, [*shrink, "data.channels=1", *overrides])
     source = build_source(cfg.data)
     torch.manual_seed(0)

@@ -35,7 +35,7 @@ TINY_RUN = [
     "method.views.num_local=2",
     "method.mask.ratios=[[0.4,0.1]]",
     *SYNTHETIC_28,
-    "data.synthetic_images=8",
+    "data.synthetic.images=8",
     "data.batch_size=4",
     "train.epochs=1",
     "train.log_every_steps=1",

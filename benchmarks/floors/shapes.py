@@ -17,8 +17,8 @@ def data(size: int, batch: int, channels: int) -> tuple[str, ...]:
     """Synthetic images of the tier's size, exactly one batch of them."""
     return (
         "data.source=synthetic",
-        f"data.synthetic_size={size}",
-        f"data.synthetic_images={batch}",
+        f"data.synthetic.size={size}",
+        f"data.synthetic.images={batch}",
         f"data.batch_size={batch}",
         f"data.channels={channels}",
         "data.num_workers=0",

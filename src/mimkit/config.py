@@ -191,26 +191,23 @@ def check_sections(config: Any, prefix: str) -> None:
 
 
 FieldTree = dict[str, Any]
-"""Field name -> the nested config's FieldTree, or None for a value: the names of a config class, as JSON. Two keys
-in angle brackets are not fields: `<by>` maps each known choice of sibling field `by` to its section's FieldTree
-(`Sections`), and `<older>` lists older spellings (`Older`)."""
+"""Field name -> the nested config's FieldTree, or None for a value: the names of a config class, as JSON. Keys in
+angle brackets are not fields: `<by>` (None) stands for the sections that sibling field `by` chooses between
+(`Sections`), which only the registry knows, and `<older>` lists older spellings (`Older`)."""
 OLDER_KEY = "<older>"
 
 
 def field_tree(cls: type) -> FieldTree:
-    """The field names of config class `cls`, nested configs (also optional ones) as subtrees; the sections of
-    choices registered now (import what registers more before calling it)."""
+    """The field names of config class `cls`, nested configs (also optional ones) as subtrees. It holds no
+    registry's sections, so that a new choice (a data source, say) leaves the tree as it was."""
     hints = get_type_hints(cls)
     tree: FieldTree = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if SECTIONS in f.metadata:
-            table = f.metadata[SECTIONS].table()
-            tree[f"<{f.metadata[SECTIONS].by}>"] = {c: field_tree(s) for c, s in sorted(table.items()) if s}
-            continue
         annotation = hints[f.name]
         options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
         nested = [a for a in options if dataclasses.is_dataclass(a)]
-        tree[f.name] = field_tree(nested[0]) if len(nested) == 1 else None
+        name = f"<{f.metadata[SECTIONS].by}>" if SECTIONS in f.metadata else f.name
+        tree[name] = field_tree(nested[0]) if len(nested) == 1 and SECTIONS not in f.metadata else None
     older = getattr(cls, OLDER_ATTRIBUTE, None)
     if isinstance(older, Older):
         tree[OLDER_KEY] = sorted(older.names)
@@ -220,21 +217,20 @@ def field_tree(cls: type) -> FieldTree:
 def check_field_names(data: Any, tree: FieldTree, prefix: str = "") -> None:
     """Raise the unknown-field error `from_dict` would raise, from the field names alone (no class needed).
 
-    It skips what the tree cannot know: the section of a choice registered outside mimkit (e.g. `data.mine` for
-    `data.source: mine`) and older spellings; the full conversion checks those. It also lets through a section of
-    a choice that is not the chosen one, which the full conversion refuses with a clearer message.
+    It skips what it cannot know without the registries: where a config has choice-typed sections, a key that holds
+    a mapping or null may be a section (`data.synthetic: {size: 16}`), so it is left to the full conversion, which
+    checks the section's fields and refuses a section of another choice; so are older spellings (`Older`).
     """
     if not isinstance(data, Mapping):
         return
     names = [key for key in tree if not key.startswith("<")]
-    sections = {key[1:-1]: tree[key] for key in tree if key.startswith("<") and key != OLDER_KEY}
-    known = {choice: section for choices in sections.values() for choice, section in choices.items()}
-    skipped = {str(data.get(by)) for by in sections} - set(known) | set(tree.get(OLDER_KEY, ()))
-    _check_names({k: v for k, v in data.items() if k not in skipped}, names + sorted(known), prefix)
+    sectioned = any(key.startswith("<") and key != OLDER_KEY for key in tree)
+    skipped = {k for k, v in data.items() if sectioned and (v is None or isinstance(v, Mapping))} - set(names)
+    skipped |= set(tree.get(OLDER_KEY, ()))
+    _check_names({k: v for k, v in data.items() if k not in skipped}, names, prefix)
     for key, value in data.items():
-        subtree = tree.get(key) if key in names else known.get(key)
-        if subtree is not None:
-            check_field_names(value, subtree, _join(prefix, key))
+        if key in names and tree[key] is not None:
+            check_field_names(value, tree[key], _join(prefix, key))
 
 
 def convert(value: Any, annotation: Any, name: str) -> Any:

@@ -66,7 +66,7 @@ class DataConfig:
     older_fields: ClassVar[Older] = Older(tuple(OLDER_FIELDS), upgrade_older_fields)
 
     source: str = DEFAULT_SOURCE
-    """A registered source: fashion-mnist, imagefolder, shards, torchvision, synthetic, or one's own (docs/data.md)."""
+    """Where images come from: a registered source (listed as this field's type by `--fields`; docs/data.md)."""
     options: Any = field(default=None, metadata={SECTIONS: Sections("source", source_sections)})
     """The source's own settings, spelled in YAML as its section `data.<source>`; None for a source without any."""
     root: str | None = None

@@ -24,7 +24,7 @@ class SyntheticConfig:
     size: int = 32
     """Height and width in pixels."""
     classes: int = 4
-    """Shape kinds, one per class, in the order square, disk, bars, cross, ring, triangle."""
+    """Shape kinds, one per class (at most 6: square, disk, bars, cross, ring, triangle, in this order)."""
 
     def validate(self, prefix: str) -> None:
         check(self.images > 0, f"{prefix}.images", f"must be positive; got {self.images}")
