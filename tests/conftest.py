@@ -36,3 +36,12 @@ def remove_tiny_tokenizer() -> Iterator[None]:
     """The session's tiny CIM tokenizer (fitted on first use) goes with the session."""
     yield
     shutil.rmtree(TINY_TOKENIZER.parent, ignore_errors=True)
+
+
+@pytest.fixture
+def remembered_fields() -> None:
+    """The config field names remembered in the cache, as after a first full load (the torch-free typo check)."""
+    from mimkit.recipes import remember_fields
+    from mimkit.runs import config_fields
+
+    remember_fields(config_fields())

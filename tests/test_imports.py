@@ -14,10 +14,18 @@ from support import ROOT
 
 PACKAGE = ROOT / "src" / "mimkit"
 LAYERS: list[tuple[str, ...]] = [
-    ("mimkit", "mimkit.config", "mimkit.recipes", "mimkit.schedules", "mimkit.distributed", "mimkit.health"),
+    (
+        "mimkit",
+        "mimkit.cache",
+        "mimkit.config",
+        "mimkit.recipes",
+        "mimkit.schedules",
+        "mimkit.distributed",
+        "mimkit.health",
+    ),
     ("mimkit.data",),
-    ("mimkit.models", "mimkit.losses", "mimkit.morphing"),
-    ("mimkit.methods",),
+    ("mimkit.models", "mimkit.losses", "mimkit.morphing", "mimkit.corruption"),
+    ("mimkit.methods", "mimkit.procedures"),
     ("mimkit.engine", "mimkit.runs"),
     ("mimkit.eval", "mimkit.viz", "mimkit.export", "mimkit.run_summary"),
     ("mimkit.commands", "mimkit.cli", "mimkit.__main__"),

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from mimkit import recipes as recipes_module
 from mimkit.cli import main
 from mimkit.config import ConfigError, read_yaml
-from mimkit.models.tokenizers.fit import load_tokenizer_recipe
-from mimkit.recipes import FIELDS_FILE, RECIPES, check_recipe_fields, find_recipe, shipped_recipes
+from mimkit.procedures.tokenizer_fit import load_tokenizer_recipe
+from mimkit.recipes import RECIPES, check_recipe_fields, fields_file, find_recipe, shipped_recipes
 from mimkit.runs import config_fields, load_run_config
 from support import ROOT
 
@@ -83,12 +84,20 @@ def test_the_wheel_ships_every_recipe(tmp_path: Path) -> None:
     assert {f"mimkit/configs/{recipe.name}.yaml" for recipe in SHIPPED} <= names
 
 
-def test_the_field_names_file_is_current() -> None:
-    assert json.loads(FIELDS_FILE.read_text()) == config_fields(), (
-        'src/mimkit/config_fields.json is stale: regenerate it with python -c "import json; from mimkit.runs '
-        'import config_fields; print(json.dumps(config_fields(), indent=1, sort_keys=True))" > '
-        "src/mimkit/config_fields.json"
-    )
+def test_the_field_names_are_remembered_by_the_first_load_and_a_new_stamp_forgets_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MIMKIT_CACHE", str(tmp_path))
+    typo = read_yaml(find_recipe("ibot/vit_tiny_fmnist"), ["optim.lrr=1"])
+    check_recipe_fields(typo)  # nothing remembered yet: the full validation finds it instead
+    load_run_config("ibot/vit_tiny_fmnist")
+    assert json.loads(fields_file().read_text()) == config_fields()
+    with pytest.raises(ConfigError, match=r"optim\.lrr: unknown field"):
+        check_recipe_fields(typo)
+    monkeypatch.setattr(recipes_module, "source_stamp", lambda: "edited")  # an edited or upgraded package
+    check_recipe_fields(typo)
+    load_run_config("ibot/vit_tiny_fmnist")
+    assert [p.name for p in tmp_path.glob("config_fields-*.json")] == ["config_fields-edited.json"]
 
 
 @pytest.mark.parametrize(
@@ -101,6 +110,7 @@ def test_the_field_names_file_is_current() -> None:
         ("symmim/vit_tiny_fmnist", "trian.epochs=1"),
     ],
 )
+@pytest.mark.usefixtures("remembered_fields")
 def test_the_early_check_raises_what_validation_raises(recipe: str, typo: str) -> None:
     with pytest.raises(ConfigError) as slow:
         load_run_config(recipe, [typo])
@@ -109,12 +119,14 @@ def test_the_early_check_raises_what_validation_raises(recipe: str, typo: str) -
     assert str(early.value) == str(slow.value) and "unknown field" in str(slow.value)
 
 
+@pytest.mark.usefixtures("remembered_fields")
 def test_the_early_check_passes_every_shipped_recipe_and_open_mappings() -> None:
     for recipe in SHIPPED:
         if not recipe.name.startswith("tokenizers/"):
             check_recipe_fields(read_yaml(recipe.path, ["method.backbone.model_args.anything=1"]))
 
 
+@pytest.mark.usefixtures("remembered_fields")
 def test_a_typo_fails_before_torch_is_imported(tmp_path: Path) -> None:
     saved = tmp_path / "run" / "config.yaml"
     saved.parent.mkdir()

@@ -1,13 +1,20 @@
 """The recipes shipped inside the package (`mimkit/configs/<family>/<name>.yaml`), found by name from any folder,
 and a check of a recipe's field names that needs no torch (so a typo fails at once, before the heavy imports).
 
+The field names come from the registries (`mimkit.runs.config_fields`), which need torch; the first full load of a
+recipe remembers them in mimkit's cache under a stamp of the package's source files, and later commands check
+against that file. Nothing is kept by hand: an edited or upgraded package has a new stamp, so its first run checks
+after the imports and writes the names anew.
+
 `-c ibot/vit_tiny_fmnist` names a shipped recipe; a path to a YAML file (one's own recipe) is taken as it is.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +22,12 @@ from typing import Any
 
 import yaml
 
+from mimkit.cache import cache_dir
 from mimkit.config import ConfigError, check_field_names
 
 RECIPES = Path(__file__).resolve().parent / "configs"
-FIELDS_FILE = Path(__file__).resolve().parent / "config_fields.json"
-"""The field names of the run config and of every registered method's config (`mimkit.runs.config_fields`),
-kept current by tests/test_recipes.py."""
+PACKAGE = Path(__file__).resolve().parent
+FIELDS_PREFIX = "config_fields-"
 SUFFIX = ".yaml"
 SUMMARY_WIDTH = 100
 
@@ -80,10 +87,44 @@ def find_recipe(name_or_path: str | Path) -> Path:
     )
 
 
+def source_stamp() -> str:
+    """A digest of the package's source files (names, sizes, modification times): changes with any edit or upgrade."""
+    digest = hashlib.sha1()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(PACKAGE)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
+
+
+def fields_file() -> Path:
+    """Where this installation's config field names are remembered."""
+    return cache_dir() / f"{FIELDS_PREFIX}{source_stamp()}.json"
+
+
+def remember_fields(fields: dict[str, Any]) -> None:
+    """Write the field names for later checks (atomically), replacing older installations' files; a cache that
+    cannot be written only means no early check."""
+    file = fields_file()
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        partial = file.with_name(f"{file.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(fields, sort_keys=True))
+        partial.replace(file)
+        for old in file.parent.glob(f"{FIELDS_PREFIX}*.json"):
+            if old != file:
+                old.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def check_recipe_fields(data: Mapping[str, Any]) -> None:
-    """Raise the unknown-field error that validating `data` would raise, from FIELDS_FILE alone; a method outside
-    mimkit (`package.module:Class`) is left to the full validation."""
-    fields = json.loads(FIELDS_FILE.read_text())
+    """Raise the unknown-field error that validating `data` would raise, from the remembered field names alone; with
+    none remembered yet (this installation's first run) or a method outside mimkit (`package.module:Class`), the full
+    validation after the heavy imports finds it instead."""
+    try:
+        fields = json.loads(fields_file().read_text())
+    except (OSError, ValueError):
+        return
     check_field_names({k: v for k, v in data.items() if k != "method"}, fields["run"])
     method = data.get("method")
     if isinstance(method, Mapping) and str(method.get("name")) in fields["methods"]:

@@ -20,7 +20,7 @@ from mimkit.engine.config import OptimConfig, TrainConfig
 from mimkit.methods.base import Method, method_class, method_names
 from mimkit.methods.saved import check_pretraining_checkpoint, readable_checkpoint, resolve_checkpoint, restore_method
 from mimkit.models.encoder import Encoder
-from mimkit.recipes import find_recipe
+from mimkit.recipes import fields_file, find_recipe, remember_fields
 
 
 @dataclass
@@ -57,12 +57,14 @@ def load_run_config(
     config = from_dict(RunConfig, {**data, "method": None}, "")
     config.method = from_dict(method_cls.Config, method_data, "method")
     config.validate()
+    if not fields_file().is_file():
+        remember_fields(config_fields())  # what `mimkit pretrain` checks before torch loads next time
     return config
 
 
 def config_fields() -> dict[str, Any]:
-    """The field names of RunConfig and of each registered method's config: what `mimkit.recipes.FIELDS_FILE`
-    holds so that a typo is found without importing torch."""
+    """The field names of RunConfig and of each registered method's config: what `mimkit.recipes` remembers so that
+    a typo is found without importing torch."""
     run = field_tree(RunConfig)
     return {"run": run, "methods": {name: field_tree(method_class(name).Config) for name in method_names()}}
 
