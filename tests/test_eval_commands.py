@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from mimkit.cli import build_parser, main
-from mimkit.commands import eval as eval_command
+from mimkit.commands.eval import knn as knn_command
+from mimkit.commands.eval import linear as linear_command
 from mimkit.config import ConfigError
 from mimkit.engine.train import pretrain
 from mimkit.eval import knn, linear
@@ -253,8 +254,8 @@ def test_a_wrong_run_path_exits_2(evaluation: str, tmp_path: Path, capsys: pytes
 
 
 def test_parser_defaults_are_the_library_defaults() -> None:
-    assert eval_command.DEFAULT_KS == knn.DEFAULT_KS
-    assert eval_command.DEFAULT_LRS == linear.DEFAULT_LRS
+    assert knn_command.DEFAULT_KS == knn.DEFAULT_KS
+    assert linear_command.DEFAULT_LRS == linear.DEFAULT_LRS
     args = build_parser().parse_args(["eval", "finetune", "runs/x"])
     for field in dataclasses.fields(FinetuneConfig):
         if field.name != "num_workers":  # the run's own by default
