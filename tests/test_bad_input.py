@@ -13,7 +13,7 @@ from PIL import Image
 
 from mimkit.cli import main
 from mimkit.engine.train import pretrain
-from mimkit.models.tokenizers.fit import fit_tokenizer, load_tokenizer_recipe
+from mimkit.procedures.tokenizer_fit import fit_tokenizer, load_tokenizer_recipe
 from mimkit.runs import load_run_config
 from support import IBOT_RECIPE, QUIET_CPU_RUN, ROOT, SYNTHETIC_28, TINY_IBOT_HEADS, TINY_TOKENIZER, tiny_overlay
 

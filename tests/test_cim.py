@@ -92,7 +92,7 @@ def test_revdet_labels_are_masked_and_replaced_by_another_token(sampling: str) -
     assert torch.equal(corruption.corrupted_tokens[~masks], corruption.tokens[~masks])
     if sampling == "argmax":
         assert torch.equal(corruption.corrupted_tokens[masks], corruption.logits.argmax(-1))
-    torch.testing.assert_close(corruption.images, method._render(corruption.corrupted_tokens, images))
+    torch.testing.assert_close(corruption.images, method.corrupter.render(corruption.corrupted_tokens, images))
     assert corruption.images.shape == images.shape
 
 
@@ -146,11 +146,26 @@ def test_generator_and_enhancer_are_separate_groups_and_clipped_apart() -> None:
     grouped = [id(p) for g in groups for p in g.params]
     trainable = [id(p) for p in method.parameters() if p.requires_grad]
     assert sorted(grouped) == sorted(trainable) and len(set(grouped)) == len(grouped)
-    assert not any(p.requires_grad for p in method.tokenizer.parameters())
+    assert not any(p.requires_grad for p in method.corrupter.tokenizer.parameters())
     policy = method.clip_policy()
     assert policy.mode == "per_module" and "tokenizer" not in policy.modules
     assert {"enhancer", "enhancer_head", "generator", "generator_head"} <= set(policy.modules)
     assert method.encoder() is method.enhancer
+
+
+def test_a_checkpoint_with_the_tokenizer_at_its_old_key_still_loads() -> None:
+    method, _ = tiny_cim()
+    moved = "corrupter.tokenizer."
+    old = {
+        ("tokenizer." + k[len(moved) :] if k.startswith(moved) else k): v.clone()
+        for k, v in method.state_dict().items()
+    }
+    assert "tokenizer.centroids" in old and not any(k.startswith(moved) for k in old)  # as written before the move
+    old["tokenizer.centroids"] += 1.0
+    fresh, _ = tiny_cim()
+    fresh.load_state_dict(old)  # strict: every old key found its new place
+    torch.testing.assert_close(fresh.corrupter.tokenizer.centroids, old["tokenizer.centroids"])
+    assert fresh.networks()["tokenizer"] is fresh.corrupter.tokenizer  # `mimkit export --network tokenizer`
 
 
 def test_panels_show_the_corruption_and_the_prediction() -> None:
@@ -184,7 +199,7 @@ def test_a_missing_tokenizer_without_a_recipe_stops_before_training(tmp_path: Pa
 def test_a_missing_tokenizer_with_a_recipe_is_fitted_first(tmp_path: Path) -> None:
     tokenizer = tmp_path / "fitted.pt"
     method, _ = tiny_cim(overrides=(f"method.tokenizer={tokenizer}",))
-    assert tokenizer.is_file() and method.tokenizer.vocab_size == 16
+    assert tokenizer.is_file() and method.corrupter.tokenizer.vocab_size == 16
 
 
 def test_misaligned_grids_are_config_errors() -> None:

@@ -26,6 +26,7 @@ from torch import nn
 from mimkit.cli import main
 from mimkit.config import ConfigError
 from mimkit.models.tokenizers.dall_e import (
+    DallEConfig,
     DallETokenizer,
     dall_e_from_files,
     map_pixels,
@@ -33,6 +34,7 @@ from mimkit.models.tokenizers.dall_e import (
     unmap_pixels,
 )
 from mimkit.models.tokenizers.files import load_tokenizer, save_tokenizer
+from mimkit.procedures.tokenizer_fit import fit_tokenizer, load_tokenizer_recipe
 from support import ROOT
 
 # Tiny widths: 3 groups (4 x 4-pixel tokens), 2 blocks per group, 16 tokens.
@@ -440,6 +442,10 @@ def test_fit_command_imports_the_files_and_draws_them(tmp_path: Path, published:
     out = tmp_path / "dall_e.pt"
     recipe = ROOT / "tests" / "tiny" / "tokenizer.yaml"
     files = [f"tokenizer.encoder_file={published[0]}", f"tokenizer.decoder_file={published[1]}"]
+    gray = load_tokenizer_recipe(recipe, ["tokenizer.kind=dall-e", *files, f"output={out}"])
+    assert isinstance(gray.tokenizer, DallEConfig) and gray.tokenizer.encoder_file == str(published[0])
+    with pytest.raises(ConfigError, match=r"the dVAE takes 3-channel images; the data has 1 \(set data.channels=3\)"):
+        fit_tokenizer(gray)
     assert (
         main(
             ["tokenizer", "fit", "-c", str(recipe), "tokenizer.kind=dall-e", *files, "data.channels=3", f"output={out}"]

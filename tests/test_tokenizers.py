@@ -1,24 +1,35 @@
-"""mimkit's own tokenizers (k-means, VQ-VAE): the contract, fitting, measuring, the file, and `mimkit tokenizer fit`.
+"""mimkit's own tokenizers (k-means, VQ-VAE): the contract, fitting, measuring, the file, `mimkit tokenizer fit`,
+and the registry of kinds (a kind registered in one place, here a toy one, is fitted, saved and used by CIM).
 
 The DALL-E dVAE has its own file (tests/test_dall_e_tokenizer.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from PIL import Image
+from torch.nn import functional as F
 
 from mimkit.cli import main
 from mimkit.config import ConfigError, read_yaml
-from mimkit.models.tokenizers.base import codebook_usage, psnr
-from mimkit.models.tokenizers.files import load_tokenizer, save_tokenizer
-from mimkit.models.tokenizers.fit import fit_tokenizer, load_tokenizer_recipe, measure
+from mimkit.data.loader import collate
+from mimkit.data.sources import build_source
+from mimkit.methods.cim import CIM
+from mimkit.models.tokenizers.base import Status, Tokenizer, TokenizerConfig, codebook_usage, psnr
+from mimkit.models.tokenizers.files import FORMAT, load_tokenizer, save_tokenizer
 from mimkit.models.tokenizers.kmeans import KMeansTokenizer
+from mimkit.models.tokenizers.registry import register_tokenizer, tokenizer_class, tokenizer_kinds
 from mimkit.models.tokenizers.vqvae import VQVAETokenizer
-from support import ROOT
+from mimkit.procedures.tokenizer_fit import fit_tokenizer, load_tokenizer_recipe, measure
+from mimkit.runs import load_run_config
+from mimkit.schedules import Progress
+from support import ROOT, tiny_overlay
 
 TINY = ROOT / "tests" / "tiny" / "tokenizer.yaml"
 KINDS = {
@@ -56,7 +67,6 @@ def test_tokens_and_images_have_the_contract_shapes(fitted) -> None:
 
 def test_a_fitted_tokenizer_reconstructs_a_training_batch_better_than_a_constant_image(fitted) -> None:
     result, recipe = fitted
-    from mimkit.data.sources import build_source
     from mimkit.data.views import EvalView
 
     source = build_source(recipe.data)
@@ -151,3 +161,128 @@ def test_shipped_tokenizer_recipes_load(recipe: Path, tmp_path: Path) -> None:
     folder = ["data.root=" + str(tmp_path)] if read_yaml(recipe)["data"]["source"] == "imagefolder" else []
     loaded = load_tokenizer_recipe(recipe, folder)
     assert loaded.tokenizer.image_size % loaded.tokenizer.patch_size == 0 and loaded.output.startswith("tokenizers/")
+
+
+def test_the_shipped_kinds_are_registered_with_their_configs() -> None:
+    assert {"kmeans", "vqvae", "dall-e"} <= set(tokenizer_kinds())
+    assert tokenizer_class("vqvae") is VQVAETokenizer
+    assert type(load_tokenizer_recipe(TINY, ["tokenizer.kind=vqvae", "tokenizer.lr=0.01"]).tokenizer).__name__ == (
+        "VQVAEConfig"
+    )
+
+
+def test_an_unknown_kind_lists_the_registered_ones() -> None:
+    with pytest.raises(
+        ConfigError, match=r"tokenizer.kind: unknown tokenizer kind 'nope'; choose one of .*dall-e, kmeans"
+    ):
+        load_tokenizer_recipe(TINY, ["tokenizer.kind=nope"])
+
+
+def test_a_field_of_another_kind_names_the_field_and_both_kinds() -> None:
+    with pytest.raises(
+        ConfigError, match=r"tokenizer.hidden_dim: a field of the vqvae tokenizer, not of kind 'kmeans'"
+    ):
+        load_tokenizer_recipe(TINY, ["tokenizer.hidden_dim=8"])
+    with pytest.raises(ConfigError, match=r"tokenizer.lr: a field of the vqvae tokenizer, not of kind 'dall-e'"):
+        load_tokenizer_recipe(TINY, ["tokenizer.kind=dall-e", "tokenizer.lr=0.1"])
+    with pytest.raises(ConfigError, match=r"tokenizer.vocab: unknown field; did you mean 'tokenizer.vocab_size'"):
+        load_tokenizer_recipe(TINY, ["tokenizer.vocab=8"])
+
+
+def test_a_file_of_the_format_loads_and_one_of_an_unknown_kind_is_named(tmp_path: Path) -> None:
+    centroids = torch.rand(4, 4)
+    payload = {
+        "format": FORMAT,
+        "kind": "kmeans",
+        "config": {"vocab_size": 4, "patch_size": 2, "channels": 1},
+        "state": {"centroids": centroids, "counts": torch.ones(4)},
+        "metrics": {"psnr": 12.5},
+    }
+    torch.save(payload, tmp_path / "kmeans.pt")
+    loaded, metrics = load_tokenizer(tmp_path / "kmeans.pt")
+    assert isinstance(loaded, KMeansTokenizer) and torch.equal(loaded.centroids, centroids) and metrics["psnr"] == 12.5
+    torch.save({**payload, "kind": "gone"}, tmp_path / "gone.pt")
+    with pytest.raises(ConfigError, match=r"method.tokenizer: .*gone.pt holds an unknown tokenizer kind 'gone'; the"):
+        load_tokenizer(tmp_path / "gone.pt")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Adding a kind: one class that registers its config, its builder and its fitting (here, in this file only)
+
+
+@dataclass
+class LevelsConfig(TokenizerConfig):
+    kind: str = "test-levels"
+    margin: float = 0.0
+    """Widens the fitted brightness range on both sides."""
+
+
+@register_tokenizer
+class LevelsTokenizer(Tokenizer):
+    """A toy kind: a patch's token is its mean brightness, quantised into vocab_size levels over the range of patch
+    means seen while fitting; decoding paints each patch flat at its level."""
+
+    kind = "test-levels"
+    Config = LevelsConfig
+
+    def __init__(self, vocab_size: int, patch_size: int, channels: int) -> None:
+        super().__init__()
+        self.vocab_size, self.patch_size, self.channels = vocab_size, patch_size, channels
+        self.register_buffer("range", torch.tensor([0.0, 1.0]))
+
+    @classmethod
+    def build(cls, cfg: TokenizerConfig, channels: int) -> LevelsTokenizer:
+        return cls(cfg.vocab_size, cfg.patch_size, channels)
+
+    def config(self) -> dict[str, Any]:
+        return {"vocab_size": self.vocab_size, "patch_size": self.patch_size, "channels": self.channels}
+
+    def fit(
+        self, cfg: TokenizerConfig, batches: Iterable[torch.Tensor], generator: torch.Generator, status: Status
+    ) -> None:
+        assert isinstance(cfg, LevelsConfig)
+        means = torch.cat([self.patch_means(images).flatten() for images in batches])
+        status(f"{len(means)} patches")
+        self.range.copy_(torch.stack([means.min() - cfg.margin, means.max() + cfg.margin]))
+
+    def patch_means(self, images: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(images.mean(1, keepdim=True), self.patch_size)[:, 0]
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self.check_images(images)
+        low, high = self.range
+        scaled = (self.patch_means(images) - low) / (high - low)
+        return (scaled * (self.vocab_size - 1)).round().clamp(0, self.vocab_size - 1).long()
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        low, high = self.range
+        levels = low + tokens.float() / (self.vocab_size - 1) * (high - low)
+        flat = levels.repeat_interleave(self.patch_size, -2).repeat_interleave(self.patch_size, -1)
+        return flat[:, None].expand(-1, self.channels, -1, -1).clamp(0, 1)
+
+
+def test_a_kind_registered_in_one_file_is_fitted_saved_loaded_and_corrupts_for_cim(tmp_path: Path) -> None:
+    out = tmp_path / "levels.pt"
+    recipe = load_tokenizer_recipe(TINY, ["tokenizer.kind=test-levels", "tokenizer.margin=0.01", f"output={out}"])
+    assert isinstance(recipe.tokenizer, LevelsConfig) and "test-levels" in tokenizer_kinds()
+    fitted = fit_tokenizer(recipe)
+    assert fitted.metrics["psnr"] > fitted.metrics["psnr_constant"]
+    loaded, _ = load_tokenizer(out)
+    assert isinstance(loaded, LevelsTokenizer) and torch.equal(loaded.range, fitted.tokenizer.range)
+    assert not torch.equal(loaded.range, torch.tensor([0.0, 1.0]))  # fitted on the data
+
+    tiny = [o for o in tiny_overlay("cim")["overrides"] if not o.startswith("method.tokenizer")]
+    synthetic = ["data.source=synthetic", "data.synthetic.size=28", "data.channels=1", "data.synthetic.images=8"]
+    shape = ["method.backbone.embed_dim=32", "method.backbone.depth=1", "method.backbone.num_heads=2"]
+    cfg = load_run_config(
+        ROOT / "configs" / "cim" / "vit_tiny_fmnist_revdet.yaml",
+        [*tiny, *synthetic, *shape, f"method.tokenizer={out}", "method.tokenizer_recipe=null"],
+    )
+    source = build_source(cfg.data)
+    method = CIM(cfg.method, source.info)
+    assert isinstance(method.networks()["tokenizer"], LevelsTokenizer)
+    views = method.views()
+    batch = collate([(views(source.load(i)[0], 0), 0, i) for i in range(4)])
+    output = method.training_step(batch, Progress(epoch=0, step=0, steps_per_epoch=1, epochs=1))
+    output.loss.backward()
+    assert torch.isfinite(output.loss) and output.metrics["replaced_ratio"] > 0

@@ -18,7 +18,8 @@ def add(commands: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(title="tokenizer commands", metavar="ACTION", required=True)
     fit = sub.add_parser(
         "fit",
-        help="fit k-means, train a VQ-VAE or import the DALL-E dVAE; report PSNR and codebook usage",
+        help="fit the recipe's tokenizer kind (k-means, VQ-VAE, the DALL-E dVAE import or another registered one); "
+        "report PSNR and codebook usage",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Make a tokenizer file from a tokenizer recipe, measure its reconstruction PSNR and codebook "
         "usage on held-out images, and draw originals beside reconstructions (<output>.png).",
@@ -35,7 +36,7 @@ def add(commands: argparse._SubParsersAction) -> None:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from mimkit.models.tokenizers.fit import describe_metrics, fit_tokenizer, load_tokenizer_recipe
+    from mimkit.procedures.tokenizer_fit import describe_metrics, fit_tokenizer, load_tokenizer_recipe
     from mimkit.viz.masks import panels_figure
 
     recipe = load_tokenizer_recipe(args.config, args.overrides)

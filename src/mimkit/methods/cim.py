@@ -5,16 +5,17 @@ No code of CIM is public; the paper fixes the pipeline, and every number here is
 
 Algorithm, per batch:
   views      one random-resized crop per image with a BEiT block mask on the token grid (40-50 % of the tokens)
-  tokenizer  frozen; z = its tokens of the crop (one per enhancer patch)
-  generator  small ViT with a mask token on the masked crop -> logits over the vocabulary at masked positions;
-             L_gen = cross-entropy against z there
+  tokens     z = the frozen tokenizer's tokens of the crop, one per enhancer patch      (`Corrupter.tokenize`)
+  generator  small ViT with a mask token on the masked crop -> logits over the vocabulary at masked positions
   corrupt    z' = z outside the mask, tokens sampled from the generator's softmax (temperature) inside, no
-             gradient; the tokenizer decodes the whole grid z' into the corrupted image
+             gradient; the tokenizer renders the whole grid z' into the corrupted image  (`Corrupter.corrupt`)
   enhancer   any encoder (ViT, BEiT, CNN) on the corrupted image, no mask token:
              ResPix: all original pixels, sliding-window normalised (MSE over every pixel), or
              RevDet: per token, was it replaced (masked and z' != z)? (BCE over every position)
+  generator  L_gen = cross-entropy of its logits against z at the masked positions
   loss       L_gen + L_enh; no gradient flows from the enhancer into the generator, each is clipped on its own
-The enhancer is what evaluation and export use.
+The enhancer is what evaluation and export use; the tokenizer and the sampling are the corruption part
+(`mimkit.corruption`), fitting a missing tokenizer file is a procedure (`mimkit.procedures.tokenizer_fit`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mimkit.config import ConfigError, check
+from mimkit.corruption import Corrupter, Corruption, Sampling
 from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskConfig, MaskGenerator
 from mimkit.data.sources import ImageSource
@@ -51,7 +53,7 @@ from mimkit.models.backbones import BackboneConfig, build_backbone
 from mimkit.models.encoder import Encoder
 from mimkit.models.heads import PixelShuffleHead
 from mimkit.models.tokenizers.files import load_tokenizer
-from mimkit.models.tokenizers.fit import describe_metrics, fit_tokenizer, load_tokenizer_recipe
+from mimkit.procedures.tokenizer_fit import describe_metrics, fit_tokenizer, load_tokenizer_recipe
 from mimkit.schedules import Progress
 
 log = logging.getLogger("mimkit")
@@ -82,7 +84,7 @@ class CIMConfig(MethodConfig):
     views: MaskedViewConfig = field(default_factory=lambda: MaskedViewConfig(color_jitter_p=0.0))
     mask: MaskConfig = field(default_factory=lambda: MaskConfig(ratios=[(0.45, 0.05)]))
     """Generator mask: BEiT blocks over 40-50 % of the tokens, the smallest block 16 tokens on a 14 x 14 grid."""
-    sampling: Literal["sample", "argmax"] = "sample"
+    sampling: Sampling = "sample"
     temperature: float = 1.0
     """Softmax temperature of the sampled replacements."""
     window: int | None = None
@@ -119,6 +121,8 @@ class CIMConfig(MethodConfig):
 class CIM(Method):
     Config = CIMConfig
     cfg: CIMConfig
+    renamed_state: ClassVar[dict[str, str]] = {"tokenizer": "corrupter.tokenizer"}
+    """The tokenizer moved into the corruption part: checkpoints written before still load."""
 
     @classmethod
     def prepare(cls, cfg: MethodConfig, source: ImageSource) -> None:
@@ -139,7 +143,7 @@ class CIM(Method):
 
     def __init__(self, cfg: CIMConfig, data: DataInfo) -> None:
         super().__init__(cfg, data)
-        self.tokenizer, _ = load_tokenizer(cfg.tokenizer)
+        tokenizer, _ = load_tokenizer(cfg.tokenizer)
         self.enhancer = build_backbone(cfg.backbone, data.channels, mask_token=False)
         self.generator = build_backbone(cfg.generator, data.channels, mask_token=True, prefix="method.generator")
         size = cfg.backbone.img_size
@@ -157,9 +161,8 @@ class CIM(Method):
             f"give it patch size {token_patch}",
         )
         self.window = cfg.window or token_patch
-        self.tokenizer_size = self.token_grid[0] * self.tokenizer.patch_size
-        """Side of the images the tokenizer reads and renders (one token per enhancer patch)."""
-        self.generator_head = nn.Linear(self.generator.embed_dim, self.tokenizer.vocab_size)
+        self.corrupter = Corrupter(tokenizer, self.token_grid, data.mean, data.std, cfg.sampling, cfg.temperature)
+        self.generator_head = nn.Linear(self.generator.embed_dim, tokenizer.vocab_size)
         self.enhancer_grid = self.enhancer.grid(size, size)
         if cfg.objective == "respix":
             self.enhancer_head = PixelShuffleHead(
@@ -169,8 +172,6 @@ class CIM(Method):
             self.enhancer_head = PixelShuffleHead(
                 self.enhancer.embed_dim, 1, self._upscale(self.token_grid[0], "tokens of the token grid")
             )
-        self.register_buffer("mean", torch.tensor(data.mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(data.std).view(1, -1, 1, 1), persistent=False)
 
     def _upscale(self, side: int, what: str) -> int:
         grid = self.enhancer_grid
@@ -186,22 +187,17 @@ class CIM(Method):
         """A masked crop per image, with a seed for the draws of its replacement tokens."""
         return SeededViews(MaskedView(self.cfg.views, self.data, self.token_grid, MaskGenerator(self.cfg.mask)))
 
-    def train(self, mode: bool = True) -> CIM:
-        super().train(mode)
-        self.tokenizer.eval()  # frozen: never in training mode
-        return self
-
     def training_step(self, batch: dict[str, Any], progress: Progress) -> StepOutput:
         views = batch["views"]
         images, masks = views["image"], views["mask"]
         corruption = self.corrupt(images, masks, views["seed"])
-        targets = corruption.tokens[masks]
-        loss_generator = global_token_mean(F.cross_entropy(corruption.logits.float(), targets, reduction="none"))
         prediction, tokens = self.enhance_tokens(corruption.images)
         if self.cfg.objective == "respix":
             loss_enhancer = F.mse_loss(prediction.float(), sliding_window_normalize(images, self.window))
         else:
             loss_enhancer = F.binary_cross_entropy_with_logits(prediction.float(), corruption.replaced.float())
+        targets = corruption.tokens[masks]
+        loss_generator = global_token_mean(F.cross_entropy(corruption.logits.float(), targets, reduction="none"))
         metrics = {
             "loss_generator": loss_generator.detach(),
             "loss_enhancer": loss_enhancer.detach(),
@@ -215,30 +211,16 @@ class CIM(Method):
         return StepOutput(self.cfg.generator_weight * loss_generator + loss_enhancer, metrics)
 
     def corrupt(self, images: torch.Tensor, masks: torch.Tensor, seeds: torch.Tensor) -> Corruption:
-        """Tokens of the images, the generator's logits at the masked positions, and the corrupted images the
-        tokenizer renders from the original tokens with the masked ones replaced by samples (no gradient); each
-        image's samples are drawn with its own seed (`seeds`, (B,)), so they do not depend on the process."""
-        with torch.no_grad():
-            tokens = self._tokenize(images)
-        hidden = self.generator(images, mask=masks)[:, self.generator.num_prefix_tokens :]
-        logits = self.generator_head(hidden[masks.flatten(1)])
-        with torch.no_grad():
-            sampled = logits.argmax(-1) if self.cfg.sampling == "argmax" else self._sample(logits, masks, seeds)
-            corrupted_tokens = tokens.clone()
-            corrupted_tokens[masks] = sampled
-            corrupted = self._render(corrupted_tokens, images)
-        return Corruption(tokens, logits, corrupted_tokens, corrupted, masks & (corrupted_tokens != tokens))
+        """The images' tokens, the generator's logits at the masked positions, and the corrupted images rendered
+        with those positions sampled by each image's own seed (`seeds`, (B,))."""
+        tokens = self.corrupter.tokenize(images)
+        logits = self.generate(images, masks)
+        return self.corrupter.corrupt(tokens, masks, logits, seeds, images)
 
-    def _sample(self, logits: torch.Tensor, masks: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-        """One token per masked position from softmax(logits / temperature), image by image with its seed."""
-        probabilities = F.softmax(logits.float() / self.cfg.temperature, -1)
-        counts = masks.flatten(1).sum(1).tolist()
-        samples = [torch.empty(0, dtype=torch.long, device=logits.device)]
-        for rows, seed in zip(probabilities.split(counts), seeds.tolist(), strict=True):
-            if len(rows):
-                generator = torch.Generator(device=rows.device).manual_seed(int(seed))
-                samples.append(torch.multinomial(rows, 1, generator=generator).squeeze(-1))
-        return torch.cat(samples)
+    def generate(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """(M, vocab) the generator's logits at the M masked positions of the images it sees masked."""
+        hidden = self.generator(images, mask=masks)[:, self.generator.num_prefix_tokens :]
+        return self.generator_head(hidden[masks.flatten(1)])
 
     def enhance(self, corrupted: torch.Tensor) -> torch.Tensor:
         """ResPix: (B, C, H, W) sliding-window normalised pixels; RevDet: (B, h, w) replaced-token logits."""
@@ -249,26 +231,6 @@ class CIM(Method):
         tokens = self.enhancer(corrupted)
         output = self.enhancer_head(tokens[:, self.enhancer.num_prefix_tokens :], self.enhancer_grid)
         return (output if self.cfg.objective == "respix" else output.squeeze(1)), tokens
-
-    def _to_pixels(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float() * self.std + self.mean).clamp(0, 1)
-
-    def _tokenize(self, images: torch.Tensor) -> torch.Tensor:
-        """Tokens of normalised images, resized to the tokenizer's side and matched to its channels (gray images
-        repeated for an RGB tokenizer such as DALL-E's, RGB averaged for a gray one)."""
-        pixels = self._resize(self._to_pixels(images), self.tokenizer_size)
-        return self.tokenizer.encode(_match_channels(pixels, self.tokenizer.channels))
-
-    def _render(self, tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """The tokenizer's image of `tokens` as the networks see images like `like` (size, channels, normalisation)."""
-        pixels = _match_channels(self._resize(self.tokenizer.decode(tokens), like.shape[-1]), like.shape[1])
-        return (pixels.to(like.dtype) - self.mean) / self.std
-
-    @staticmethod
-    def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
-        if images.shape[-1] == size and images.shape[-2] == size:
-            return images
-        return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
     @torch.no_grad()
     def reconstruct(self, views: dict[str, Any]) -> Reconstruction | None:
@@ -292,7 +254,7 @@ class CIM(Method):
         rows = [
             Panel("original", images),
             Panel("generator mask", masks.float()),
-            Panel("tokenizer reconstruction", self._render(corruption.tokens, images)),
+            Panel("tokenizer reconstruction", self.corrupter.render(corruption.tokens, images)),
             Panel("corrupted (enhancer input)", corruption.images),
         ]
         prediction = self.enhance(corruption.images)
@@ -322,15 +284,8 @@ class CIM(Method):
             "enhancer_head": self.enhancer_head,
             "generator": self.generator,
             "generator_head": self.generator_head,
-            "tokenizer": self.tokenizer,
+            "tokenizer": self.corrupter.tokenizer,
         }
-
-
-def _match_channels(pixels: torch.Tensor, channels: int) -> torch.Tensor:
-    """(B, C, H, W) pixels with `channels` channels: a gray image repeated, or the channel mean of an RGB one."""
-    if pixels.shape[1] == channels:
-        return pixels
-    return pixels.mean(1, keepdim=True).expand(-1, channels, -1, -1)
 
 
 def global_token_mean(values: torch.Tensor) -> torch.Tensor:
@@ -339,17 +294,3 @@ def global_token_mean(values: torch.Tensor) -> torch.Tensor:
     different numbers of tokens, so a per-process mean would weigh tokens by the process they landed on."""
     count = all_reduce_mean(values.new_tensor(float(values.numel())))
     return values.sum() / count.clamp(min=1.0)
-
-
-@dataclass
-class Corruption:
-    tokens: torch.Tensor
-    """(B, h, w) the tokenizer's tokens of the original images."""
-    logits: torch.Tensor
-    """(M, vocab) the generator's logits at the M masked positions (row-major, batch first)."""
-    corrupted_tokens: torch.Tensor
-    """(B, h, w) the tokens the corrupted images were rendered from."""
-    images: torch.Tensor
-    """(B, C, H, W) corrupted images in the networks' normalisation."""
-    replaced: torch.Tensor
-    """(B, h, w) bool: masked and sampled differently from the original token (RevDet's labels)."""

@@ -1,18 +1,56 @@
-"""The Tokenizer contract and its file: what CIM's generator predicts and what renders its corrupted images.
+"""The Tokenizer contract: what CIM's generator predicts and what renders its corrupted images.
 
 A tokenizer is frozen once made. It works on pixels in [0, 1] (whatever the data's normalisation) and maps an
 image of `patch_size * h` x `patch_size * w` pixels to an (h, w) grid of token ids and back, so one token covers
 one patch of the enhancer once the image is resized to `patch_size` pixels per token.
+
+Each kind is one class that owns its recipe config (`Config`, chosen by `tokenizer.kind`), builds itself from it
+(`build`) and fits itself to batches of images (`fit`); `mimkit.models.tokenizers.registry` finds it by its kind.
 Its file (`mimkit.models.tokenizers.files`) holds plain tensors and values, never code.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from mimkit.config import check
+
+RESTART_PATCHES_PER_CODE = 20
+"""A code that none of RESTART_PATCHES_PER_CODE x vocab_size assignments chose restarts on the data."""
+
+Status = Callable[[str], None]
+"""Shows one line about the fit so far (a loss, restarted codes) beside the fitting procedure's progress bar."""
+
+
+@dataclass
+class TokenizerConfig:
+    """Fields every tokenizer kind has; a kind's own config extends it (defaults: k-means of 8-pixel patches)."""
+
+    kind: str = "kmeans"
+    """The registered kind (`mimkit.models.tokenizers.registry.tokenizer_kinds()`); it chooses the config class."""
+    vocab_size: int = 512
+    patch_size: int = 8
+    """Pixels per token side; the CIM enhancer's images are resized so one token covers one of its patches."""
+    image_size: int = 32
+    """Images are resized (and centre-cropped) to this size for fitting and measuring."""
+    epochs: int = 1
+    """Passes over the data while fitting."""
+
+    def validate(self, prefix: str = "tokenizer") -> None:
+        check(self.vocab_size >= 2, f"{prefix}.vocab_size", f"must be >= 2; got {self.vocab_size}")
+        check(self.patch_size >= 1, f"{prefix}.patch_size", f"must be >= 1; got {self.patch_size}")
+        check(
+            self.image_size % self.patch_size == 0,
+            f"{prefix}.image_size",
+            f"{self.image_size} is not divisible by the patch size {self.patch_size}; use a multiple of it",
+        )
+        check(self.epochs >= 1, f"{prefix}.epochs", f"must be >= 1; got {self.epochs}")
 
 
 class Tokenizer(nn.Module):
@@ -20,10 +58,24 @@ class Tokenizer(nn.Module):
 
     kind: ClassVar[str]
     """The name recipes and files use (`tokenizer.kind`)."""
+    Config: ClassVar[type[TokenizerConfig]] = TokenizerConfig
+    """The kind's recipe config (`tokenizer:` of a tokenizer recipe)."""
     vocab_size: int
     patch_size: int
     """Pixels per token side at the tokenizer's input."""
     channels: int
+
+    @classmethod
+    def build(cls, cfg: TokenizerConfig, channels: int) -> Tokenizer:
+        """A tokenizer of recipe `cfg` for images of `channels` channels, ready for `fit`."""
+        raise NotImplementedError
+
+    def fit(
+        self, cfg: TokenizerConfig, batches: Iterable[torch.Tensor], generator: torch.Generator, status: Status
+    ) -> None:
+        """Fit to shuffled `batches` of images in [0, 1] on this tokenizer's device (`cfg.epochs` passes), drawing
+        random choices from the CPU `generator`; the fitting procedure freezes and saves it afterwards."""
+        raise NotImplementedError
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [0, 1], H and W multiples of `patch_size` -> (B, H / p, W / p) long token ids."""
@@ -34,7 +86,7 @@ class Tokenizer(nn.Module):
         raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
-        """The constructor arguments that rebuild this tokenizer (saved beside its state)."""
+        """The constructor arguments that rebuild this tokenizer (saved beside its state in its file)."""
         raise NotImplementedError
 
     def check_images(self, images: torch.Tensor) -> None:
@@ -57,6 +109,30 @@ def random_rows(samples: torch.Tensor, count: int, generator: torch.Generator) -
     """`count` rows of `samples` (N, D) drawn uniformly with replacement by a CPU `generator` (codebook
     initialisation and restarts of unused codes)."""
     return samples[torch.randint(len(samples), (count,), generator=generator).to(samples.device)]
+
+
+class CodeUsage:
+    """The codes chosen since the last restart of unused ones; a window closes after RESTART_PATCHES_PER_CODE x
+    vocab_size assignments."""
+
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        self.used = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.size = RESTART_PATCHES_PER_CODE * vocab_size
+        self.seen = 0
+        self.restarts = 0
+        """Codes restarted so far (what the progress bar shows)."""
+
+    def add(self, ids: torch.Tensor) -> bool:
+        """Record assignments; True when the window is full (time to restart the codes not in `used`)."""
+        self.used[ids.flatten()] = True
+        self.seen += ids.numel()
+        return self.seen >= self.size
+
+    def restarted(self, count: int) -> None:
+        """`count` codes were restarted: a new window begins."""
+        self.restarts += count
+        self.used.zero_()
+        self.seen = 0
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ import pickle
 import types
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimkit.config import ConfigError, short_reason
-from mimkit.models.tokenizers.base import Tokenizer
+from mimkit.config import ConfigError, check, short_reason
+from mimkit.models.tokenizers.base import Status, Tokenizer, TokenizerConfig
+from mimkit.models.tokenizers.registry import register_tokenizer
 
 EPS = 0.1
 """The dVAE works on pixels squeezed into [EPS, 1 - EPS] (its logit-Laplace likelihood is undefined at 0 and 1)."""
@@ -141,10 +143,32 @@ class DallEDecoder(nn.Module):
         return self.blocks[1:](x)
 
 
+@dataclass
+class DallEConfig(TokenizerConfig):
+    """The dVAE's files; its widths, vocabulary and patch come from their tensors."""
+
+    kind: str = "dall-e"
+    encoder_file: str | None = None
+    """The dVAE's encoder.pkl (or a state dict of it), downloaded by you; mimkit never downloads."""
+    decoder_file: str | None = None
+    """The dVAE's decoder.pkl."""
+
+    def validate(self, prefix: str = "tokenizer") -> None:
+        super().validate(prefix)
+        check(
+            bool(self.encoder_file and self.decoder_file),
+            f"{prefix}.encoder_file",
+            "dall-e needs tokenizer.encoder_file and tokenizer.decoder_file: the dVAE's encoder.pkl and "
+            "decoder.pkl, downloaded by you (mimkit never downloads weights)",
+        )
+
+
+@register_tokenizer
 class DallETokenizer(Tokenizer):
     """The DALL-E dVAE; its defaults are the published one's widths (8192 tokens of 8 x 8 RGB pixels)."""
 
     kind = "dall-e"
+    Config = DallEConfig
 
     def __init__(
         self,
@@ -161,6 +185,23 @@ class DallETokenizer(Tokenizer):
         self.patch_size = 2 ** (group_count - 1)
         self.encoder = DallEEncoder(vocab_size, n_hid, n_blk_per_group, group_count, channels)
         self.decoder = DallEDecoder(vocab_size, n_hid, n_init, n_blk_per_group, group_count, channels)
+
+    @classmethod
+    def build(cls, cfg: TokenizerConfig, channels: int) -> DallETokenizer:
+        """The dVAE of the recipe's files, which must take the data's channels."""
+        assert isinstance(cfg, DallEConfig)
+        tokenizer = dall_e_from_files(cfg.encoder_file or "", cfg.decoder_file or "", "tokenizer")
+        if tokenizer.channels != channels:
+            raise ConfigError(
+                f"tokenizer: the dVAE takes {tokenizer.channels}-channel images; the data has {channels} "
+                f"(set data.channels={tokenizer.channels})"
+            )
+        return tokenizer
+
+    def fit(
+        self, cfg: TokenizerConfig, batches: Iterable[torch.Tensor], generator: torch.Generator, status: Status
+    ) -> None:
+        """Imported whole from its files: nothing to fit (the batches are never read)."""
 
     def config(self) -> dict[str, Any]:
         return {

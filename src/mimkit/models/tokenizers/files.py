@@ -10,12 +10,9 @@ import torch
 
 from mimkit.config import ConfigError, short_reason
 from mimkit.models.tokenizers.base import Tokenizer
-from mimkit.models.tokenizers.dall_e import DallETokenizer
-from mimkit.models.tokenizers.kmeans import KMeansTokenizer
-from mimkit.models.tokenizers.vqvae import VQVAETokenizer
+from mimkit.models.tokenizers.registry import tokenizer_class, tokenizer_kinds
 
 FORMAT = "mimkit-tokenizer/1"
-KINDS: dict[str, type[Tokenizer]] = {cls.kind: cls for cls in (KMeansTokenizer, VQVAETokenizer, DallETokenizer)}
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | Path, metrics: dict[str, float] | None = None) -> Path:
@@ -37,6 +34,7 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | Path, metrics: dict[str, fl
 
 
 def read_tokenizer_file(path: str | Path, field_name: str = "method.tokenizer") -> dict[str, Any]:
+    """The payload of a tokenizer file (`FORMAT`), or a ConfigError on `field_name` saying how to make one."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(f"{field_name}: tokenizer file {file} does not exist")
@@ -55,9 +53,12 @@ def read_tokenizer_file(path: str | Path, field_name: str = "method.tokenizer") 
 def load_tokenizer(path: str | Path, field_name: str = "method.tokenizer") -> tuple[Tokenizer, dict[str, float]]:
     """The frozen tokenizer of a file and the metrics it was saved with (PSNR, codebook usage)."""
     payload = read_tokenizer_file(path, field_name)
-    if payload["kind"] not in KINDS:
-        raise ConfigError(f"{field_name}: {path} holds an unknown tokenizer kind {payload['kind']!r}")
-    tokenizer = KINDS[payload["kind"]](**payload["config"])
+    if payload.get("kind") not in tokenizer_kinds():
+        raise ConfigError(
+            f"{field_name}: {path} holds an unknown tokenizer kind {payload.get('kind')!r}; the registered kinds are "
+            f"{', '.join(tokenizer_kinds())}"
+        )
+    tokenizer = tokenizer_class(payload["kind"])(**payload["config"])
     tokenizer.load_state_dict(payload["state"])
     tokenizer.requires_grad_(False).eval()
     return tokenizer, payload["metrics"]

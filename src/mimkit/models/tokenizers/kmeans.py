@@ -5,16 +5,29 @@ encode = the nearest centroid of each patch (squared L2 on its p x p x C pixels)
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from mimkit.data.info import DataError
 from mimkit.losses.pixels import patchify, unpatchify
-from mimkit.models.tokenizers.base import Tokenizer, nearest_codes, random_rows
+from mimkit.models.tokenizers.base import CodeUsage, Status, Tokenizer, TokenizerConfig, nearest_codes, random_rows
+from mimkit.models.tokenizers.registry import register_tokenizer
 
 
+@dataclass
+class KMeansConfig(TokenizerConfig):
+    """A k-means codebook: the common fields are all it needs (`epochs` = passes of mini-batch k-means)."""
+
+    kind: str = "kmeans"
+
+
+@register_tokenizer
 class KMeansTokenizer(Tokenizer):
     kind = "kmeans"
+    Config = KMeansConfig
 
     def __init__(self, vocab_size: int, patch_size: int, channels: int) -> None:
         super().__init__()
@@ -23,8 +36,36 @@ class KMeansTokenizer(Tokenizer):
         self.register_buffer("counts", torch.zeros(vocab_size))
         """Patches assigned to each centroid while fitting (its mini-batch k-means learning rate is 1 / count)."""
 
+    @classmethod
+    def build(cls, cfg: TokenizerConfig, channels: int) -> KMeansTokenizer:
+        return cls(cfg.vocab_size, cfg.patch_size, channels)
+
     def config(self) -> dict[str, Any]:
         return {"vocab_size": self.vocab_size, "patch_size": self.patch_size, "channels": self.channels}
+
+    def fit(
+        self, cfg: TokenizerConfig, batches: Iterable[torch.Tensor], generator: torch.Generator, status: Status
+    ) -> None:
+        """Mini-batch k-means; centroids that no patch chose while RESTART_PATCHES_PER_CODE x vocab_size patches
+        were assigned restart on random patches of the current batch."""
+        window = CodeUsage(self.vocab_size, self.centroids.device)
+        pool: list[torch.Tensor] = []
+        initialized = False
+        for images in batches:
+            patches = patchify(images, self.patch_size).flatten(0, 1)
+            if not initialized:
+                pool.append(patches)
+                if sum(len(p) for p in pool) < self.vocab_size:
+                    continue
+                self.initialize(torch.cat(pool), generator)
+                initialized, pool = True, []
+            if window.add(self.update(patches)):
+                window.restarted(self.restart_dead(patches, window.used, generator))
+            status(f"{window.restarts} unused codes restarted")
+        if not initialized:
+            raise DataError(
+                f"k-means with {self.vocab_size} codes needs at least as many patches; lower tokenizer.vocab_size"
+            )
 
     def nearest(self, patches: torch.Tensor) -> torch.Tensor:
         """(..., D) patch vectors -> (...) ids of their nearest centroids."""

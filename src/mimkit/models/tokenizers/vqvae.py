@@ -8,13 +8,40 @@ token see its neighbours.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mimkit.models.tokenizers.base import Tokenizer, nearest_codes, random_rows
+from mimkit.config import check
+from mimkit.models.tokenizers.base import CodeUsage, Status, Tokenizer, TokenizerConfig, nearest_codes, random_rows
+from mimkit.models.tokenizers.registry import register_tokenizer
+
+
+@dataclass
+class VQVAEConfig(TokenizerConfig):
+    """The VQ-VAE's widths and training (`epochs` = training epochs)."""
+
+    kind: str = "vqvae"
+    hidden_dim: int = 64
+    """Width of its convolutions."""
+    code_dim: int = 32
+    """Size of a code vector."""
+    decay: float = 0.99
+    """EMA decay of the codebook."""
+    commitment: float = 0.25
+    """Weight of the commitment loss."""
+    loss: Literal["l1", "l2"] = "l2"
+    """Reconstruction loss."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+
+    def validate(self, prefix: str = "tokenizer") -> None:
+        super().validate(prefix)
+        check(0 < self.decay < 1, f"{prefix}.decay", f"must lie in (0, 1); got {self.decay}")
 
 
 class ResidualBlock(nn.Module):
@@ -28,8 +55,10 @@ class ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
+@register_tokenizer
 class VQVAETokenizer(Tokenizer):
     kind = "vqvae"
+    Config = VQVAEConfig
 
     def __init__(
         self,
@@ -63,6 +92,11 @@ class VQVAETokenizer(Tokenizer):
         self.register_buffer("ema_count", torch.zeros(vocab_size))
         self.register_buffer("ema_sum", torch.zeros(vocab_size, code_dim))
 
+    @classmethod
+    def build(cls, cfg: TokenizerConfig, channels: int) -> VQVAETokenizer:
+        assert isinstance(cfg, VQVAEConfig)
+        return cls(cfg.vocab_size, cfg.patch_size, channels, cfg.hidden_dim, cfg.code_dim, cfg.decay, cfg.commitment)
+
     def config(self) -> dict[str, Any]:
         return {
             "vocab_size": self.vocab_size,
@@ -73,6 +107,34 @@ class VQVAETokenizer(Tokenizer):
             "decay": self.decay,
             "commitment": self.commitment,
         }
+
+    def fit(
+        self, cfg: TokenizerConfig, batches: Iterable[torch.Tensor], generator: torch.Generator, status: Status
+    ) -> None:
+        """Adam on reconstruction + commitment; the codebook follows the encoder by EMA; codes no encoder output
+        chose while RESTART_PATCHES_PER_CODE x vocab_size tokens were assigned restart on random encoder outputs."""
+        assert isinstance(cfg, VQVAEConfig)
+        optimizer = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=cfg.lr)
+        reconstruction_loss = F.l1_loss if cfg.loss == "l1" else F.mse_loss
+        window = CodeUsage(self.vocab_size, self.codebook.device)
+        self.train()
+        started = False
+        for images in batches:
+            if not started:
+                with torch.no_grad():
+                    self.initialize(self.latents(images).permute(0, 2, 3, 1).flatten(0, 2), generator)
+                started = True
+            reconstructions, commitment, latents, ids = self(images)
+            loss = reconstruction_loss(reconstructions, images) + commitment
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            self.update_codebook(latents.detach(), ids)
+            if window.add(ids):
+                flat = latents.detach().permute(0, 2, 3, 1).flatten(0, 2)
+                window.restarted(self.restart_dead(flat, window.used, generator))
+            status(f"loss {loss.item():.4f}, {window.restarts} unused codes restarted")
+        self.eval()
 
     def latents(self, images: torch.Tensor) -> torch.Tensor:
         """(B, code_dim, h, w) encoder outputs before quantisation; images in [0, 1] (centred for the convs)."""
