@@ -92,7 +92,7 @@ def floor(bench: Any, heads: bool) -> Any:
     def run() -> None:
         with bench.fabric.autocast():
             with torch.no_grad():
-                corrupted = method._render(method._tokenize(images), images)
+                corrupted = method.corrupter.render(method.corrupter.tokenize(images), images)
             hidden = method.generator(images, mask=masks)[:, prefix:]
             enhanced = method.enhancer(corrupted)[:, method.enhancer.num_prefix_tokens :]
             outputs = [hidden, enhanced]
@@ -113,6 +113,6 @@ def parts(bench: Any) -> dict[str, Any]:
 
     def run() -> None:
         with torch.no_grad(), bench.fabric.autocast():
-            method._render(method._tokenize(images), images)
+            method.corrupter.render(method.corrupter.tokenize(images), images)
 
     return {"tokenizer": run}
