@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mimkit import __version__
-from mimkit.cli import main
+from mimkit.cli import build_parser, main
 from mimkit.config import dump_yaml
 from mimkit.runs import load_run_config
 from support import ROOT
@@ -304,3 +304,13 @@ def test_any_dotted_override_reaches_the_config_check_unless_it_is_a_path(
     (tmp_path / "lr=1e-3").mkdir()
     assert main(["eval", "knn", "lr=1e-3"]) == 2  # a run folder with '=' in its name is the command's argument
     assert "unrecognized arguments" not in capsys.readouterr().err
+
+
+def test_every_evaluation_module_is_a_sub_command() -> None:
+    from mimkit.commands.eval import evaluation_modules
+
+    assert {"knn", "linear", "finetune"} <= set(evaluation_modules())
+    for name in evaluation_modules():
+        assert callable(build_parser().parse_args(["eval", name, "runs/x"]).run), name
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "common", "runs/x"])  # the shared module is no evaluation
