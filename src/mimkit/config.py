@@ -203,11 +203,13 @@ def field_tree(cls: type) -> FieldTree:
     hints = get_type_hints(cls)
     tree: FieldTree = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if SECTIONS in f.metadata:
+            tree[f"<{f.metadata[SECTIONS].by}>"] = None
+            continue
         annotation = hints[f.name]
         options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
         nested = [a for a in options if dataclasses.is_dataclass(a)]
-        name = f"<{f.metadata[SECTIONS].by}>" if SECTIONS in f.metadata else f.name
-        tree[name] = field_tree(nested[0]) if len(nested) == 1 and SECTIONS not in f.metadata else None
+        tree[f.name] = field_tree(nested[0]) if len(nested) == 1 else None
     older = getattr(cls, OLDER_ATTRIBUTE, None)
     if isinstance(older, Older):
         tree[OLDER_KEY] = sorted(older.names)
