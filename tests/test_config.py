@@ -302,6 +302,7 @@ def test_source_sections_are_checked_naming_the_field(overrides: list[str], mess
     assert config_error(*overrides).startswith(message)
 
 
+@pytest.mark.usefixtures("remembered_fields")
 def test_the_torch_free_check_leaves_source_sections_to_the_full_check() -> None:
     recipe = read_yaml(TOY)
     with pytest.raises(ConfigError, match=r"data\.batch_sise: unknown field; did you mean 'data\.batch_size'"):
@@ -350,6 +351,7 @@ def test_older_flat_fields_move_into_the_chosen_source_section() -> None:
     assert cifar["torchvision"] == {"name": "CIFAR10"} and "synthetic" not in cifar
 
 
+@pytest.mark.usefixtures("remembered_fields")
 def test_a_run_saved_before_source_sections_still_loads() -> None:
     saved = {**to_dict(load_run_config(TOY)), "data": OLD_DATA}
     check_recipe_fields(saved)  # `mimkit pretrain --resume` checks the saved config.yaml before torch loads

@@ -101,7 +101,7 @@ def test_transformers_take_masks_and_draw_attention(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["resnet", "convnext"])
 def test_cnns_refuse_masks_attention_and_block_features_clearly(name: str) -> None:
-    with pytest.raises(ConfigError, match=r"is a CNN, which takes no patch mask.*family that does: ViT .*BEiT"):
+    with pytest.raises(ConfigError, match=r"is a CNN, which takes no patch mask.*family that does: BEiT .*ViT"):
         encoder_of(name, mask_token=True)
     encoder = encoder_of(name)
     assert not encoder.has_attention and not encoder.supports_mask

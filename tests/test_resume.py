@@ -69,6 +69,17 @@ def test_change_classification() -> None:
         check_resume_changes(saved, load_run_config(TOY, ["seed=4"]), force=True)
 
 
+def test_a_run_saved_with_the_older_flat_data_fields_resumes_without_changes() -> None:
+    cfg = load_run_config(TOY, [])
+    saved = to_dict(cfg)
+    section = saved["data"].pop("synthetic")
+    saved["data"] |= {f"synthetic_{key}": value for key, value in section.items()} | {"name": None}
+    assert config_changes(saved, cfg) == {}
+    assert config_changes(saved, load_run_config(TOY, ["data.synthetic.images=7"])) == {
+        "data.synthetic.images": (64, 7)
+    }  # a real change still counts
+
+
 def test_sigint_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     common = ["data.synthetic.images=96", "train.epochs=2", "data.num_workers=1"]
     reference = pretrain(load_run_config(TOY, [f"output_dir={tmp_path / 'reference'}", *common]))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mimkit.config import ConfigError, to_dict
+from mimkit.data.config import upgrade_older_fields
 from mimkit.engine import checkpoint as ckpt
 from mimkit.methods.saved import readable_checkpoint
 from mimkit.runs import RunConfig
@@ -93,7 +94,9 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: dict[str, Any], cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
-    """Field -> (saved value, new value) for every field the new config changes."""
+    """Field -> (saved value, new value) for every field the new config changes; a run saved before sources owned
+    their sections compares in today's spelling (a renamed field is no change)."""
+    saved = {**saved, "data": upgrade_older_fields(saved.get("data") or {})}
     old, new = flatten(saved), flatten(to_dict(cfg))
     changed = {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())}
     return {k: v for k, v in changed.items() if v[0] != v[1] and k not in IGNORED}

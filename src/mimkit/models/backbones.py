@@ -112,7 +112,7 @@ def build_backbone(
     """The encoder of `cfg.name`'s family around a fresh timm model; `mask_token` for networks that see masks."""
     family = family_of(cfg.name, prefix)
     if mask_token and not family.takes_mask:
-        masked = [f"{cls.kind} ({cls.example})" for cls in registered_families().values() if cls.takes_mask]
+        masked = [f"{cls.kind} ({cls.example})" for _, cls in sorted(registered_families().items()) if cls.takes_mask]
         raise ConfigError(
             f"{prefix}.name: {cfg.name} is a {family.kind}, which takes no patch mask, and this network sees masked "
             f"images; use a backbone of a family that does: {', '.join(masked)}"
