@@ -168,3 +168,14 @@ def test_extra_overrides_and_a_subset_of_parts(tmp_path) -> None:
     assert case["config"]["method"]["backbone"]["activation_checkpointing"] is True
     assert case["times_s"].keys() == {"step"} and case["flops"] == {}
     assert case["summary"].keys() == {"peak_memory_mib"} and case["peak_memory"]["before_steps"] > 0
+
+
+def test_the_loss_fingerprint_comparison_fails_on_any_difference(capsys: pytest.CaptureFixture[str]) -> None:
+    fingerprint = load_benchmark("loss_fingerprint")
+    before = {"ibot/x": {"loss": [1.0, 2.0], "loss_cls": [0.5, 0.25]}, "cim/y": {"loss": [3.0]}}
+    assert fingerprint.compare(before, before, tolerance=0.0) == 0
+    moved = {"ibot/x": {"loss": [1.0, 2.0 + 1e-5], "loss_cls": [0.5, 0.25]}}
+    assert fingerprint.compare(before, moved, tolerance=0.0) == 1
+    assert fingerprint.compare(before, moved, tolerance=1e-5) == 0
+    assert fingerprint.compare(before, {"ibot/x": {"loss": [1.0], "loss_cls": [0.5, 0.25]}}, tolerance=1.0) == 1
+    assert "cim/y: not run after (not compared)" in capsys.readouterr().out
