@@ -41,6 +41,13 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def list_recipe(folder: Path) -> Path:
+    """A YAML file whose top level is a list, as a hand-written recipe can be by mistake."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "list.yaml").write_text("- method: ibot\n- data: {}\n")
+    return folder / "list.yaml"
+
+
 Case = Callable[[Path, Path, Path], list[str]]
 CASES: dict[str, tuple[Case, str]] = {
     "crop-larger-than-img-size": (
@@ -126,8 +133,16 @@ CASES: dict[str, tuple[Case, str]] = {
         r"data.synthetic: a section for source 'synthetic', which is not the chosen one \(data.source is "
         r"'fashion-mnist'\); remove it or set data.synthetic=null",
     ),
+    "recipe-not-a-mapping": (
+        lambda run, image, tmp: ["pretrain", "-c", str(list_recipe(tmp)), "--print-config"],
+        r"list.yaml holds a YAML list, not a recipe: a recipe is a mapping of sections \(method:, data:",
+    ),
 }
 if not torch.cuda.is_available():
+    CASES["fsdp-on-a-cpu"] = (
+        lambda run, image, tmp: ["pretrain", "-c", TOY, f"output_dir={tmp}", "--devices", "1", "--strategy", "fsdp"],
+        r"train.strategy: fsdp shards the model across GPUs .*on a CPU use --strategy ddp",
+    )
     CASES["gpu-without-a-gpu"] = (
         lambda run, image, tmp: ["pretrain", "-c", TOY, f"output_dir={tmp}", "--accelerator", "gpu"],
         r"train.accelerator: gpu, but torch sees no CUDA device .*use --accelerator cpu",

@@ -57,7 +57,13 @@ def read_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]
         base = OmegaConf.load(path)
     except (yaml.YAMLError, OmegaConfBaseException) as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
-    return apply_overrides(OmegaConf.to_container(base), overrides)
+    data = OmegaConf.to_container(base)
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path} holds a YAML {type(data).__name__}, not a recipe: a recipe is a mapping of sections "
+            "(method:, data:, optim:, train:, ...); `mimkit recipes --path` shows shipped ones to copy"
+        )
+    return apply_overrides(data, overrides)
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

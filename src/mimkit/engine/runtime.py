@@ -39,6 +39,11 @@ def make_fabric(cfg: TrainConfig, run_dir: Path) -> Fabric:
             f"train.devices: {cfg.devices} processes on a CPU with {cores} cores; each needs a core of its own, "
             f"so use --devices {cores} or fewer"
         )
+    if cfg.strategy == "fsdp" and on_cpu:
+        raise ConfigError(
+            "train.strategy: fsdp shards the model across GPUs and Lightning runs it on GPUs only; on a CPU use "
+            "--strategy ddp (or auto), or run on GPUs"
+        )
     if cfg.precision == "16-mixed" and on_cpu:
         raise ConfigError(
             "train.precision: 16-mixed needs a GPU (its gradient scaler is CUDA-only); "
