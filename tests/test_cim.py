@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from mimkit.cli import main
 from mimkit.config import ConfigError
 from mimkit.data.loader import collate
 from mimkit.data.sources import build_source
@@ -16,9 +17,9 @@ from mimkit.engine.train import pretrain
 from mimkit.losses.pixels import sliding_window_normalize, sliding_window_stats
 from mimkit.methods.cim import CIM
 from mimkit.models.heads import PixelShuffleHead
-from mimkit.runs import load_run_config
+from mimkit.runs import load_run, load_run_config
 from mimkit.schedules import Progress
-from support import QUIET_CPU_RUN, ROOT, tiny_overlay
+from support import QUIET_CPU_RUN, ROOT, TINY_TOKENIZER, tiny_overlay
 
 TINY_VIT = ["method.backbone.embed_dim=32", "method.backbone.depth=2", "method.backbone.num_heads=2"]
 SYNTHETIC = ["data.source=synthetic", "data.synthetic.size=28", "data.channels=1", "data.synthetic.images=16"]
@@ -159,6 +160,7 @@ def test_a_checkpoint_with_the_tokenizer_at_its_old_key_still_loads() -> None:
     old = {
         ("tokenizer." + k[len(moved) :] if k.startswith(moved) else k): v.clone()
         for k, v in method.state_dict().items()
+        if not k.endswith("_extra_state")  # written before the tokenizer's kind travelled with its state
     }
     assert "tokenizer.centroids" in old and not any(k.startswith(moved) for k in old)  # as written before the move
     old["tokenizer.centroids"] += 1.0
@@ -166,6 +168,33 @@ def test_a_checkpoint_with_the_tokenizer_at_its_old_key_still_loads() -> None:
     fresh.load_state_dict(old)  # strict: every old key found its new place
     torch.testing.assert_close(fresh.corrupter.tokenizer.centroids, old["tokenizer.centroids"])
     assert fresh.networks()["tokenizer"] is fresh.corrupter.tokenizer  # `mimkit export --network tokenizer`
+
+
+def test_a_saved_run_opens_evaluates_and_exports_without_its_tokenizer_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The checkpoint carries the tokenizer (its kind, arguments and weights): the file is only needed to start."""
+    tiny_cim()  # the session's tiny tokenizer, fitted on first use
+    tokenizer = tmp_path / "tok.pt"
+    tokenizer.write_bytes(TINY_TOKENIZER.read_bytes())
+    overrides = [
+        *tiny_overlay("cim")["overrides"],
+        f"method.tokenizer={tokenizer}",
+        *TINY_VIT,
+        *SYNTHETIC,
+        "data.batch_size=8",
+        "train.epochs=1",
+        *QUIET_CPU_RUN,
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    run = pretrain(load_run_config(recipe("vit", "respix"), overrides))
+    trained = load_run(run).method.corrupter.tokenizer.state_dict()
+    tokenizer.unlink()
+    reopened = load_run(run).method.corrupter.tokenizer
+    assert all(torch.equal(v, reopened.state_dict()[k]) for k, v in trained.items() if isinstance(v, torch.Tensor))
+    assert main(["eval", "knn", str(run), "--k", "1", "--num-workers", "0"]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+    assert (tmp_path / "export" / "model.safetensors").is_file()
 
 
 def test_panels_show_the_corruption_and_the_prediction() -> None:

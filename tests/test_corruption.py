@@ -104,7 +104,9 @@ def test_the_tokenizer_is_frozen_and_stays_in_eval_mode() -> None:
     part = corrupter().train()
     assert part.training and not part.tokenizer.training
     assert not any(p.requires_grad for p in part.parameters())
-    assert set(part.state_dict()) == {"tokenizer.centroids", "tokenizer.counts"}  # the normalisation is the data's
+    # the normalisation is the data's; the tokenizer's kind and arguments travel with its weights
+    assert set(part.state_dict()) == {"tokenizer.centroids", "tokenizer.counts", "tokenizer._extra_state"}
+    assert part.state_dict()["tokenizer._extra_state"] == {"kind": "kmeans", "config": part.tokenizer.config()}
 
 
 def test_a_cold_softmax_samples_the_argmax() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -19,6 +19,7 @@ from torch import nn
 
 from mimkit.config import ConfigError, check
 from mimkit.data.info import DataInfo
+from mimkit.data.masking import MaskConfig, check_mask_fill
 from mimkit.data.sources import ImageSource
 from mimkit.data.views import Views
 from mimkit.models.encoder import Encoder
@@ -120,6 +121,13 @@ class Method(nn.Module):
                     state[prefix + new + local[len(old) :]] = state.pop(key)
                     break
 
+    @classmethod
+    def from_saved(cls, cfg: MethodConfig, data: DataInfo, saved: Mapping[str, Any]) -> Method:
+        """The method a saved state dict (`saved`, a checkpoint's "method") will be loaded into. Built as usual; a
+        method whose parts come from files may rebuild them from `saved` instead, so a saved run opens and resumes
+        without the files it started from (CIM: its tokenizer)."""
+        return cls(cfg, data)
+
     def views(self) -> Views:
         """The transform that turns one image into the typed views `training_step` reads."""
         raise NotImplementedError
@@ -176,8 +184,17 @@ class Method(nn.Module):
     def after_step(self, progress: Progress) -> None:
         """After the optimizer update (EMA teachers, centers)."""
 
+    def mask_configs(self) -> dict[str, tuple[MaskConfig, tuple[int, int]]]:
+        """Every mask config the views draw from, by its config field (`method.mask`), with the token grid its masks
+        are drawn on: what the pre-training mask check reads. Methods without masks keep the empty default."""
+        return {}
+
     def on_train_start(self) -> None:
-        """Once, after the method is on its device and before the first step (e.g. sync teachers)."""
+        """Once, after the method is on its device and before the first step (e.g. sync teachers; an override calls
+        this too). Draws masks of every mask config at its real token grid: refuses one that never masks a patch and
+        warns when one is far off its configured ratio (`check_mask_fill`), before any step trains on them."""
+        for prefix, (mask, grid) in self.mask_configs().items():
+            check_mask_fill(mask, grid, prefix)
 
 
 def split_weight_decay(

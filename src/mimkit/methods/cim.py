@@ -21,6 +21,7 @@ The enhancer is what evaluation and export use; the tokenizer and the sampling a
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -36,7 +37,7 @@ from mimkit.data.masking import MaskConfig, MaskGenerator
 from mimkit.data.sources import ImageSource
 from mimkit.data.views import MaskedView, MaskedViewConfig, SeededViews
 from mimkit.distributed import all_reduce_mean
-from mimkit.health import feature_health
+from mimkit.health import feature_health, mask_health
 from mimkit.losses.pixels import sliding_window_normalize, sliding_window_stats
 from mimkit.methods.base import (
     ClipMode,
@@ -52,12 +53,16 @@ from mimkit.methods.base import (
 from mimkit.models.backbones import BackboneConfig, build_backbone
 from mimkit.models.encoder import Encoder
 from mimkit.models.heads import PixelShuffleHead
+from mimkit.models.tokenizers.base import Tokenizer
 from mimkit.models.tokenizers.files import load_tokenizer
+from mimkit.models.tokenizers.registry import tokenizer_class
 from mimkit.procedures.tokenizer_fit import describe_metrics, fit_tokenizer, load_tokenizer_recipe
 from mimkit.schedules import Progress
 
 log = logging.getLogger("mimkit")
 TOKENIZER_FIX = "make it with: mimkit tokenizer fit -c tokenizers/<recipe> output={file}"
+TOKENIZER_KEY = "corrupter.tokenizer"
+"""Where the tokenizer's state lies in the method's state dict."""
 
 
 @dataclass
@@ -121,7 +126,7 @@ class CIMConfig(MethodConfig):
 class CIM(Method):
     Config = CIMConfig
     cfg: CIMConfig
-    renamed_state: ClassVar[dict[str, str]] = {"tokenizer": "corrupter.tokenizer"}
+    renamed_state: ClassVar[dict[str, str]] = {"tokenizer": TOKENIZER_KEY}
     """The tokenizer moved into the corruption part: checkpoints written before still load."""
 
     @classmethod
@@ -141,9 +146,22 @@ class CIM(Method):
         fitted = fit_tokenizer(recipe)
         log.info("tokenizer %s: %s", fitted.path, describe_metrics(fitted.metrics))
 
-    def __init__(self, cfg: CIMConfig, data: DataInfo) -> None:
+    @classmethod
+    def from_saved(cls, cfg: MethodConfig, data: DataInfo, saved: Mapping[str, Any]) -> CIM:
+        """With its tokenizer file gone, the tokenizer the run trained with, rebuilt from the saved state (its kind
+        and constructor arguments travel in it; the weights load next)."""
+        assert isinstance(cfg, CIMConfig)
+        spec = saved.get(f"{TOKENIZER_KEY}._extra_state")
+        if Path(cfg.tokenizer).is_file() or not isinstance(spec, Mapping):
+            return cls(cfg, data)
+        log.info("method.tokenizer: %s is gone; using the %s tokenizer saved with the run", cfg.tokenizer, spec["kind"])
+        return cls(cfg, data, tokenizer_class(spec["kind"])(**spec["config"]).requires_grad_(False))
+
+    def __init__(self, cfg: CIMConfig, data: DataInfo, tokenizer: Tokenizer | None = None) -> None:
+        """`tokenizer`: the one to corrupt with (a saved run's); None reads `cfg.tokenizer`'s file."""
         super().__init__(cfg, data)
-        tokenizer, _ = load_tokenizer(cfg.tokenizer)
+        if tokenizer is None:
+            tokenizer, _ = load_tokenizer(cfg.tokenizer)
         self.enhancer = build_backbone(cfg.backbone, data.channels, mask_token=False)
         self.generator = build_backbone(cfg.generator, data.channels, mask_token=True, prefix="method.generator")
         size = cfg.backbone.img_size
@@ -187,6 +205,10 @@ class CIM(Method):
         """A masked crop per image, with a seed for the draws of its replacement tokens."""
         return SeededViews(MaskedView(self.cfg.views, self.data, self.token_grid, MaskGenerator(self.cfg.mask)))
 
+    def mask_configs(self) -> dict[str, tuple[MaskConfig, tuple[int, int]]]:
+        """The generator's mask, on the token grid."""
+        return {"method.mask": (self.cfg.mask, self.token_grid)}
+
     def training_step(self, batch: dict[str, Any], progress: Progress) -> StepOutput:
         views = batch["views"]
         images, masks = views["image"], views["mask"]
@@ -202,7 +224,7 @@ class CIM(Method):
             "loss_generator": loss_generator.detach(),
             "loss_enhancer": loss_enhancer.detach(),
             "generator_accuracy": global_token_mean((corruption.logits.argmax(-1) == targets).float()),
-            "mask_ratio": masks.float().mean(),
+            **mask_health(masks, self.cfg.mask.expected_ratio(progress.epoch)),
             "replaced_ratio": corruption.replaced.float().mean(),
             **(feature_health(self.enhancer.pooled(tokens)) if progress.logged else {}),
         }

@@ -86,7 +86,7 @@ def restore_method(
     """The method of `method_cfg` with the checkpoint's weights (or, with `random_init`, the run's own
     initialisation: the same seed gives the same random weights), in eval mode."""
     torch.manual_seed(seed)
-    method = method_class(method_cfg.name)(method_cfg, info)
+    method = method_class(method_cfg.name).from_saved(method_cfg, info, state["method"])
     if not random_init:
         method.load_state_dict(state["method"])
     return method.eval()

@@ -65,6 +65,10 @@ class Tokenizer(nn.Module):
     """Pixels per token side at the tokenizer's input."""
     channels: int
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._register_load_state_dict_pre_hook(self._fill_spec)
+
     @classmethod
     def build(cls, cfg: TokenizerConfig, channels: int) -> Tokenizer:
         """A tokenizer of recipe `cfg` for images of `channels` channels, ready for `fit`."""
@@ -88,6 +92,19 @@ class Tokenizer(nn.Module):
     def config(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this tokenizer (saved beside its state in its file)."""
         raise NotImplementedError
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Its kind and constructor arguments travel in every state dict (a run's checkpoints): a saved run rebuilds
+        the tokenizer it trained with even when the tokenizer file is gone or was refitted since."""
+        return {"kind": self.kind, "config": self.config()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(f"saved state of a {state.get('kind')} tokenizer loaded into a {self.kind} tokenizer")
+
+    def _fill_spec(self, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        """State dicts written before the spec travelled with them (older files and checkpoints) load as they are."""
+        state.setdefault(f"{prefix}_extra_state", self.get_extra_state())
 
     def check_images(self, images: torch.Tensor) -> None:
         height, width = images.shape[-2:]

@@ -19,7 +19,7 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | Path, metrics: dict[str, fl
     """Write the tokenizer file atomically (a temporary file renamed into place: never a half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in tokenizer.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in tokenizer.state_dict().items() if isinstance(v, torch.Tensor)}
     payload = {
         "format": FORMAT,
         "kind": tokenizer.kind,
