@@ -356,3 +356,22 @@ def test_a_val_fraction_that_empties_a_split_is_refused(tmp_path: Path) -> None:
         build_source(cfg, cfg.eval_split)
     with pytest.raises(ConfigError, match="val_fraction: must lie in"):
         folder_config(tmp_path, val_fraction=1.0).validate()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8-bit images decode exactly as before (PIL's conversion); wider ones: tests/test_bad_data.py
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA"])
+def test_8_bit_images_decode_as_pil_converts_them(tmp_path: Path, mode: str) -> None:
+    pixels = np.random.default_rng(1).integers(0, 256, size=(12, 10, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    name = "a.jpg" if mode in ("RGB", "L") else "a.png"
+    image.save(tmp_path / name, quality=90)
+    for channels in (1, 3):
+        loaded, _ = build_source(folder_config(tmp_path, channels=channels)).load(0)
+        with Image.open(tmp_path / name) as reread:
+            expected = np.array(reread.convert("L" if channels == 1 else "RGB"))
+        assert loaded.dtype == torch.uint8 and torch.equal(
+            loaded, torch.from_numpy(expected).reshape(12, 10, -1).permute(2, 0, 1)
+        )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,55 @@ def test_training_on_shards_resumes_exactly(folder: Path, shards: Path, tmp_path
         pretrain(load_run_config(TOY, [f"output_dir={crashed}", *data, "method.fail_at_step=5"]))
     pretrain(load_run_config(TOY, [f"output_dir={crashed}", *data, "resume=auto", "method.fail_at_step=null"]))
     assert_same_losses(crashed, reference)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda index: [index], r"is not a mimkit shard index \(format 'list', expected 'mimkit-shards/1'\)"),
+        (lambda index: {**index, "channels": 2}, r"is damaged: channels is 2, not 1 or 3"),
+        (
+            lambda index: {**index, "shards": [{**index["shards"][0], "members": [["k", -5, 10, 0]]}]},
+            r"is damaged: shard-000000.tar: member \['k', -5, 10, 0\] is not \[key, offset, size, label\]",
+        ),
+        (
+            lambda index: {**index, "shards": [{**index["shards"][0], "members": [["k", 0, 10, 7]]}]},
+            r"member \['k', 0, 10, 7\] is not \[key, offset, size, label\]",  # label 7 of 2 classes
+        ),
+    ],
+    ids=["a-list", "channels", "negative-offset", "label-out-of-range"],
+)
+def test_an_index_not_as_mimkit_writes_it_is_refused_naming_the_fix(
+    shards: Path, tmp_path: Path, change: Callable[[dict], object], message: str
+) -> None:
+    for path in shards.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "index.json").write_text(json.dumps(change(json.loads((shards / "index.json").read_text()))))
+    with pytest.raises(DataError, match=message + r".*write the shards again with `mimkit data shard"):
+        build_source(DataConfig(source="shards", root=str(tmp_path)))
+
+
+def test_shards_of_16_bit_images_decode_as_the_folder_does(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        pixels = np.arange(48, dtype=np.uint16).reshape(6, 8) * 1000 + i
+        Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
+    images = ImageFolderSource(DataConfig(source="imagefolder", root=str(tmp_path / "images")), "train")
+    write_shards(images, tmp_path / "shards")
+    source = build_source(DataConfig(source="shards", root=str(tmp_path / "shards")))
+    assert source.info.channels == images.info.channels == 1
+    for i in range(3):
+        image = source.load(i)[0]
+        assert torch.equal(image, images.load(int(source.keys[i]))[0]) and image.max() == 183  # 47000 / 257
+
+
+def test_a_missing_split_names_the_splits_there_are(tmp_path: Path) -> None:
+    image_folder(tmp_path / "src" / "train", per_class=1)
+    image_folder(tmp_path / "src" / "val", per_class=1)
+    assert main(["data", "shard", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    cfg = DataConfig(source="shards", root=str(tmp_path / "out"))
+    with pytest.raises(DataError, match=r"has the splits train, val \(shard folders\) but no 'test'; set data.eval_"):
+        build_source(cfg, cfg.eval_split)
+    with pytest.raises(DataError, match=r"but no 'training'; set data.split=train"):
+        build_source(DataConfig(source="shards", root=str(tmp_path / "out"), split="training", eval_split="val"))
+    assert same_images_notice(cfg) is None  # the notice's check does not fail on it

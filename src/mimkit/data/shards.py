@@ -63,7 +63,7 @@ def write_shards(
         "format": SHARD_FORMAT,
         "source": str(source.root),
         "classes": list(source.info.class_names),
-        "channels": source.mode_channels,
+        "channels": source.channels,
         "shards": shards,
     }
     (out / f"{SHARD_INDEX}.partial").write_text(json.dumps(index))

@@ -3,16 +3,27 @@ when the data has none), decoded per image so that one corrupt file never stops 
 
 from __future__ import annotations
 
+import struct
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from PIL import Image
 
-from mimkit.data.info import DataInfo
+from mimkit.data.info import DataError, DataInfo, UnreadableImage
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)
+
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+"""PIL modes of one-channel images (palette images count as colour: their palette may hold colours)."""
+WIDE_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+"""PIL modes with more than 8 bits per pixel, which PIL's own conversion to 8 bits would clip."""
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+"""What PIL raises for a damaged, truncated, unknown or too large (decompression bomb) file."""
 
 
 class ImageSource(ABC):
@@ -105,9 +116,46 @@ def channel_stats(
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """A decoded PIL image as a uint8 (C, H, W) tensor."""
+    """A decoded 8-bit PIL image as a uint8 (C, H, W) tensor."""
     tensor = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return tensor.view(image.height, image.width, len(image.getbands())).permute(2, 0, 1).contiguous()
+
+
+def decode(image: Image.Image, channels: int) -> torch.Tensor:
+    """An opened PIL image as uint8 (channels, H, W). 8-bit modes go through PIL's conversion as they always did;
+    16-bit and float pixels are first scaled to 0..255 by `to_8bit`, since PIL would clip them to white or black.
+    Raises one of DECODE_ERRORS for a file that cannot be decoded."""
+    if image.mode in WIDE_MODES:
+        image = Image.fromarray(to_8bit(np.asarray(image), image.mode), "L")
+    return pil_to_tensor(image.convert("L" if channels == 1 else "RGB"))
+
+
+def to_8bit(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit or float pixels as uint8, scaled by their range rather than clipped (docs/data.md):
+    16-bit modes (I;16*) and 32-bit integers within 0..65535 (how PIL may open 16-bit PNGs) by the 16-bit range
+    (divide by 257), so one value is one grey in every image; floats within [0, 1] by 255; any other integers or
+    floats by the image's own min..max (their range is not known). Non-finite floats are refused."""
+    values = pixels.astype(np.float64)
+    if mode == "F" and not np.isfinite(values).all():
+        raise ValueError("float image holds NaN or infinite pixels")
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode != "F" and low >= 0 and high <= 65535:
+        scaled = values / 257
+    elif mode == "F" and low >= 0 and high <= 1:
+        scaled = values * 255
+    else:
+        scaled = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def decode_file(where: str, open_image: Callable[[], Image.Image], channels: int) -> torch.Tensor:
+    """Open and decode one image; any decoding failure becomes UnreadableImage naming `where` (skipped or fatal by
+    data.strict), never a traceback."""
+    try:
+        with open_image() as image:
+            return decode(image, channels)
+    except DECODE_ERRORS as error:
+        raise UnreadableImage(where, f"{type(error).__name__}: {error}") from None
 
 
 def describe(source: ImageSource) -> str:
@@ -116,3 +164,14 @@ def describe(source: ImageSource) -> str:
     size = "x".join(map(str, info.image_size)) if info.image_size else "various sizes"
     labels = f"{info.num_classes} classes" if info.num_classes else "no labels"
     return f"{info.name}: {info.num_images:,} images, {info.channels} channel(s), {size}, {labels}"
+
+
+def missing_split_error(root: Path, split: str, present: list[str], data: Any, kind: str) -> DataError:
+    """The error for a folder with split folders (`kind`: sub-folders, shard folders) but none for `split`: it names
+    the splits there are and the field to set to one of them. A run's eval_split defaults to 'test', which a folder
+    with train/ and val/ lacks, so evaluation is the usual case."""
+    evaluation = split == data.eval_split and split != data.split
+    field, preferred = ("data.eval_split", ("val", "test")) if evaluation else ("data.split", ("train",))
+    candidates = [name for name in present if not evaluation or name != data.split] or present
+    choice = next((name for name in preferred if name in candidates), candidates[0])
+    return DataError(f"{root} has the splits {', '.join(present)} ({kind}) but no {split!r}; set {field}={choice}")

@@ -7,20 +7,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from mimkit.config import check
 from mimkit.data import fashion_mnist
 from mimkit.data.config import DataConfig
 from mimkit.data.info import DataError, DataInfo, UnreadableImage
 from mimkit.data.sources.base import (
+    DECODE_ERRORS,
     GRAY_MEAN,
     GRAY_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    WIDE_MODES,
     ImageSource,
     convert_channels,
-    pil_to_tensor,
+    decode,
 )
 from mimkit.data.sources.registry import register_source
 
@@ -94,10 +96,10 @@ class TorchvisionSource(ImageSource):
     def _raw(self, index: int) -> tuple[torch.Tensor, int]:
         try:
             image, label = self.dataset[index]
-        except (OSError, UnidentifiedImageError, ValueError) as error:
+            if isinstance(image, Image.Image):
+                image = decode(image, 1 if image.mode == "L" or image.mode in WIDE_MODES else 3)
+        except DECODE_ERRORS as error:
             raise UnreadableImage(f"{self.name}[{index}]", str(error)) from None
-        if isinstance(image, Image.Image):
-            image = pil_to_tensor(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
         return image, int(label) if label is not None else -1
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
