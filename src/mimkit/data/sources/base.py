@@ -135,7 +135,7 @@ def to_8bit(pixels: np.ndarray, mode: str) -> np.ndarray:
     16-bit modes (I;16*) and 32-bit integers within 0..65535 (how PIL may open 16-bit PNGs) by the 16-bit range
     (divide by 257), so one value is one grey in every image; floats within [0, 1] by 255; any other integers or
     floats by the image's own min..max (their range is not known). Non-finite floats are refused."""
-    values = pixels.astype(np.float64)
+    values = pixels.astype(np.float32)
     if mode == "F" and not np.isfinite(values).all():
         raise ValueError("float image holds NaN or infinite pixels")
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)

@@ -9,6 +9,7 @@ files that changed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -144,7 +145,7 @@ def read_modes(root: Path, files: list[Path]) -> FolderModes:
         except OSError:
             key = [-1, -1]
         hit = cached.get(name)
-        if isinstance(hit, list) and len(hit) == 4 and hit[:2] == key:
+        if isinstance(hit, list) and len(hit) == 4 and hit[:2] == key and all(isinstance(v, str) for v in hit[2:]):
             mode, reason = hit[2], hit[3]
         else:
             mode, reason = header_mode(path)
@@ -187,4 +188,5 @@ def _write_cache(path: Path, root: Path, entries: dict[str, list]) -> None:
         partial.write_text(json.dumps({"version": CACHE_VERSION, "root": str(root.resolve()), "files": entries}))
         partial.replace(path)
     except OSError:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
