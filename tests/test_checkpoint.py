@@ -1,9 +1,13 @@
-"""Checkpoint files: atomic replacement, random-generator state round trips, clear errors on bad files."""
+"""Checkpoint files: atomic replacement, full disks, retention of epoch checkpoints, random-generator state round
+trips, clear errors on bad files."""
 
 from __future__ import annotations
 
+import errno
 import random
 import re
+import shutil
+from collections import namedtuple
 from pathlib import Path
 from typing import Any
 
@@ -12,21 +16,29 @@ import pytest
 import torch
 
 from mimkit.engine.checkpoint import (
+    DiskFullError,
     atomic_save,
     epoch_checkpoint,
     last_checkpoint,
     last_path,
+    remove_old_epochs,
     rng_state,
     set_rng_state,
+    state_bytes,
 )
+from mimkit.engine.train import pretrain
 from mimkit.methods.saved import read_checkpoint
+from mimkit.runs import load_run_config
+from support import ROOT
 
 
 class FakeFabric:
     """What atomic_save needs from Fabric. `fail_after` bytes: write that much of the file, then fail."""
 
-    def __init__(self, fail_after: int | None = None, watch: Path | None = None) -> None:
+    def __init__(self, fail_after: int | None = None, watch: Path | None = None, error: int = errno.ENOSPC) -> None:
         self.global_rank = 0
+        self.world_size = 1
+        self.error = error
         self.fail_after = fail_after
         self.watch = watch
         self.saved_to: list[Path] = []
@@ -40,7 +52,7 @@ class FakeFabric:
             self.seen_during_save = torch.load(self.watch, weights_only=True)
         if self.fail_after is not None:
             Path(path).write_bytes(Path(path).read_bytes()[: self.fail_after])
-            raise OSError(28, "No space left on device")
+            raise OSError(self.error, "No space left on device" if self.error == errno.ENOSPC else "Input/output error")
 
     def barrier(self) -> None:
         self.barriers += 1
@@ -70,13 +82,78 @@ def test_atomic_save_never_writes_over_the_old_file_in_place(tmp_path: Path) -> 
     assert not path.with_name("last.ckpt.tmp").exists()
 
 
-def test_failed_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
-    path = last_path(tmp_path)
+def test_a_full_disk_keeps_the_previous_checkpoint_and_removes_the_unfinished_one(tmp_path: Path) -> None:
+    path = last_path(tmp_path / "run")
     atomic_save(FakeFabric(), path, state(1.0))
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DiskFullError) as raised:
         atomic_save(FakeFabric(fail_after=100), path, state(2.0))
+    message = str(raised.value)
+    assert f"writing {path} failed (No space left on device; the unfinished file is removed)" in message
+    assert re.search(
+        rf"{re.escape(str(path.parent))} has [\d.]+ MiB free, and a checkpoint needs about 0\.0 MiB", message
+    )
+    assert f"saved in {path}" in message and f"mimkit pretrain --resume {tmp_path / 'run'}" in message
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
     loaded = read_checkpoint(path)
     assert loaded["position"] == {"step": 1} and torch.equal(loaded["weights"], torch.full((64, 64), 1.0))
+
+
+def test_a_full_disk_before_any_checkpoint_says_nothing_is_saved(tmp_path: Path) -> None:
+    path = epoch_checkpoint(tmp_path / "run", 0)
+    with pytest.raises(DiskFullError, match=r"Nothing is saved yet: free space .*then start the run again"):
+        atomic_save(FakeFabric(fail_after=100), path, state(2.0))
+    assert not list(path.parent.iterdir())
+
+
+def test_other_write_errors_are_raised_and_leave_no_temporary_file(tmp_path: Path) -> None:
+    path = last_path(tmp_path)
+    with pytest.raises(OSError, match="Input/output error") as raised:
+        atomic_save(FakeFabric(fail_after=100, error=errno.EIO), path, state(2.0))
+    assert not isinstance(raised.value, DiskFullError) and not list(path.parent.iterdir())
+
+
+def test_too_little_free_space_stops_before_writing_and_clears_a_stale_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = last_path(tmp_path / "run")
+    atomic_save(FakeFabric(), path, state(1.0))
+    path.with_name("last.ckpt.tmp").write_bytes(b"left by a killed run")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(2**30, 2**30 - 1000, 1000))
+    fabric = FakeFabric()
+    with pytest.raises(DiskFullError) as raised:
+        atomic_save(fabric, path, state(2.0))
+    assert str(raised.value).startswith(
+        f"output_dir: {path.parent} has 0.0 MiB free, and the next checkpoint (last.ckpt) needs about 0.0 MiB. "
+        f"The run is saved in {path}"
+    )
+    assert fabric.saved_to == [] and sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_state_bytes_counts_tensors_modules_and_optimizer_state() -> None:
+    module = torch.nn.Linear(10, 4)  # 44 floats
+    optimizer = torch.optim.AdamW(module.parameters())
+    module(torch.ones(1, 10)).sum().backward()
+    optimizer.step()  # two moments per parameter, and a step count per tensor
+    assert state_bytes({"m": module, "o": optimizer, "x": [torch.zeros(3, dtype=torch.float64)], "n": 7}) == (
+        44 * 4 + 2 * 44 * 4 + 2 * 4 + 3 * 8
+    )
+
+
+def test_only_the_newest_epoch_checkpoints_are_kept(tmp_path: Path) -> None:
+    for epoch in range(6):
+        atomic_save(FakeFabric(), epoch_checkpoint(tmp_path, epoch), state(float(epoch)))
+    atomic_save(FakeFabric(), last_path(tmp_path), state(3.0))
+
+    def names() -> list[str]:
+        return sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+
+    assert remove_old_epochs(tmp_path, 3, 0) == [] and len(names()) == 7  # 0 keeps all
+    removed = remove_old_epochs(tmp_path, 3, 2)  # a run resumed at epoch 3: epochs 4 and 5 are not its own yet
+    assert [p.name for p in removed] == ["epoch_0000.ckpt", "epoch_0001.ckpt"]
+    assert names() == ["epoch_0002.ckpt", "epoch_0003.ckpt", "epoch_0004.ckpt", "epoch_0005.ckpt", "last.ckpt"]
+    remove_old_epochs(tmp_path, 5, 1)
+    assert names() == ["epoch_0005.ckpt", "last.ckpt"]
 
 
 def test_sharded_checkpoint_folder_is_swapped_whole(tmp_path: Path) -> None:
@@ -187,3 +264,18 @@ def test_sharded_folder_asks_for_consolidation(tmp_path: Path) -> None:
     (tmp_path / "last.ckpt").mkdir()
     with pytest.raises(ValueError, match=r"sharded .*consolidate"):
         read_checkpoint(tmp_path / "last.ckpt")
+
+
+def test_a_run_keeps_its_newest_epoch_checkpoints(tmp_path: Path) -> None:
+    toy = ROOT / "tests" / "recipes" / "toy.yaml"
+    overrides = ["train.epochs=4", "train.keep_epoch_checkpoints=2", "data.synthetic.images=16"]
+    run = pretrain(load_run_config(toy, [f"output_dir={tmp_path / 'run'}", *overrides]))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "epoch_0002.ckpt",
+        "epoch_0003.ckpt",
+        "last.ckpt",
+    ]
+    assert (
+        "removed epoch_0001.ckpt (keeping the newest 2: train.keep_epoch_checkpoints)"
+        in (run / "train.log").read_text()
+    )

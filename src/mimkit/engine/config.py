@@ -52,6 +52,8 @@ class TrainConfig:
     strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = "auto"
     checkpoint_every_epochs: int = 1
     """Keep `epoch_NNNN.ckpt` every N epochs (0: only `last.ckpt`)."""
+    keep_epoch_checkpoints: int = 3
+    """Keep the newest N `epoch_NNNN.ckpt` files, removing older ones once a new one is written (0: keep all)."""
     checkpoint_every_steps: int = 0
     """Also refresh `last.ckpt` every N optimizer steps inside an epoch (0: only at epoch ends)."""
     log_every_steps: int = 10
@@ -60,6 +62,8 @@ class TrainConfig:
     on_nonfinite: Literal["error", "skip"] = "error"
     """A non-finite loss stops the run with a checkpoint of the last good state, or skips the step."""
     compile: bool = False
+    sync_batchnorm: Literal["auto"] | bool = "auto"
+    """BatchNorm statistics over the global batch of all processes (auto: when more than one process trains)."""
     progress_bar: bool = True
     loggers: list[Literal["csv", "tensorboard", "wandb"]] = field(default_factory=lambda: ["csv", "tensorboard"])
     knn_every_epochs: int = 0
@@ -73,5 +77,10 @@ class TrainConfig:
         check(self.num_nodes >= 1, f"{prefix}.num_nodes", f"must be >= 1; got {self.num_nodes}")
         for name in ("checkpoint_every_epochs", "checkpoint_every_steps", "knn_every_epochs"):
             check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
+        check(
+            self.keep_epoch_checkpoints >= 0,
+            f"{prefix}.keep_epoch_checkpoints",
+            f"must be >= 0 (0 keeps every epoch checkpoint); got {self.keep_epoch_checkpoints}",
+        )
         check(self.log_every_steps >= 1, f"{prefix}.log_every_steps", "must be >= 1")
         check(self.health_window_steps >= 0, f"{prefix}.health_window_steps", "must be >= 0 (0: no warnings)")

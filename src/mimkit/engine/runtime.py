@@ -6,16 +6,19 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import Logger, TensorBoardLogger
+from lightning.fabric.plugins import TorchCheckpointIO
+from torch import nn
 
 from mimkit.config import ConfigError
+from mimkit.distributed import all_reduce_sum_grad, world_size
 from mimkit.engine.checkpoint import package_versions
 from mimkit.engine.config import TrainConfig
-from mimkit.engine.logs import MetricsCSV
+from mimkit.engine.logs import MetricsCSV, log
 from mimkit.models.encoder import block_types_of, encoders_of
 
 if TYPE_CHECKING:
@@ -56,22 +59,97 @@ def make_fabric(cfg: TrainConfig, run_dir: Path) -> Fabric:
         strategy=_strategy(cfg.strategy),
         precision=cfg.precision,
         loggers=_loggers(cfg, run_dir),
+        plugins=None if cfg.strategy == "fsdp" else [DirectCheckpointIO()],  # FSDP writes its files itself
     )
 
 
+class DirectCheckpointIO(TorchCheckpointIO):
+    """`torch.save` straight into the file it is given. Lightning's own writes the whole checkpoint to memory, then to
+    the system's temporary folder, then moves it: twice the memory, and a full /tmp fails a run whose folder has
+    room. `mimkit.engine.checkpoint.atomic_save` already writes to a temporary name beside the target."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        with open(path, "wb") as handle:
+            torch.save(checkpoint, handle)
+
+
 def setup_for_training(
-    fabric: Fabric, method: Method, optimizer: torch.optim.Optimizer, compile_backbones: bool
+    fabric: Fabric,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    compile_backbones: bool,
+    sync_batchnorm: bool | Literal["auto"] = "auto",
 ) -> tuple[Any, Any]:
-    """The Fabric-wrapped method (call `training_step` through it) and optimizer; backbones compiled on request."""
+    """The Fabric-wrapped method (call `training_step` through it) and optimizer; backbones compiled on request;
+    BatchNorm layers over the global batch when several processes train (`sync_batchnorm`, see `sync_batch_norms`)."""
     policy = getattr(fabric.strategy, "_fsdp_kwargs", {}).get("auto_wrap_policy")
     if isinstance(policy, EncoderBlocks):
         policy.types = block_types_of(method)  # before setup: FSDP wraps while it sets the method up
+    if sync_batchnorm is not False and fabric.world_size > 1 and (count := sync_batch_norms(method, fabric.device)):
+        log.info(
+            "sync_batchnorm: %d BatchNorm layers normalise over the batch of all %d processes", count, fabric.world_size
+        )
     module, optimizer = fabric.setup(method, optimizer)
     module.mark_forward_method("training_step")
     if compile_backbones:
         for encoder in encoders_of(method):
             encoder.compile()
     return module, optimizer
+
+
+PER_PROCESS_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+"""torch's BatchNorm layers, whose statistics are those of one process's batch. Subclasses with a forward of their
+own (mimkit's GlobalBatchNorm1d, already global; timm's BatchNormAct2d) are left as they are."""
+SYNC_KERNEL_DEVICES = ("cuda", "hpu", "xpu")
+"""Where torch's SyncBatchNorm runs (DDP refuses it elsewhere); other devices get GlobalBatchNorm."""
+
+
+def sync_batch_norms(module: nn.Module, device: torch.device) -> int:
+    """Replace each of torch's BatchNorm layers in `module` by one over the batch of all processes, holding the same
+    parameters and buffers (an optimizer built before still updates them); returns how many. With per-process
+    statistics, N processes at batch B/N train differently from one process at batch B."""
+    kind = nn.SyncBatchNorm if device.type in SYNC_KERNEL_DEVICES else GlobalBatchNorm
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if type(child) in PER_PROCESS_NORMS:
+                new = kind(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+                for key, tensor in [*child.named_parameters(recurse=False), *child.named_buffers(recurse=False)]:
+                    setattr(new, key, tensor)
+                setattr(parent, name, new.train(child.training))
+                count += 1
+    return count
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the batch of all processes on any device (SyncBatchNorm's kernels are GPU-only): the sums
+    are all-reduced, differentiably, and the mean and variance computed from them in two passes, as one process
+    computes them. One process, or evaluation: plain BatchNorm."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training or world_size() == 1:
+            return super().forward(input)
+        x = input.float()
+        dims = [0, *range(2, x.dim())]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        sums = all_reduce_sum_grad(torch.cat([x.sum(dims), x.new_tensor([x.numel() / x.size(1)])]))
+        total = sums[-1]
+        mean = sums[:-1] / total
+        var = all_reduce_sum_grad((x - mean.view(shape)).square().sum(dims)) / total
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(var.detach() * total / (total - 1), momentum)
+        y = (x - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(input.dtype)
 
 
 class EncoderBlocks:

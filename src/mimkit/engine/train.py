@@ -139,7 +139,11 @@ class Trainer:
             cfg.train.epochs,
         )
         self.module, self.optimizer = setup_for_training(
-            fabric, self.method, build_optimizer(self.method, cfg.optim, cfg.train.precision), cfg.train.compile
+            fabric,
+            self.method,
+            build_optimizer(self.method, cfg.optim, cfg.train.precision),
+            cfg.train.compile,
+            cfg.train.sync_batchnorm,
         )
         self.position = Position()
         self.clock = time.perf_counter()  # start of the training time not yet in position.train_seconds
@@ -175,6 +179,11 @@ class Trainer:
                     if pos.batch_in_epoch < epoch_batches:  # _epoch returns early only when asked to stop
                         self._stop_with_checkpoint()
                     self._end_of_epoch()
+        except OSError as error:  # metrics.csv or train.log on a full disk; checkpoints raise DiskFullError
+            if error.errno not in ckpt.FULL_DISK:
+                raise
+            needed = ckpt.state_bytes([self.module, self.optimizer])
+            raise ckpt.disk_full_error(ckpt.last_path(self.run_dir), needed, error, "the run's logs") from None
         finally:
             display.close()
         log.info("finished %d epochs; checkpoints in %s", cfg.train.epochs, ckpt.checkpoint_dir(self.run_dir))
@@ -260,6 +269,8 @@ class Trainer:
         every = cfg.train.checkpoint_every_epochs
         if every and (finished + 1) % every == 0:
             self.save(ckpt.epoch_checkpoint(self.run_dir, finished))
+            if self.fabric.global_rank == 0:
+                ckpt.remove_old_epochs(self.run_dir, finished, cfg.train.keep_epoch_checkpoints)
 
     # ------------------------------------------------------------------------------------------------
     def _logs_step(self, step: int) -> bool:
@@ -342,19 +353,8 @@ class Trainer:
 
     def save(self, path: Path) -> None:
         self._count_training_time()
-        pos = self.position
-        state = {
-            "method": self.module,
-            "optimizer": self.optimizer,
-            "precision": self.fabric.strategy.precision,
-            "position": dict(pos.__dict__),
-            "rng": ckpt.all_rng_states(),
-            "config": _plain_config(self.cfg),
-            "data_info": self.method.data.to_dict(),
-            "versions": ckpt.package_versions(),
-            "world_size": self.fabric.world_size,
-        }
-        ckpt.atomic_save(self.fabric, path, state)
+        state = {"method": self.module, "optimizer": self.optimizer, "precision": self.fabric.strategy.precision}
+        ckpt.save_run_state(self.fabric, path, state, dict(self.position.__dict__), self.cfg, self.method.data)
 
     def _restore(self, path: Path) -> None:
         state = {"method": self.module, "optimizer": self.optimizer, "precision": self.fabric.strategy.precision}
@@ -371,10 +371,6 @@ class Trainer:
             )
             self.fabric.seed_everything(self.cfg.seed + self.position.step + self.fabric.global_rank, verbose=False)
         log.info("resumed from %s at epoch %d, step %d", path, self.position.epoch, self.position.step)
-
-
-def _plain_config(cfg: RunConfig) -> dict[str, Any]:
-    return yaml.safe_load(dump_yaml(cfg))
 
 
 def _count(module: torch.nn.Module) -> int:
