@@ -286,3 +286,26 @@ def test_a_kind_registered_in_one_file_is_fitted_saved_loaded_and_corrupts_for_c
     output = method.training_step(batch, Progress(epoch=0, step=0, steps_per_epoch=1, epochs=1))
     output.loss.backward()
     assert torch.isfinite(output.loss) and output.metrics["replaced_ratio"] > 0
+
+
+def test_the_reported_psnr_says_whether_its_images_were_held_out(tmp_path: Path) -> None:
+    """A folder without split sub-folders has no held-out images unless data.val_fraction holds some out: the
+    metrics then say they were measured on the fitting images, not 'held-out' ones."""
+    from mimkit.procedures.tokenizer_fit import describe_metrics
+
+    folder = tmp_path / "data" / "images"
+    folder.mkdir(parents=True)
+    for i in range(12):
+        Image.new("L", (16, 16), color=20 * i).save(folder / f"{i:02d}.png")
+    overrides = [
+        *["tokenizer.kind=kmeans", "tokenizer.vocab_size=4", "tokenizer.patch_size=4", "tokenizer.image_size=16"],
+        *["data.source=imagefolder", f"data.root={folder}", "data.synthetic=null"],
+        *["data.num_workers=0", "data.batch_size=4", "eval_images=4"],
+    ]
+    recipe = ROOT / "tests" / "tiny" / "tokenizer.yaml"
+    same = fit_tokenizer(load_tokenizer_recipe(recipe, [*overrides, f"output={tmp_path}/out/a.pt"]))
+    assert same.metrics["held_out"] == 0.0 and "of the images it was fitted on" in describe_metrics(same.metrics)
+    held = fit_tokenizer(
+        load_tokenizer_recipe(recipe, [*overrides, "data.val_fraction=0.25", f"output={tmp_path}/out/b.pt"])
+    )
+    assert held.metrics["held_out"] == 1.0 and describe_metrics(held.metrics).endswith("on 3 held-out images")

@@ -22,7 +22,8 @@ from mimkit.config import check, from_dict, read_yaml
 from mimkit.data.config import DataConfig
 from mimkit.data.info import DataError
 from mimkit.data.loader import ViewDataset, eval_loader, train_loader
-from mimkit.data.sources import ImageSource, Subset, build_source
+from mimkit.data.output_folder import check_output_folder
+from mimkit.data.sources import ImageSource, Subset, build_source, same_images_notice
 from mimkit.data.views import EvalView
 from mimkit.models.tokenizers.base import Tokenizer, TokenizerConfig, codebook_usage, psnr
 from mimkit.models.tokenizers.files import save_tokenizer
@@ -69,7 +70,14 @@ class FitResult:
 
 
 def fit_tokenizer(recipe: TokenizerRecipe, console: Console | None = None) -> FitResult:
-    """Make, measure and save the tokenizer of `recipe` (a progress bar on `console`, stderr by default)."""
+    """Make, measure and save the tokenizer of `recipe` (a progress bar on `console`, stderr by default); its folder
+    is checked first (no folder of images, nothing inside data.root)."""
+    check_output_folder(
+        Path(recipe.output).expanduser().parent,
+        "output",
+        "give the tokenizer file a folder of its own, e.g. output=tokenizers/<name>.pt",
+        {"data.root": recipe.data.root},
+    )
     cfg = recipe.tokenizer
     torch.manual_seed(recipe.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -82,8 +90,8 @@ def fit_tokenizer(recipe: TokenizerRecipe, console: Console | None = None) -> Fi
     progress = FitProgress(recipe, source, console or Console(stderr=True), device)
     tokenizer.fit(cfg, progress.batches(), generator, progress.status)
     tokenizer = tokenizer.requires_grad_(False).eval()
-    images = _held_out(recipe, source)
-    metrics = measure(tokenizer, images.to(device), recipe.data.batch_size)
+    images, held_out = _held_out(recipe, source)
+    metrics = measure(tokenizer, images.to(device), recipe.data.batch_size) | {"held_out": float(held_out)}
     path = save_tokenizer(tokenizer.cpu(), recipe.output, metrics)
     return FitResult(tokenizer, metrics, images[:8], path)
 
@@ -131,16 +139,18 @@ class FitProgress:
             self.bar[0].update(self.bar[1], status=text)
 
 
-def _held_out(recipe: TokenizerRecipe, source: ImageSource) -> torch.Tensor:
-    """`eval_images` images spread over the eval split (else over the training images), in [0, 1]."""
+def _held_out(recipe: TokenizerRecipe, source: ImageSource) -> tuple[torch.Tensor, bool]:
+    """`eval_images` images spread over the eval split (else over the training images), in [0, 1], and whether they
+    are held out (not among the images the tokenizer was fitted on)."""
     try:
         held = build_source(recipe.data, recipe.data.eval_split)
+        held_out = same_images_notice(recipe.data) is None
     except DataError:
-        held = source
+        held, held_out = source, False
     spread = Subset(held, min(recipe.eval_images, len(held)), spread=True)
     dataset = ViewDataset(spread, EvalView(held.info, recipe.tokenizer.image_size, pixels=True), seed=recipe.seed)
     loader = eval_loader(dataset, batch_size=recipe.data.batch_size, num_workers=0)
-    return torch.cat([b["views"] for b in loader if b["views"] is not None])
+    return torch.cat([b["views"] for b in loader if b["views"] is not None]), held_out
 
 
 @torch.no_grad()
@@ -169,5 +179,10 @@ def describe_metrics(metrics: dict[str, float]) -> str:
     return (
         f"PSNR {metrics['psnr']:.2f} dB (constant image {metrics['psnr_constant']:.2f} dB), perplexity "
         f"{metrics['perplexity']:.1f} of {int(metrics['vocab_size'])} codes, {int(metrics['dead_codes'])} unused, "
-        f"on {int(metrics['images'])} held-out images"
+        f"on {int(metrics['images'])} "
+        + (
+            "held-out images"
+            if metrics.get("held_out", 1.0)
+            else "of the images it was fitted on (no held-out split: data.val_fraction=0.1 holds some out)"
+        )
     )
