@@ -206,6 +206,9 @@ def test_knn_linear_and_finetune(trained: tuple[str, str, Path], capsys: pytest.
     for name in ("knn", "linear", "finetune"):
         assert (run / "eval" / f"{name}.json").is_file()
     capsys.readouterr()
+    assert main(["eval", "linear", str(run), "--epochs", "1", "--lrs", "0.1", "--limit", "8"]) == 0  # the default
+    expected = "last4" if load_run(run).encoder().has_attention else "cls"
+    assert json.loads((run / "eval" / "linear.json").read_text())["variant"] == expected
     last4 = main(["eval", "linear", str(run), "--variant", "last4", "--epochs", "1", "--limit", "8"])
     if trained[1] == "resnet":
         assert last4 == 2 and "use the cls or cls+avg variant" in capsys.readouterr().err

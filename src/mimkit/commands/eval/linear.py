@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from mimkit.commands.eval.common import (
     check_options,
@@ -17,6 +18,9 @@ from mimkit.commands.eval.common import (
     writable_results,
 )
 
+if TYPE_CHECKING:
+    from mimkit.models.encoder import Encoder
+
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 """Same as `mimkit.eval.linear.DEFAULT_LRS` (repeated here to keep torch out of the parser; a test checks)."""
 
@@ -28,9 +32,8 @@ def add(evaluations: argparse._SubParsersAction) -> None:
     linear.add_argument(
         "--variant",
         choices=["cls", "last4", "cls+avg"],
-        default="last4",
         help="last [CLS]; [CLS] of each of the last 4 blocks, concatenated (DINO/iBOT ViT-S); [CLS] + patch mean "
-        "(%(default)s)",
+        "(default: last4 where the encoder has it, a transformer of 4 or more blocks, else cls)",
     )
     linear.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS), help="lrs to sweep (%(default)s)")
     linear.add_argument("--epochs", type=int, default=100, help="SGD epochs over the features (%(default)s)")
@@ -68,7 +71,9 @@ def run_linear(args: argparse.Namespace) -> int:
     splits = labelled_splits(run, args, "the linear probe")
     classes = splits[0][1].info.num_classes
     encoder, label, variant = (
-        (RawPixels(), "raw pixels", "cls") if args.raw_pixels else (run.encoder(), run_label(run), args.variant)
+        (RawPixels(), "raw pixels", "cls")
+        if args.raw_pixels
+        else (run.encoder(), run_label(run), args.variant or default_variant(run.encoder()))
     )
     train, test = (split_features(encoder, run, split, args, label, variant) for split in splits)
     device = eval_device()
@@ -122,3 +127,15 @@ def run_linear(args: argparse.Namespace) -> int:
         label,
     )
     return 0
+
+
+def default_variant(encoder: Encoder) -> str:
+    """DINO/iBOT's last-4 [CLS] probe where the encoder can give it, else its image feature (a CNN, a shallow ViT):
+    the default then works on every encoder, and the output names the variant it used."""
+    from mimkit.config import ConfigError
+
+    try:
+        encoder.check_block_features(4)
+    except ConfigError:
+        return "cls"
+    return "last4"
