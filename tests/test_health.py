@@ -1,5 +1,5 @@
-"""Training-health measures and the collapse watch: each measure reads 1 / 0 at its extremes, and the watch warns
-once per spell that outlasts its window, with advice, and never on a healthy signal."""
+"""Training-health measures and the watch: each measure reads 1 / 0 at its extremes, and the watch warns once per
+spell that outlasts its window (per role of a measure), with advice, and never on a healthy signal."""
 
 from __future__ import annotations
 
@@ -67,6 +67,25 @@ def test_watch_is_quiet_on_healthy_metrics_short_spells_and_when_off() -> None:
         assert brief.observe(step, {"health_feature_std": value}) == []
     off = HealthWatch(window=0)
     assert off.observe(1000, {"health_feature_std": 0.0}) == []
+
+
+def test_mask_fill_is_watched_under_every_role_with_its_ratios_in_the_message() -> None:
+    watch = HealthWatch(window=20)
+    far = {"health_online_mask_fill": 0.2, "online_mask_ratio": 0.1, "online_mask_ratio_configured": 0.5}
+    fine = {"health_momentum_mask_fill": 1.0, "momentum_mask_ratio": 0.5, "momentum_mask_ratio_configured": 0.5}
+    said = [w for step in range(0, 50, 10) for w in watch.observe(step, far | fine)]
+    assert [(w.rule, w.metric) for w in said] == [("masks far off", "health_online_mask_fill")]
+    assert said[0].context == {"online_mask_ratio": 0.1, "online_mask_ratio_configured": 0.5}
+    assert "(health_online_mask_fill = 0.200, online_mask_ratio = 0.100, online_mask_ratio_configured = 0.500)" in (
+        said[0].message()
+    )
+    over_watch = HealthWatch(window=20)
+    over = [w for step in range(0, 50, 10) for w in over_watch.observe(step, {"health_mask_fill": 2.5})]
+    assert [w.rule for w in over] == ["masks far off"] and "more than twice" in over[0].advice
+    quiet = HealthWatch(window=20)
+    assert not any(
+        quiet.observe(step, {"health_mask_fill": 0.6, "health_xmask_fill": 0.0}) for step in range(0, 90, 10)
+    )
 
 
 def tiny_ibot(out: Path, *extra: str) -> Path:

@@ -1,4 +1,5 @@
-"""Training-health measures: is a teacher's output uniform or one-hot, have the features collapsed?
+"""Training-health measures: is a teacher's output uniform or one-hot, have the features collapsed, do the masks
+cover what their config asks for?
 
 Methods compute them from tensors their step already has and return them as `health_*` metrics; the engine
 watches those names (`mimkit.engine.health`) without knowing the method. Every measure is a ratio in [0, 1] so one
@@ -11,6 +12,12 @@ threshold fits every model size:
                            every image maps to the same point
   health_feature_rank      effective rank (exp of the entropy of the normalised singular values; Roy & Vetterli,
                            2007) of the centred features / min(B, D): 0 when they lie on a line
+  health_mask_fill         realised / configured share of masked patches (`mask_health`): 1 as configured, 0 when
+                           nothing is masked
+
+Every mask a method draws is reported in one generic form, with a role prefix when it draws several (SymMIM:
+`online_`, `momentum_`): `[ROLE_]mask_ratio` (realised in this batch), `[ROLE_]mask_ratio_configured` (what the mask
+config asks for on average) and `health_[ROLE_]mask_fill`, their ratio, which the engine's watch reads.
 """
 
 from __future__ import annotations
@@ -40,3 +47,18 @@ def feature_health(features: torch.Tensor) -> dict[str, torch.Tensor]:
     weights = singular / singular.sum().clamp(min=1e-12)
     rank = torch.exp(-(weights * weights.clamp(min=1e-12).log()).sum()) / min(x.shape)
     return {"health_feature_std": spread, "health_feature_rank": rank}
+
+
+@torch.no_grad()
+def mask_health(masks: torch.Tensor, configured: float, role: str = "") -> dict[str, torch.Tensor | float]:
+    """The realised share of masked patches of a batch of masks (True = masked), the `configured` share and their
+    ratio; no ratio while nothing is asked for (before masking starts), where any realised share is as configured."""
+    prefix = f"{role}_" if role else ""
+    realised = masks.detach().float().mean()
+    metrics: dict[str, torch.Tensor | float] = {
+        f"{prefix}mask_ratio": realised,
+        f"{prefix}mask_ratio_configured": configured,
+    }
+    if configured > 0:
+        metrics[f"health_{prefix}mask_fill"] = realised / configured
+    return metrics

@@ -4,10 +4,15 @@ SymMIM's symmetric checkerboards (fine: every other patch; coarse: every other k
 Masks are drawn in the data workers, once per global crop. Randomness comes from Python's `random` module,
 which the data pipeline seeds per (seed, epoch, image), so a mask depends neither on the number of workers
 nor on where a resumed run restarted. A `random.Random` can be passed instead for isolated use (tests).
+
+A mask config knows the share of patches it asks for (`MaskConfig.expected_ratio`); `check_mask_fill` draws masks
+at a run's real token grid before training and refuses a config that masks nothing there, or warns when the masks
+are far off, so a small grid cannot silently train without corruption.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -17,10 +22,16 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
-from mimkit.config import check
+from mimkit.config import ConfigError, check
 
+log = logging.getLogger("mimkit")
 MAX_ATTEMPTS = 10
 """Block draws per step that may add nothing before the block masker gives up (BEiT's value)."""
+FAR_OFF = 2.0
+"""Masks are far off when their realised share of masked patches differs from the configured one by more than this
+factor (either way): the health watch's and the pre-training check's rule (docs/troubleshooting.md, Masks)."""
+CHECK_DRAWS = 200
+"""Masks the pre-training check draws per mask config: enough for the mean share to within about 0.01."""
 
 
 class RandomLike(Protocol):
@@ -52,7 +63,8 @@ class MaskConfig:
     aspect_ratio: tuple[float, float] = (0.3, 1 / 0.3)
     """Range of block height/width ratios, sampled log-uniformly."""
     min_block_patches: int | None = None
-    """Smallest block area in patches; None: (min(height, width) // 3) ** 2 as in BEiT/iBOT."""
+    """Smallest block area in patches; None: (min(height, width) // 3) ** 2 as in BEiT/iBOT. A crop that asks for fewer
+    patches than this falls back to BEiT's rule for its grid (`smallest_block`)."""
     start_epoch: int = 0
     """Crops are not masked before this epoch."""
     exact: bool = False
@@ -63,6 +75,16 @@ class MaskConfig:
     def masks_patches(self) -> bool:
         """False when every ratio is 0: no crop is ever masked (the network needs no mask token)."""
         return any(mean + var > 0 for mean, var in self.ratios)
+
+    def expected_ratio(self, epoch: int) -> float:
+        """The share of a crop's patches this config asks to mask, on average over crops: 0 before `start_epoch`, half
+        for a checkerboard, else the mean of the ratio pairs' means (each pair is picked as often, its draw is
+        uniform around its mean)."""
+        if epoch < self.start_epoch:
+            return 0.0
+        if self.shape == "symmetric":
+            return 0.5
+        return sum(mean for mean, _ in self.ratios) / len(self.ratios)
 
     def validate(self, prefix: str = "method.mask") -> None:
         check(self.symmetric_block >= 1, f"{prefix}.symmetric_block", f"must be >= 1; got {self.symmetric_block}")
@@ -133,6 +155,19 @@ def _add_block(
     return 0
 
 
+def smallest_block(height: int, width: int, num_patches: float, min_block_patches: int | None) -> float:
+    """The smallest block area of a crop that asks for `num_patches` masked patches on a (height, width) grid.
+
+    `min_block_patches`, or BEiT's (min(height, width) // 3) ** 2 when None. A smallest block larger than the crop's
+    whole budget can hardly be placed (every block would mask more than asked), so the mask stays nearly empty
+    (CIM's 16 on a 4 x 4 grid: 0.10 of the 0.45 asked for); such a crop takes BEiT's rule for its grid instead,
+    capped at the budget. Where the configured block fits the budget nothing changes, so do the masks drawn.
+    """
+    grid_rule = (min(height, width) // 3) ** 2
+    configured = grid_rule if min_block_patches is None else min_block_patches
+    return configured if configured <= num_patches else min(grid_rule, num_patches)
+
+
 def random_mask(height: int, width: int, num_patches: int, rng: RandomLike = random) -> torch.Tensor:
     """Mask exactly `num_patches` patches chosen uniformly at random."""
     mask = torch.zeros(height * width, dtype=torch.bool)
@@ -196,8 +231,61 @@ class MaskGenerator:
             return checkerboard(height, width, block, phase=rng.randint(0, 1), offset=offset)
         if self.cfg.shape == "rand":
             return random_mask(height, width, int(target), self._random)
-        min_area = self.cfg.min_block_patches
-        if min_area is None:
-            min_area = (min(height, width) // 3) ** 2
+        min_area = smallest_block(height, width, target, self.cfg.min_block_patches)
         mask = block_mask(height, width, target, min_area, self.cfg.aspect_ratio, self._random)
         return top_up(mask, round(target), self._random) if self.cfg.exact else mask
+
+
+@dataclass(frozen=True)
+class MaskFill:
+    """The share of patches a mask config asks for and the share its masks cover on one token grid."""
+
+    grid: tuple[int, int]
+    configured: float
+    realised: float
+
+    @property
+    def fill(self) -> float:
+        """realised / configured: 1 as configured, 0 when nothing is masked (1 when nothing is asked for)."""
+        return self.realised / self.configured if self.configured > 0 else 1.0
+
+    @property
+    def far_off(self) -> bool:
+        return not 1 / FAR_OFF <= self.fill <= FAR_OFF
+
+
+def measure_fill(cfg: MaskConfig, grid: tuple[int, int], draws: int = CHECK_DRAWS, seed: int = 0) -> MaskFill:
+    """The mean share of masked patches over `draws` masks on `grid` once masking has started, drawn by a private
+    generator so the training's random streams (and hence its masks) stay untouched."""
+    generator = MaskGenerator(cfg, random.Random(seed))
+    epoch = cfg.start_epoch
+    realised = sum(generator(*grid, epoch).float().mean().item() for _ in range(draws)) / draws
+    return MaskFill(grid, cfg.expected_ratio(epoch), realised)
+
+
+def check_mask_fill(cfg: MaskConfig, grid: tuple[int, int], prefix: str = "method.mask") -> MaskFill:
+    """Before training: refuse a config whose masks never mask a patch of `grid` although it asks for some (the
+    masked objective would train on nothing), and warn when the masks are far off what it asks for."""
+    fill = measure_fill(cfg, grid)
+    height, width = grid
+    where = f"on the {height}x{width} token grid"
+    more_tokens = "or give the encoder more tokens (a larger image size or a smaller patch)"
+    if fill.configured > 0 and fill.realised == 0:
+        raise ConfigError(
+            f"{prefix}.ratios: {where} no mask covers a patch ({CHECK_DRAWS} draws), though the config asks for "
+            f"{fill.configured:.3f} of the patches: a crop's ratio x {height * width} patches must reach one patch; "
+            f"raise the ratios to at least {1 / (height * width):.4f} (one patch), {more_tokens}"
+        )
+    if fill.far_off:
+        log.warning(
+            "%s: %s the masks cover %.3f of the patches on average (%d draws), the config asks for %.3f: the masked "
+            "objective trains on %s corruption than configured; change the ratios (or min_block_patches), %s",
+            prefix,
+            where,
+            fill.realised,
+            CHECK_DRAWS,
+            fill.configured,
+            "far less" if fill.fill < 1 else "far more",
+            more_tokens,
+        )
+    return fill

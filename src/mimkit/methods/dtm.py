@@ -21,7 +21,7 @@ from mimkit.config import ConfigError, check
 from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskConfig, MaskGenerator
 from mimkit.data.views import MaskedView, MaskedViewConfig
-from mimkit.health import feature_health
+from mimkit.health import feature_health, mask_health
 from mimkit.losses.regression import RegressionKind, normalize_targets, regression_loss
 from mimkit.methods.base import (
     ClipMode,
@@ -127,6 +127,9 @@ class DTM(Method):
     def views(self) -> MaskedView:
         return MaskedView(self.cfg.views, self.data, self.grid, MaskGenerator(self.cfg.mask))
 
+    def mask_configs(self) -> dict[str, tuple[MaskConfig, tuple[int, int]]]:
+        return {"method.mask": (self.cfg.mask, self.grid)}
+
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """Teacher patch tokens of the unmasked images (B, N, C), without gradient."""
         with torch.no_grad():
@@ -150,7 +153,7 @@ class DTM(Method):
         metrics = {
             "loss_tokenwise": tokenwise,
             "morph_removed": sum(s.num_removed for s in schedules) / len(schedules),
-            "mask_ratio": masks.float().mean(),
+            **mask_health(masks, self.cfg.mask.expected_ratio(progress.epoch)),
             **(feature_health(self.student.pooled(student_tokens)) if progress.logged else {}),
         }
         return StepOutput(loss * self.cfg.loss_weight, metrics)

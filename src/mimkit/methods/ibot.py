@@ -27,7 +27,7 @@ from mimkit.config import ConfigError, check
 from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskConfig, MaskGenerator
 from mimkit.data.views import MultiCropConfig, MultiCropViews
-from mimkit.health import distribution_health, feature_health
+from mimkit.health import distribution_health, feature_health, mask_health
 from mimkit.losses.center import Center
 from mimkit.losses.ibot import IBOTClsLoss, IBOTPatchLoss, masked_cross_entropy, sharpen
 from mimkit.methods.base import ClipMode, Method, MethodConfig, Progress, StepOutput, register
@@ -185,6 +185,9 @@ class IBOT(Method):
     def views(self) -> MultiCropViews:
         return MultiCropViews(self.cfg.views, self.data, self.grid, MaskGenerator(self.cfg.mask))
 
+    def mask_configs(self) -> dict[str, tuple[MaskConfig, tuple[int, int]]]:
+        return {"method.mask": (self.cfg.mask, self.grid)}
+
     def training_step(self, batch: dict[str, Any], progress: Progress) -> StepOutput:
         views = batch["views"]
         global_crops, local_crops = views["global"], views["local"]
@@ -245,7 +248,7 @@ class IBOT(Method):
         metrics = {
             "loss_cls": loss_cls.detach(),
             "loss_patch": loss_patch.detach(),
-            "mask_ratio": flat_masks.float().mean(),
+            **mask_health(flat_masks, self.cfg.mask.expected_ratio(progress.epoch)),
             "teacher_temp": teacher_temp,
             **health,
         }

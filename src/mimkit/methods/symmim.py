@@ -26,7 +26,7 @@ from mimkit.config import check
 from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskConfig, MaskGenerator
 from mimkit.data.views import MultiCropConfig, PairedMaskedViews
-from mimkit.health import feature_health
+from mimkit.health import feature_health, mask_health
 from mimkit.losses.contrastive import info_nce
 from mimkit.losses.pixels import masked_mse, normalize_patches, patchify, unpatchify
 from mimkit.methods.base import ClipMode, Method, MethodConfig, Reconstruction, StepOutput, register
@@ -106,6 +106,12 @@ class SymMIM(Method):
             cfg.views, self.data, self.grid, MaskGenerator(cfg.online_mask), MaskGenerator(cfg.momentum_mask)
         )
 
+    def mask_configs(self) -> dict[str, tuple[MaskConfig, tuple[int, int]]]:
+        return {
+            "method.online_mask": (self.cfg.online_mask, self.grid),
+            "method.momentum_mask": (self.cfg.momentum_mask, self.grid),
+        }
+
     def training_step(self, batch: dict[str, Any], progress: Progress) -> StepOutput:
         views = batch["views"]
         images = torch.cat(views["views"])  # (2B, C, H, W): view 1 of every image, then view 2
@@ -128,8 +134,8 @@ class SymMIM(Method):
         metrics = {
             "loss_mim": loss_mim.detach(),
             "loss_con": loss_con.detach(),
-            "online_mask_ratio": online_masks.float().mean(),
-            "momentum_mask_ratio": momentum_masks.float().mean(),
+            **mask_health(online_masks, self.cfg.online_mask.expected_ratio(progress.epoch), "online"),
+            **mask_health(momentum_masks, self.cfg.momentum_mask.expected_ratio(progress.epoch), "momentum"),
             **(feature_health(features[: len(features) // 2]) if progress.logged else {}),
         }
         return StepOutput(loss_mim + self.cfg.lambda_con * loss_con, metrics)
