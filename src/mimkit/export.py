@@ -20,6 +20,7 @@ from torch import nn
 from mimkit import __version__
 from mimkit.config import ConfigError, check
 from mimkit.data.info import DataInfo
+from mimkit.data.output_folder import check_output_folder
 from mimkit.engine.checkpoint import ensure_writable
 from mimkit.models.encoder import Encoder
 from mimkit.runs import LoadedRun, load_run
@@ -40,15 +41,18 @@ def export_timm(
     """Write `out_dir/model.safetensors` and `out_dir/config.json` for `network` of a run; return `out_dir`.
 
     `network` is "encoder" (what evaluation uses) or a role of `Method.networks()` that is an encoder (student,
-    teacher, ...). `out_dir` defaults to `RUN/export/timm`. `image_size` other than the trained one is the
-    encoder's to allow: a ViT resamples its positional embeddings, a CNN takes any size, a BEiT refuses.
+    teacher, ...). `out_dir` defaults to `RUN/export/timm`; a folder of images, the run's checkpoint folder and
+    data.root (or a folder inside them) are refused. `image_size` other than the trained one is the encoder's to
+    allow: a ViT resamples its positional embeddings, a CNN takes any size, a BEiT refuses.
     """
     check(image_size is None or image_size > 0, "image_size", f"must be positive; got {image_size}")
     run = load_run(run_or_checkpoint)
+    out = run.run_dir / "export" / "timm" if out_dir is None else Path(out_dir)
+    reads = {"the run's checkpoints": run.checkpoint.parent, "data.root": run.cfg.data.root}
+    check_output_folder(out, "out", "choose another folder with --out (the default is RUN/export/timm)", reads)
     encoder, role = _select_network(run, network)
     size = image_size or encoder.image_size
     name, model_args = encoder.timm_spec(size)
-    out = run.run_dir / "export" / "timm" if out_dir is None else Path(out_dir)
     ensure_writable(out, "out", "choose a writable folder with --out")
     state = encoder.timm_state_dict(image_size)
     config = _timm_config(encoder.timm_model(), name, model_args, run.method.data, size)

@@ -59,12 +59,15 @@ def run_data_shard(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     from mimkit.data.config import DataConfig
+    from mimkit.data.output_folder import check_output_folder
     from mimkit.data.shards import write_shards
     from mimkit.data.sources import ImageFolderSource
 
     src, out = Path(args.src).expanduser(), Path(args.out).expanduser()
     if not src.is_dir():
         raise DataError(f"{src} is not a folder; give the folder of images to shard")
+    beside = src.resolve().with_name(src.resolve().name + "_shards")
+    check_output_folder(out, "OUT", f"give OUT a new folder outside SRC, e.g. {beside}", {"SRC": src})
     splits = [name for name in ("train", "val", "test") if (src / name).is_dir()] or [None]
     written = []
     with Progress(transient=True) as progress:

@@ -16,9 +16,11 @@ from lightning.fabric import Fabric
 from mimkit.config import ConfigError, dump_yaml
 from mimkit.data.info import DataError
 from mimkit.data.loader import ViewDataset, train_loader
+from mimkit.data.output_folder import check_output_folder
 from mimkit.data.sources import build_source, describe, same_images_notice
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.health import HealthWatch, read_health
+from mimkit.engine.lock import own_run_folder
 from mimkit.engine.logs import MetricsCSV, ProgressDisplay, log, setup_logging
 from mimkit.engine.optim import Hyperparameters, build_optimizer
 from mimkit.engine.resume import check_resume_changes, readable_resume, resolve_resume
@@ -30,6 +32,7 @@ from mimkit.runs import RunConfig
 from mimkit.schedules import Progress
 
 OUTPUT_FIX = "choose another output_dir (or free space, or fix its permissions)"
+OWN_FOLDER_FIX = "give the run a folder of its own, e.g. output_dir=runs/<name>"
 
 
 class EpochCallback(Protocol):
@@ -60,24 +63,27 @@ def pretrain(cfg: RunConfig, callbacks: Sequence[EpochCallback] = (), *, force: 
 
     `callbacks` run at the end of every epoch, before its checkpoint (`mimkit pretrain` passes the online k-NN).
     A resumed run takes only the config changes it can (see `mimkit.engine.resume`; `force` for the
-    optimisation's); its config.yaml is rewritten only once its checkpoint is restored.
+    optimisation's); its config.yaml is rewritten only once its checkpoint is restored. The run folder is refused
+    when it holds images or lies inside data.root, and is owned by this run while it trains (`mimkit.engine.lock`).
     """
     resume_path, saved = readable_resume(resume) if (resume := resolve_resume(cfg)) is not None else (None, None)
     notices = check_resume_changes(saved, cfg, force) if saved is not None else []
     run_dir = Path(cfg.output_dir)
+    check_output_folder(run_dir, "output_dir", OWN_FOLDER_FIX, {"data.root": cfg.data.root})
     ckpt.ensure_writable(run_dir, "output_dir", OUTPUT_FIX)
     fabric = make_fabric(cfg.train, run_dir)
     fabric.launch()
-    setup_logging(run_dir, fabric.global_rank)
-    for notice in notices:
-        log.warning("%s", notice)
-    trainer = Trainer(cfg, fabric, resume_path, callbacks)
-    if fabric.global_rank == 0:
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        (run_dir / "environment.yaml").write_text(
-            yaml.safe_dump(environment(fabric, cfg.train.precision), sort_keys=False)
-        )
-    return trainer.fit()
+    with own_run_folder(run_dir, fabric) as lock_warnings:  # one process per run folder, before any write
+        setup_logging(run_dir, fabric.global_rank)
+        for notice in [*notices, *lock_warnings]:
+            log.warning("%s", notice)
+        trainer = Trainer(cfg, fabric, resume_path, callbacks)
+        if fabric.global_rank == 0:
+            (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            (run_dir / "environment.yaml").write_text(
+                yaml.safe_dump(environment(fabric, cfg.train.precision), sort_keys=False)
+            )
+        return trainer.fit()
 
 
 class Trainer:

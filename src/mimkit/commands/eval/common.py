@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -73,6 +74,7 @@ def labelled_splits(run: LoadedRun, args: argparse.Namespace, evaluation: str) -
     """The run's train and eval splits by name (first `args.limit` images each); an error if unlabelled."""
     from mimkit.config import ConfigError
     from mimkit.data.sources import same_images_notice
+    from mimkit.eval.results import evaluated_data
 
     data = run.cfg.data
     splits = [(split, run.source(split, limit=args.limit)) for split in (data.split, data.eval_split)]
@@ -80,6 +82,7 @@ def labelled_splits(run: LoadedRun, args: argparse.Namespace, evaluation: str) -
         raise ConfigError(f"{evaluation} needs labelled data; {data.source} at {data.root} has no labels")
     if (notice := same_images_notice(data)) is not None:
         print(f"mimkit: warning: {notice} (data.val_fraction=0.1 goes after the run folder)", file=sys.stderr)
+    EVALUATED_DATA[run.checkpoint] = evaluated_data(data, splits, data.limit if args.limit is None else args.limit)
     return splits
 
 
@@ -143,16 +146,34 @@ def random_init_option(parser: argparse.ArgumentParser) -> None:
 
 
 def writable_results(run: LoadedRun) -> None:
-    """Fail before evaluating when RUN/eval cannot take the results (a read-only or full run folder)."""
+    """Fail before evaluating when RUN/eval cannot take the results: a read-only or full run folder, or one that lies
+    inside the data it evaluates on (or holds images)."""
+    from mimkit.data.output_folder import check_output_folder
     from mimkit.engine.checkpoint import ensure_writable
 
-    ensure_writable(run.run_dir / "eval", "eval", "copy the run folder somewhere writable and evaluate it there")
+    folder = run.run_dir / "eval"
+    check_output_folder(
+        folder,
+        "eval",
+        "move the run folder out of the data folder and evaluate it there",
+        {"data.root": run.cfg.data.root},
+    )
+    ensure_writable(folder, "eval", "copy the run folder somewhere writable and evaluate it there")
+
+
+EVALUATED_DATA: dict[Path, dict[str, Any]] = {}
+"""Checkpoint -> what `labelled_splits` read for it (source, folder, splits and their image counts, limit), recorded
+with the result by `save_result_of`: every evaluation calls both, so none has to carry the record itself."""
 
 
 def save_result_of(
     run: LoadedRun, name: str, result: dict, headline: str, score: float, label: str = PRETRAINED
 ) -> None:
-    from mimkit.eval.results import save_result
+    """Save a result with the data it was computed on; says on stderr when it replaces one computed on other data."""
+    from mimkit.eval.results import replaced_notice, save_result
 
-    out = save_result(run.run_dir, f"{name}{result_suffix(label)}", result, headline, score)
+    evaluation, data = f"{name}{result_suffix(label)}", EVALUATED_DATA.get(run.checkpoint)
+    if data is not None and (notice := replaced_notice(run.run_dir, evaluation, data)) is not None:
+        print(f"mimkit: warning: {notice}", file=sys.stderr)
+    out = save_result(run.run_dir, evaluation, result, headline, score, data)
     print(f"saved {out} (and a line in {out.parent / 'history.jsonl'})")
