@@ -250,6 +250,17 @@ def test_viz_makes_only_what_is_asked_where_asked(tiny_run: Path, tmp_path: Path
     assert sorted(p.name for p in out.iterdir()) == ["curves.png", "index.html"]
     page = (out / "index.html").read_text()
     assert 'src="curves.png"' in page and "attention.png" not in page
+    assert main(["viz", str(tiny_run), "--what", "curves", "--out", str(out)]) == 0  # its own figures: redrawn
+
+
+def test_viz_never_draws_into_a_folder_of_images(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (4, 4)).save(photos / "holiday.png")
+    assert main(["viz", str(tiny_run), "--what", "curves", "--out", str(photos)]) == 2
+    assert "holds images" in capsys.readouterr().err and sorted(p.name for p in photos.iterdir()) == ["holiday.png"]
 
 
 def test_viz_on_rgb_data(tmp_path: Path) -> None:

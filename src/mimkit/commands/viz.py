@@ -75,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
 
     loaded = load_run(args.run_path, args.overrides)
     out = Path(args.out) if args.out else loaded.run_dir / "report"
+    if not _drawn_by_viz(out):  # a folder of mimkit's own figures is redrawn in place
+        from mimkit.data.output_folder import check_output_folder
+
+        fix = "choose a folder of its own with --out (the default is RUN/report)"
+        check_output_folder(out, "--out", fix, {"data.root": loaded.cfg.data.root})
     out.mkdir(parents=True, exist_ok=True)
     makers = {
         "attention": _attention,
@@ -259,3 +264,9 @@ def _report(loaded: LoadedRun, out: Path) -> Path:
         "generated": f"{datetime.now():%Y-%m-%d %H:%M} by mimkit {__version__}",
     }
     return write_report(out, loaded.run_dir, dump_yaml(loaded.cfg), summary)
+
+
+def _drawn_by_viz(folder: Path) -> bool:
+    """The folder holds figures and nothing but mimkit's figures (a report folder drawn before)."""
+    pictures = [p for p in folder.glob("*.png")] if folder.is_dir() else []
+    return bool(pictures) and all(p.stem in FIGURES for p in pictures)

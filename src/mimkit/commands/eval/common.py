@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -74,7 +73,6 @@ def labelled_splits(run: LoadedRun, args: argparse.Namespace, evaluation: str) -
     """The run's train and eval splits by name (first `args.limit` images each); an error if unlabelled."""
     from mimkit.config import ConfigError
     from mimkit.data.sources import same_images_notice
-    from mimkit.eval.results import evaluated_data
 
     data = run.cfg.data
     splits = [(split, run.source(split, limit=args.limit)) for split in (data.split, data.eval_split)]
@@ -82,8 +80,15 @@ def labelled_splits(run: LoadedRun, args: argparse.Namespace, evaluation: str) -
         raise ConfigError(f"{evaluation} needs labelled data; {data.source} at {data.root} has no labels")
     if (notice := same_images_notice(data)) is not None:
         print(f"mimkit: warning: {notice} (data.val_fraction=0.1 goes after the run folder)", file=sys.stderr)
-    EVALUATED_DATA[run.checkpoint] = evaluated_data(data, splits, data.limit if args.limit is None else args.limit)
     return splits
+
+
+def data_record(run: LoadedRun, splits: list[tuple[str, ImageSource]], args: argparse.Namespace) -> dict[str, Any]:
+    """What an evaluation read (source, folder, splits and their image counts, limit): saved with its result."""
+    from mimkit.eval.results import evaluated_data
+
+    data = run.cfg.data
+    return evaluated_data(data, splits, data.limit if args.limit is None else args.limit)
 
 
 def split_features(
@@ -161,19 +166,22 @@ def writable_results(run: LoadedRun) -> None:
     ensure_writable(folder, "eval", "copy the run folder somewhere writable and evaluate it there")
 
 
-EVALUATED_DATA: dict[Path, dict[str, Any]] = {}
-"""Checkpoint -> what `labelled_splits` read for it (source, folder, splits and their image counts, limit), recorded
-with the result by `save_result_of`: every evaluation calls both, so none has to carry the record itself."""
-
-
 def save_result_of(
-    run: LoadedRun, name: str, result: dict, headline: str, score: float, label: str = PRETRAINED
+    run: LoadedRun,
+    name: str,
+    result: dict,
+    headline: str,
+    score: float,
+    *,
+    data: dict[str, Any],
+    label: str = PRETRAINED,
 ) -> None:
-    """Save a result with the data it was computed on; says on stderr when it replaces one computed on other data."""
+    """Save a result with the data it was computed on (`data_record`); says on stderr when it replaces one computed
+    on other data."""
     from mimkit.eval.results import replaced_notice, save_result
 
-    evaluation, data = f"{name}{result_suffix(label)}", EVALUATED_DATA.get(run.checkpoint)
-    if data is not None and (notice := replaced_notice(run.run_dir, evaluation, data)) is not None:
+    evaluation = f"{name}{result_suffix(label)}"
+    if (notice := replaced_notice(run.run_dir, evaluation, data)) is not None:
         print(f"mimkit: warning: {notice}", file=sys.stderr)
     out = save_result(run.run_dir, evaluation, result, headline, score, data)
     print(f"saved {out} (and a line in {out.parent / 'history.jsonl'})")

@@ -8,6 +8,7 @@ import argparse
 from mimkit.commands.eval.common import (
     check_options,
     data_options,
+    data_record,
     eval_device,
     evaluation_parser,
     labelled_splits,
@@ -79,7 +80,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         crop_scale=tuple(args.crop_scale),
         seed=args.seed,
     )
-    (_, train_source), (_, eval_source) = labelled_splits(run, args, "fine-tuning")
+    splits = labelled_splits(run, args, "fine-tuning")
+    (_, train_source), (_, eval_source) = splits
     size = encoder_image_size(encoder, train_source)
     device = eval_device()
     console = Console()
@@ -119,6 +121,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         },
         f"{run_label(run)}: top-1 {100 * result.top1:.2f} after {cfg.epochs} epochs (best {100 * best['top1']:.2f})",
         result.top1,
-        run_label(run),
+        data=data_record(run, splits, args),
+        label=run_label(run),
     )
     return 0

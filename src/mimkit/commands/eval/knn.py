@@ -12,6 +12,7 @@ from mimkit.commands.eval.common import (
     PRETRAINED,
     check_options,
     data_options,
+    data_record,
     evaluation_parser,
     labelled_splits,
     save_result_of,
@@ -105,16 +106,18 @@ def run_knn(args: argparse.Namespace) -> int:
         f"k={k}: " + ", ".join(f"{name} {100 * acc[k]:.2f}" for name, acc in rows.items()) for k in args.k
     )
     main_k = 20 if 20 in args.k else args.k[0]
-    result = {**settings, "accuracy": {**_earlier_knn_rows(run, settings), **accuracy}}
-    save_result_of(run, "knn", result, headline, rows[PRETRAINED][main_k])
+    data = data_record(run, splits, args)
+    result = {**settings, "accuracy": {**_earlier_knn_rows(run, settings, data), **accuracy}}
+    save_result_of(run, "knn", result, headline, rows[PRETRAINED][main_k], data=data)
     return 0
 
 
-def _earlier_knn_rows(run: LoadedRun, settings: dict) -> dict[str, dict[str, float]]:
-    """Rows of an earlier `eval knn` with the same settings (its --baselines, say), kept beside the new ones."""
+def _earlier_knn_rows(run: LoadedRun, settings: dict, data: dict) -> dict[str, dict[str, float]]:
+    """Rows of an earlier `eval knn` with the same settings on the same data (its --baselines, say), kept beside the
+    new ones."""
     path = run.run_dir / "eval" / "knn.json"
     if not path.is_file():
         return {}
     earlier = json.loads(path.read_text())
-    same = all(earlier.get(key) == value for key, value in settings.items())
+    same = earlier.get("data") == data and all(earlier.get(key) == value for key, value in settings.items())
     return earlier.get("accuracy", {}) if same else {}

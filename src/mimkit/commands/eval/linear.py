@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from mimkit.commands.eval.common import (
     check_options,
     data_options,
+    data_record,
     eval_device,
     evaluation_parser,
     labelled_splits,
@@ -124,7 +125,8 @@ def run_linear(args: argparse.Namespace) -> int:
         f"{label}, {variant} features: top-1 {100 * result.best_top1:.2f} (lr {result.best_lr:g} chosen on the "
         f"{'held-out train images' if val else 'test split'})",
         result.best_top1,
-        label,
+        data=data_record(run, splits, args),
+        label=label,
     )
     return 0
 
