@@ -127,20 +127,23 @@ def test_the_early_check_passes_every_shipped_recipe_and_open_mappings() -> None
 
 
 @pytest.mark.usefixtures("remembered_fields")
-def test_a_typo_fails_before_torch_is_imported(tmp_path: Path) -> None:
+def test_a_typo_or_a_bad_loop_value_fails_before_torch_is_imported(tmp_path: Path) -> None:
     saved = tmp_path / "run" / "config.yaml"
     saved.parent.mkdir()
     saved.write_text((RECIPES / "ibot" / "vit_tiny_fmnist.yaml").read_text())
     script = (
         "import sys; from mimkit.cli import main; "
         "codes = [main(['pretrain', '-c', 'ibot/vit_tiny_fmnist', 'optim.lrr=1']), "
-        f"main(['pretrain', '--resume', {str(saved.parent)!r}, 'method.maskk=1'])]; "
-        "assert codes == [2, 2], codes; assert 'torch' not in sys.modules, 'torch was imported'"
+        f"main(['pretrain', '--resume', {str(saved.parent)!r}, 'method.maskk=1']), "
+        "main(['pretrain', '-c', 'ibot/vit_tiny_fmnist', 'optim.lr=-1']), "
+        "main(['pretrain', '-c', 'ibot/vit_tiny_fmnist', 'train.epochs=0'])]; "
+        "assert codes == [2, 2, 2, 2], codes; assert 'torch' not in sys.modules, 'torch was imported'"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "optim.lrr: unknown field; did you mean 'optim.lr'?" in done.stderr
     assert "method.maskk: unknown field; did you mean 'method.mask'?" in done.stderr
+    assert "optim.lr: must be positive; got -1.0" in done.stderr and "train.epochs: must be >= 1; got 0" in done.stderr
 
 
 def test_no_two_recipes_share_a_run_folder() -> None:

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import get_args, get_type_hints
 
-from mimkit.config import ConfigError, apply_overrides, describe_fields, dump_yaml, read_yaml
-from mimkit.engine.config import TrainConfig
+from mimkit.config import ConfigError, apply_overrides, describe_fields, dump_yaml, from_dict, read_yaml
+from mimkit.engine.config import OptimConfig, TrainConfig
 from mimkit.recipes import check_recipe_fields, find_recipe
 
 EPILOG = """examples:
@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
             "or --resume RUN_FOLDER"
         )
     check_recipe_fields(data)  # a typo fails before torch loads
+    check_loop_values(data)  # and so does a bad optimisation or loop value
     from mimkit.runs import load_run_config
 
     cfg = load_run_config(None, base=data)  # the recipe read once, its overrides applied
@@ -114,6 +115,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"mimkit: error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def check_loop_values(data: dict) -> None:
+    """The optim and train sections converted and validated as the full check will (their config classes need no
+    torch), so a bad value there fails at once; method and data values are checked after the heavy imports."""
+    for name, cls in (("optim", OptimConfig), ("train", TrainConfig)):
+        from_dict(cls, data.get(name), name).validate(name)
 
 
 def print_fields(method_name: str) -> int:
