@@ -180,3 +180,21 @@ def test_exported_files_get_the_usual_file_mode(exported: Path) -> None:
     os.umask(umask)
     for name in ("model.safetensors", "config.json"):
         assert (exported / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_export_needs_only_the_checkpoint_not_the_data(tmp_path: Path) -> None:
+    """export.md: the data's channels and normalisation travel in the checkpoint; a run whose image folder is gone
+    (another machine) exports the same weights."""
+    from PIL import Image
+
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    for i in range(8):
+        Image.new("RGB", (28, 28), color=(30 * i, 10, 200 - 20 * i)).save(folder / f"{i}.png")
+    data = [o for o in TINY_IBOT if not o.startswith("data.")] + ["data.batch_size=4"]
+    overrides = [*data, "data.source=imagefolder", f"data.root={tmp_path / 'images'}", "data.synthetic=null"]
+    run = pretrain(load_run_config(IBOT_RECIPE, [*overrides, f"output_dir={tmp_path / 'run'}"]))
+    before = load_file(str(export_timm(run, tmp_path / "before") / "model.safetensors"))
+    (tmp_path / "images").rename(tmp_path / "elsewhere")
+    after = load_file(str(export_timm(run, tmp_path / "after") / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
