@@ -173,6 +173,7 @@ TESTED_ELSEWHERE = {
     "ctrl-c": "test_resume.py",
     "masks-never-mask": "test_mask_ratio.py",
     "masks-far-off": "test_mask_ratio.py",
+    "tokenizer-refit-on-other-data": "test_tokenizers.py",
 }
 """Entries of the page whose cases need a run in progress (a fault, a signal, a warning), tested in these files."""
 

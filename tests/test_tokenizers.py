@@ -309,3 +309,17 @@ def test_the_reported_psnr_says_whether_its_images_were_held_out(tmp_path: Path)
         load_tokenizer_recipe(recipe, [*overrides, "data.val_fraction=0.25", f"output={tmp_path}/out/b.pt"])
     )
     assert held.metrics["held_out"] == 1.0 and describe_metrics(held.metrics).endswith("on 3 held-out images")
+
+
+def test_a_refit_on_other_data_says_what_it_replaces(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    recipe = ROOT / "tests" / "tiny" / "tokenizer.yaml"
+    output = f"output={tmp_path}/tok.pt"
+    first = fit_tokenizer(load_tokenizer_recipe(recipe, [output]))
+    assert torch.load(first.path, weights_only=True)["fitted_on"]["images"] == 64
+    with caplog.at_level("WARNING", logger="mimkit"):
+        fit_tokenizer(load_tokenizer_recipe(recipe, [output]))  # the same data: nothing to say
+        assert "replaced" not in caplog.text
+        fit_tokenizer(load_tokenizer_recipe(recipe, [output, "data.synthetic.images=32"]))
+    assert "held a tokenizer fitted on synthetic (train, 64 images); it is replaced by one fitted on synthetic " in (
+        caplog.text
+    )

@@ -10,15 +10,17 @@ tokenizer recipe.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
-from mimkit.config import check, from_dict, read_yaml
+from mimkit.config import ConfigError, check, from_dict, read_yaml
 from mimkit.data.config import DataConfig
 from mimkit.data.info import DataError
 from mimkit.data.loader import ViewDataset, eval_loader, train_loader
@@ -26,9 +28,11 @@ from mimkit.data.output_folder import check_output_folder
 from mimkit.data.sources import ImageSource, Subset, build_source, same_images_notice
 from mimkit.data.views import EvalView
 from mimkit.models.tokenizers.base import Tokenizer, TokenizerConfig, codebook_usage, psnr
-from mimkit.models.tokenizers.files import save_tokenizer
+from mimkit.models.tokenizers.files import read_tokenizer_file, save_tokenizer
 from mimkit.models.tokenizers.registry import tokenizer_class, tokenizer_config
 from mimkit.recipes import find_recipe
+
+log = logging.getLogger("mimkit")
 
 
 @dataclass
@@ -92,8 +96,43 @@ def fit_tokenizer(recipe: TokenizerRecipe, console: Console | None = None) -> Fi
     tokenizer = tokenizer.requires_grad_(False).eval()
     images, held_out = _held_out(recipe, source)
     metrics = measure(tokenizer, images.to(device), recipe.data.batch_size) | {"held_out": float(held_out)}
-    path = save_tokenizer(tokenizer.cpu(), recipe.output, metrics)
+    fitted_on = fitting_data(recipe.data, len(source))
+    if (notice := replaced_notice(recipe.output, fitted_on)) is not None:
+        log.warning("%s", notice)
+    path = save_tokenizer(tokenizer.cpu(), recipe.output, metrics, fitted_on)
     return FitResult(tokenizer, metrics, images[:8], path)
+
+
+def fitting_data(data: DataConfig, images: int) -> dict[str, Any]:
+    """What a tokenizer is fitted on, as its file records it."""
+    root = None if data.root is None else str(Path(data.root).expanduser().resolve())
+    return {
+        "source": data.source,
+        "root": root,
+        "split": data.split,
+        "images": images,
+        "val_fraction": data.val_fraction,
+    }
+
+
+def replaced_notice(output: str | Path, fitted_on: dict[str, Any]) -> str | None:
+    """A warning when `output` already holds a tokenizer fitted on other data (a run that reads the file by name
+    would silently get the new one), else None."""
+    try:
+        earlier = read_tokenizer_file(output, "output").get("fitted_on") or {}
+    except ConfigError:
+        return None
+    if not earlier or earlier == fitted_on:
+        return None
+    return (
+        f"output: {output} held a tokenizer fitted on {describe_fitting(earlier)}; it is replaced by one fitted on "
+        f"{describe_fitting(fitted_on)} (runs that read this file get the new one; name another output to keep both)"
+    )
+
+
+def describe_fitting(fitted_on: dict[str, Any]) -> str:
+    where = f" at {fitted_on['root']}" if fitted_on.get("root") else ""
+    return f"{fitted_on.get('source')}{where} ({fitted_on.get('split')}, {fitted_on.get('images')} images)"
 
 
 class FitProgress:

@@ -15,8 +15,15 @@ from mimkit.models.tokenizers.registry import tokenizer_class, tokenizer_kinds
 FORMAT = "mimkit-tokenizer/1"
 
 
-def save_tokenizer(tokenizer: Tokenizer, path: str | Path, metrics: dict[str, float] | None = None) -> Path:
-    """Write the tokenizer file atomically (a temporary file renamed into place: never a half-written file)."""
+def save_tokenizer(
+    tokenizer: Tokenizer,
+    path: str | Path,
+    metrics: dict[str, float] | None = None,
+    fitted_on: dict[str, Any] | None = None,
+) -> Path:
+    """Write the tokenizer file atomically (a temporary file renamed into place: never a half-written file), with
+    the data it was `fitted_on` (source, folder, split, image count), so a refit on other data can say what it
+    replaces."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in tokenizer.state_dict().items() if isinstance(v, torch.Tensor)}
@@ -26,6 +33,7 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | Path, metrics: dict[str, fl
         "config": tokenizer.config(),
         "state": state,
         "metrics": dict(metrics or {}),
+        "fitted_on": dict(fitted_on or {}),
     }
     partial = path.with_name(path.name + ".partial")
     torch.save(payload, partial)
