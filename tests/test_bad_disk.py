@@ -130,12 +130,26 @@ def test_a_disk_that_fills_during_a_run_loses_nothing(
 def test_a_full_disk_under_the_logs_is_the_same_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    full: list[bool] = []
+
     def log_metrics(self: MetricsCSV, metrics: dict[str, float], step: int | None = None) -> None:
         if step is not None and step > 10:
+            full.append(True)
             raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(MetricsCSV, "log_metrics", log_metrics)
+    free_space(monkeypatch, lambda _path: 0 if full else 2**40)
     assert main(["pretrain", "-c", TOY, f"output_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert "the disk is full: writing the run's logs failed (No space left on device); " in err
     assert f"The run is saved in {tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}" in err and "Traceback" not in err
+
+
+def test_a_full_disk_elsewhere_is_not_blamed_on_the_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def log_metrics(self: MetricsCSV, metrics: dict[str, float], step: int | None = None) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")  # /dev/shm, say: the run folder's disk has room
+
+    monkeypatch.setattr(MetricsCSV, "log_metrics", log_metrics)
+    with pytest.raises(OSError, match="No space left on device") as raised:
+        pretrain(load_run_config(TOY, [f"output_dir={tmp_path / 'run'}"]))
+    assert type(raised.value) is OSError

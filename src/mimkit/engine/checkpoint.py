@@ -28,12 +28,12 @@ from mimkit.config import ConfigError, dump_yaml
 from mimkit.engine.logs import log
 from mimkit.methods.saved import CHECKPOINT_DIR, LAST
 
-FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
-"""The errors of a write that found no room: the disk is full, or the user's quota is spent."""
 if TYPE_CHECKING:
     from mimkit.data.info import DataInfo
     from mimkit.runs import RunConfig
 
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+"""The errors of a write that found no room: the disk is full, or the user's quota is spent."""
 EPOCH_FILE = re.compile(r"epoch_(\d+)\.ckpt")
 
 
@@ -110,9 +110,17 @@ def disk_full_error(
     return DiskFullError(f"output_dir: {what}. {then}")
 
 
+def full_run_folder(error: OSError, run_dir: Path, needed_bytes: int) -> Exception:
+    """A write error of the run's logs as the DiskFullError of its run folder when that disk has no room for a
+    checkpoint left; `error` itself otherwise (another disk, such as /dev/shm, or another fault)."""
+    if error.errno in FULL_DISK and shutil.disk_usage(run_dir).free < needed_bytes:
+        return disk_full_error(last_path(run_dir), needed_bytes, error, "the run's logs")
+    return error
+
+
 def state_bytes(value: Any) -> int:
     """About the bytes a checkpoint of `value` takes (its tensors; a module's parameters and buffers; an optimizer's
-    state), a little less than the file, so that a check against the free space never refuses a write that fits."""
+    state): a little less than the file, so that the check before a write errs towards trying it."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, torch.nn.Module):

@@ -62,8 +62,8 @@ class TrainConfig:
     on_nonfinite: Literal["error", "skip"] = "error"
     """A non-finite loss stops the run with a checkpoint of the last good state, or skips the step."""
     compile: bool = False
-    sync_batchnorm: Literal["auto"] | bool = "auto"
-    """BatchNorm statistics over the global batch of all processes (auto: when more than one process trains)."""
+    sync_batchnorm: bool = True
+    """With more than one process, BatchNorm layers normalise over the batch of all processes (false: each its own)."""
     progress_bar: bool = True
     loggers: list[Literal["csv", "tensorboard", "wandb"]] = field(default_factory=lambda: ["csv", "tensorboard"])
     knn_every_epochs: int = 0

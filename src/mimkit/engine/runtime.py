@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.fabric import Fabric
@@ -78,14 +78,14 @@ def setup_for_training(
     method: Method,
     optimizer: torch.optim.Optimizer,
     compile_backbones: bool,
-    sync_batchnorm: bool | Literal["auto"] = "auto",
+    sync_batchnorm: bool = True,
 ) -> tuple[Any, Any]:
     """The Fabric-wrapped method (call `training_step` through it) and optimizer; backbones compiled on request;
     BatchNorm layers over the global batch when several processes train (`sync_batchnorm`, see `sync_batch_norms`)."""
     policy = getattr(fabric.strategy, "_fsdp_kwargs", {}).get("auto_wrap_policy")
     if isinstance(policy, EncoderBlocks):
         policy.types = block_types_of(method)  # before setup: FSDP wraps while it sets the method up
-    if sync_batchnorm is not False and fabric.world_size > 1 and (count := sync_batch_norms(method, fabric.device)):
+    if sync_batchnorm and fabric.world_size > 1 and (count := sync_batch_norms(method, fabric.device)):
         log.info(
             "sync_batchnorm: %d BatchNorm layers normalise over the batch of all %d processes", count, fabric.world_size
         )

@@ -186,10 +186,7 @@ class Trainer:
                         self._stop_with_checkpoint()
                     self._end_of_epoch()
         except OSError as error:  # metrics.csv or train.log on a full disk; checkpoints raise DiskFullError
-            if error.errno not in ckpt.FULL_DISK:
-                raise
-            needed = ckpt.state_bytes([self.module, self.optimizer])
-            raise ckpt.disk_full_error(ckpt.last_path(self.run_dir), needed, error, "the run's logs") from None
+            raise ckpt.full_run_folder(error, self.run_dir, ckpt.state_bytes([self.module, self.optimizer])) from None
         finally:
             display.close()
         log.info("finished %d epochs; checkpoints in %s", cfg.train.epochs, ckpt.checkpoint_dir(self.run_dir))
