@@ -6,6 +6,9 @@ run's initialisation (epoch 0, `load_run(..., random_init=True)`). Raw pixels ar
 beat. Output: a JSON file with every point, the machine and the command, a markdown table and a PNG plot.
 
     python benchmarks/knn_vs_epochs.py runs/demo runs/dtm_vit_tiny_fmnist_ibot_teacher
+
+A run keeps its last `train.keep_epoch_checkpoints` epoch files (3 by default): train the runs of a curve with
+`train.keep_epoch_checkpoints=0` to keep every epoch.
 """
 
 from __future__ import annotations

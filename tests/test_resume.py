@@ -63,6 +63,8 @@ def test_change_classification() -> None:
     assert config_changes(saved, cfg) == {}
     moved = load_run_config(TOY, ["output_dir=elsewhere", "data.num_workers=2", "resume=auto"])
     assert check_resume_changes(saved, moved) == ["resume: applying data.num_workers: 0 -> 2"]
+    fewer = load_run_config(TOY, ["train.keep_epoch_checkpoints=1"])  # room on a full disk, taken on resume
+    assert check_resume_changes(saved, fewer) == ["resume: applying train.keep_epoch_checkpoints: 3 -> 1"]
     with pytest.raises(ConfigError, match=r"optim.accumulate_grad_batches: 1 -> 2"):
         check_resume_changes(saved, load_run_config(TOY, ["optim.accumulate_grad_batches=2"]), force=True)
     with pytest.raises(ConfigError, match=r"seed: 3 -> 4"):

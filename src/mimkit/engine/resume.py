@@ -24,6 +24,8 @@ SAFE = (
     "train.health_window_steps",
     "train.checkpoint_every_epochs",
     "train.checkpoint_every_steps",
+    "train.keep_epoch_checkpoints",
+    "train.sync_batchnorm",
     "train.progress_bar",
     "train.loggers",
     "train.knn_every_epochs",
