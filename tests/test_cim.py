@@ -195,6 +195,9 @@ def test_a_saved_run_opens_evaluates_and_exports_without_its_tokenizer_file(
     assert main(["eval", "knn", str(run), "--k", "1", "--num-workers", "0"]) == 0
     assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
     assert (tmp_path / "export" / "model.safetensors").is_file()
+    assert main(["pretrain", "--resume", str(run), "train.epochs=2"]) == 0  # resumes with the saved tokenizer
+    assert not tokenizer.exists()  # nothing refitted although the recipe names a tokenizer recipe
+    assert "is gone; using the kmeans tokenizer saved with the run" in (run / "train.log").read_text()
 
 
 def test_panels_show_the_corruption_and_the_prediction() -> None:

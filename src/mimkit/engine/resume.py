@@ -74,15 +74,15 @@ def resolve_resume(cfg: RunConfig) -> Path | None:
 
 def readable_resume(path: Path) -> tuple[Path, dict[str, Any] | None]:
     """The checkpoint to resume from, falling back to the newest readable one of its folder if it is truncated or
-    corrupted (with a warning naming both), and the config it was written with (memory-mapped: the weights are
-    not read here); no config for a sharded checkpoint folder."""
+    corrupted (with a warning naming both), and its contents (memory-mapped: the weights are not read here; the
+    config it was written with, the method state a method may rebuild file-made parts from); None for a sharded
+    checkpoint folder."""
     if path.is_dir():
         return path, None
     try:
-        path, state = readable_checkpoint(path, mmap=True)
+        return readable_checkpoint(path, mmap=True)
     except ValueError as error:  # reported here, before anything is written
         raise ConfigError(f"resume: {error}") from None
-    return path, state.get("config")
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:

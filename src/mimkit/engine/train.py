@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -67,7 +67,7 @@ def pretrain(cfg: RunConfig, callbacks: Sequence[EpochCallback] = (), *, force: 
     when it holds images or lies inside data.root, and is owned by this run while it trains (`mimkit.engine.lock`).
     """
     resume_path, saved = readable_resume(resume) if (resume := resolve_resume(cfg)) is not None else (None, None)
-    notices = check_resume_changes(saved, cfg, force) if saved is not None else []
+    notices = check_resume_changes(saved["config"], cfg, force) if saved is not None else []
     run_dir = Path(cfg.output_dir)
     check_output_folder(run_dir, "output_dir", OWN_FOLDER_FIX, {"data.root": cfg.data.root})
     ckpt.ensure_writable(run_dir, "output_dir", OUTPUT_FIX)
@@ -77,7 +77,7 @@ def pretrain(cfg: RunConfig, callbacks: Sequence[EpochCallback] = (), *, force: 
         setup_logging(run_dir, fabric.global_rank)
         for notice in [*notices, *lock_warnings]:
             log.warning("%s", notice)
-        trainer = Trainer(cfg, fabric, resume_path, callbacks)
+        trainer = Trainer(cfg, fabric, resume_path, callbacks, saved_method=(saved or {}).get("method"))
         if fabric.global_rank == 0:
             (run_dir / "config.yaml").write_text(dump_yaml(cfg))
             (run_dir / "environment.yaml").write_text(
@@ -90,8 +90,15 @@ class Trainer:
     """One run: builds data, method and optimizer, restores a checkpoint, then loops over epochs."""
 
     def __init__(
-        self, cfg: RunConfig, fabric: Fabric, resume_path: Path | None, callbacks: Sequence[EpochCallback] = ()
+        self,
+        cfg: RunConfig,
+        fabric: Fabric,
+        resume_path: Path | None,
+        callbacks: Sequence[EpochCallback] = (),
+        saved_method: Mapping[str, Any] | None = None,
     ) -> None:
+        """`saved_method`: the state a resumed run restores, from which the method rebuilds what it made from files
+        when it started (a CIM tokenizer), so that resuming needs neither those files nor making them again."""
         self.cfg, self.fabric, self.run_dir = cfg, fabric, Path(cfg.output_dir)
         self.callbacks = list(callbacks)
         self.last_skipped = ""
@@ -100,11 +107,17 @@ class Trainer:
         method_cls = method_class(cfg.method.name)
         with fabric.rank_zero_first():
             source = build_source(cfg.data)
-            method_cls.prepare(cfg.method, source)
+            if saved_method is None:
+                method_cls.prepare(cfg.method, source)
         log.info("data  %s", describe(source))
         if (notice := same_images_notice(cfg.data)) is not None:
             log.warning("data  %s", notice)
-        self.method: Method = method_cls(cfg.method, source.info)
+        self.method: Method = (
+            method_cls(cfg.method, source.info)
+            if saved_method is None
+            else method_cls.from_saved(cfg.method, source.info, saved_method)
+        )
+        self.method.check_masks()
         size, image = self.method.encoder().image_size, source.info.image_size
         if image is not None and size > min(image):
             log.warning(

@@ -189,12 +189,15 @@ class Method(nn.Module):
         are drawn on: what the pre-training mask check reads. Methods without masks keep the empty default."""
         return {}
 
-    def on_train_start(self) -> None:
-        """Once, after the method is on its device and before the first step (e.g. sync teachers; an override calls
-        this too). Draws masks of every mask config at its real token grid: refuses one that never masks a patch and
-        warns when one is far off its configured ratio (`check_mask_fill`), before any step trains on them."""
+    def check_masks(self) -> None:
+        """Before training (the engine calls it once the method is built): draws masks of every mask config at its
+        real token grid, refuses one that never masks a patch and warns when one is far off its configured ratio
+        (`check_mask_fill`), before any step trains on them."""
         for prefix, (mask, grid) in self.mask_configs().items():
             check_mask_fill(mask, grid, prefix)
+
+    def on_train_start(self) -> None:
+        """Once, after the method is on its device and before the first step (e.g. sync teachers)."""
 
 
 def split_weight_decay(
