@@ -50,15 +50,18 @@ def feature_health(features: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def mask_health(masks: torch.Tensor, configured: float, role: str = "") -> dict[str, torch.Tensor | float]:
-    """The realised share of masked patches of a batch of masks (True = masked), the `configured` share and their
-    ratio; no ratio while nothing is asked for (before masking starts), where any realised share is as configured."""
+def mask_health(
+    masks: torch.Tensor, configured: float, role: str = "", *, logged: bool = True
+) -> dict[str, torch.Tensor | float]:
+    """The realised share of masked patches of a batch of masks (True = masked), the `configured` share and, on
+    logged steps (`logged`, where every health measure is taken), their ratio; no ratio while nothing is asked for
+    (before masking starts), where any realised share is as configured."""
     prefix = f"{role}_" if role else ""
     realised = masks.detach().float().mean()
     metrics: dict[str, torch.Tensor | float] = {
         f"{prefix}mask_ratio": realised,
         f"{prefix}mask_ratio_configured": configured,
     }
-    if configured > 0:
+    if configured > 0 and logged:
         metrics[f"health_{prefix}mask_fill"] = realised / configured
     return metrics

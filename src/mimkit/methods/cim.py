@@ -224,7 +224,7 @@ class CIM(Method):
             "loss_generator": loss_generator.detach(),
             "loss_enhancer": loss_enhancer.detach(),
             "generator_accuracy": global_token_mean((corruption.logits.argmax(-1) == targets).float()),
-            **mask_health(masks, self.cfg.mask.expected_ratio(progress.epoch)),
+            **mask_health(masks, self.cfg.mask.expected_ratio(progress.epoch), logged=progress.logged),
             "replaced_ratio": corruption.replaced.float().mean(),
             **(feature_health(self.enhancer.pooled(tokens)) if progress.logged else {}),
         }

@@ -153,7 +153,7 @@ class DTM(Method):
         metrics = {
             "loss_tokenwise": tokenwise,
             "morph_removed": sum(s.num_removed for s in schedules) / len(schedules),
-            **mask_health(masks, self.cfg.mask.expected_ratio(progress.epoch)),
+            **mask_health(masks, self.cfg.mask.expected_ratio(progress.epoch), logged=progress.logged),
             **(feature_health(self.student.pooled(student_tokens)) if progress.logged else {}),
         }
         return StepOutput(loss * self.cfg.loss_weight, metrics)

@@ -248,7 +248,7 @@ class IBOT(Method):
         metrics = {
             "loss_cls": loss_cls.detach(),
             "loss_patch": loss_patch.detach(),
-            **mask_health(flat_masks, self.cfg.mask.expected_ratio(progress.epoch)),
+            **mask_health(flat_masks, self.cfg.mask.expected_ratio(progress.epoch), logged=progress.logged),
             "teacher_temp": teacher_temp,
             **health,
         }

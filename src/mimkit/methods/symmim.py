@@ -131,11 +131,12 @@ class SymMIM(Method):
         q1, q2 = queries.chunk(2)
         k1, k2 = keys.chunk(2)
         loss_con = info_nce(q1, k2, self.cfg.temperature) + info_nce(q2, k1, self.cfg.temperature)
+        logged, epoch = progress.logged, progress.epoch
         metrics = {
             "loss_mim": loss_mim.detach(),
             "loss_con": loss_con.detach(),
-            **mask_health(online_masks, self.cfg.online_mask.expected_ratio(progress.epoch), "online"),
-            **mask_health(momentum_masks, self.cfg.momentum_mask.expected_ratio(progress.epoch), "momentum"),
+            **mask_health(online_masks, self.cfg.online_mask.expected_ratio(epoch), "online", logged=logged),
+            **mask_health(momentum_masks, self.cfg.momentum_mask.expected_ratio(epoch), "momentum", logged=logged),
             **(feature_health(features[: len(features) // 2]) if progress.logged else {}),
         }
         return StepOutput(loss_mim + self.cfg.lambda_con * loss_con, metrics)
