@@ -271,3 +271,26 @@ def test_a_link_loop_never_multiplies_images(tmp_path: Path) -> None:
     source = build_source(DataConfig(source="imagefolder", root=str(root)))
     assert len(source) == 16 and source.info.class_names == ("cls",)
     assert len({path.resolve() for path in source.files}) == 16
+
+
+def test_cached_modes_are_kept_per_file_also_for_a_relative_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache names each file relative to the root, so `data.root=.` keeps a.png and b.png apart."""
+    from mimkit.data.sources import image_modes
+
+    monkeypatch.setenv("MIMKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(image_modes, "CACHE_AFTER_SECONDS", 0.0)
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    Image.new("L", (8, 8)).save(folder / "a.png")
+    Image.new("RGB", (8, 8)).save(folder / "b.png")
+    size = max((folder / n).stat().st_size for n in ("a.png", "b.png"))
+    for name in ("a.png", "b.png"):  # the same size and time: only their names tell them apart in the cache
+        os.truncate(folder / name, size)
+        os.utime(folder / name, ns=(1_000_000_000, 1_000_000_000))
+    monkeypatch.chdir(folder)
+    files = [Path("a.png"), Path("b.png")]
+    first = image_modes.read_modes(Path("."), files)
+    again = image_modes.read_modes(Path("."), files)  # from the cache
+    assert (first.gray, first.color) == (again.gray, again.color) == (1, 1)

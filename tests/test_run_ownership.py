@@ -227,6 +227,7 @@ def test_an_output_that_is_or_lies_inside_what_the_command_reads_is_refused(tmp_
 def test_a_resumed_run_with_figures_is_its_own_folder_not_one_of_images(tmp_path: Path) -> None:
     out = toy_run(tmp_path / "run")
     png(out / "report" / "curves.png")
+    png(out / "figures_epoch1" / "attention.png")  # `mimkit viz RUN --out RUN/figures_epoch1`
     assert main(["pretrain", "--resume", str(out), "train.epochs=2", *QUIET_CPU_RUN]) == 0
 
 

@@ -7,12 +7,12 @@ Search order: the folder the user names, the Debian package `dataset-fashion-mni
 from __future__ import annotations
 
 import gzip
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mimkit.cache import cache_dir
 from mimkit.data.info import DataError
 
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -21,13 +21,6 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def cache_dir() -> Path:
-    """mimkit's data cache: $MIMKIT_CACHE, else $XDG_CACHE_HOME/mimkit, else ~/.cache/mimkit."""
-    if "MIMKIT_CACHE" in os.environ:
-        return Path(os.environ["MIMKIT_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "mimkit"
 
 
 def candidate_dirs(root: str | None) -> list[Path]:

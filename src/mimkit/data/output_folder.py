@@ -36,11 +36,17 @@ def check_output_folder(
         if where == source or source in where.parents:
             relation = f"is {name}" if where == source else f"lies inside {name} ({given})"
             raise ConfigError(f"{what}: {folder} {relation}, which this command reads; {fix}")
-    image = first_image(folder)
+    image = None if is_run_folder(folder) else first_image(folder)
     if image is not None:
         raise ConfigError(
             f"{what}: {folder} holds images ({image}); mimkit never writes into a folder of images: {fix}"
         )
+
+
+def is_run_folder(folder: Path) -> bool:
+    """A run folder of mimkit's (its config or checkpoints are there): the figures `mimkit viz --out` drew inside it
+    are mimkit's own, so a resumed run is not refused for them."""
+    return (folder / "config.yaml").is_file() or (folder / "checkpoints").is_dir()
 
 
 def first_image(folder: Path) -> Path | None:

@@ -134,7 +134,7 @@ class CIM(Method):
         """Fit the tokenizer from `tokenizer_recipe` (on that recipe's data, with `tokenizer_overrides`) when its file
         is missing; without a recipe, stop with the command that makes it."""
         assert isinstance(cfg, CIMConfig)
-        if Path(cfg.tokenizer).is_file():
+        if Path(cfg.tokenizer).expanduser().is_file():
             return
         if cfg.tokenizer_recipe is None:
             raise ConfigError(
@@ -152,7 +152,7 @@ class CIM(Method):
         and constructor arguments travel in it; the weights load next)."""
         assert isinstance(cfg, CIMConfig)
         spec = saved.get(f"{TOKENIZER_KEY}._extra_state")
-        if Path(cfg.tokenizer).is_file() or not isinstance(spec, Mapping):
+        if Path(cfg.tokenizer).expanduser().is_file() or not isinstance(spec, Mapping):
             return cls(cfg, data)
         log.info("method.tokenizer: %s is gone; using the %s tokenizer saved with the run", cfg.tokenizer, spec["kind"])
         return cls(cfg, data, tokenizer_class(spec["kind"])(**spec["config"]).requires_grad_(False))

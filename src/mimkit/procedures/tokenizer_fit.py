@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
-from mimkit.config import ConfigError, check, from_dict, read_yaml
+from mimkit.config import ConfigError, check, from_dict, read_yaml, to_dict
 from mimkit.data.config import DataConfig
 from mimkit.data.info import DataError
 from mimkit.data.loader import ViewDataset, eval_loader, train_loader
@@ -108,8 +108,10 @@ def fitting_data(data: DataConfig, images: int) -> dict[str, Any]:
     root = None if data.root is None else str(Path(data.root).expanduser().resolve())
     return {
         "source": data.source,
+        "options": to_dict(data.options),
         "root": root,
         "split": data.split,
+        "channels": data.channels,
         "images": images,
         "val_fraction": data.val_fraction,
     }
@@ -132,7 +134,8 @@ def replaced_notice(output: str | Path, fitted_on: dict[str, Any]) -> str | None
 
 def describe_fitting(fitted_on: dict[str, Any]) -> str:
     where = f" at {fitted_on['root']}" if fitted_on.get("root") else ""
-    return f"{fitted_on.get('source')}{where} ({fitted_on.get('split')}, {fitted_on.get('images')} images)"
+    options = "".join(f" {key}={value}" for key, value in (fitted_on.get("options") or {}).items())
+    return f"{fitted_on.get('source')}{options}{where} ({fitted_on.get('split')}, {fitted_on.get('images')} images)"
 
 
 class FitProgress:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from mimkit.data.fashion_mnist import cache_dir
+from mimkit.cache import cache_dir
 from mimkit.data.info import DataError
 from mimkit.data.sources.base import DECODE_ERRORS, GRAY_MODES, WIDE_MODES
 
@@ -134,11 +134,10 @@ def read_modes(root: Path, files: list[Path]) -> FolderModes:
     cached = _read_cache(cache, root)
     entries: dict[str, list] = {}
     modes = FolderModes(root)
-    prefix = len(str(root)) + 1
     start = last_report = time.perf_counter()
     opened = 0
     for count, path in enumerate(files, 1):
-        name = str(path)[prefix:]
+        name = os.path.relpath(path, root)
         try:
             stat = os.stat(path)
             key = [stat.st_size, stat.st_mtime_ns]

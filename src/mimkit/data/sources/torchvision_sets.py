@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from mimkit.cache import cache_dir
 from mimkit.config import check
-from mimkit.data import fashion_mnist
 from mimkit.data.config import DataConfig
 from mimkit.data.info import DataError, DataInfo, UnreadableImage
 from mimkit.data.sources.base import (
@@ -64,7 +64,7 @@ class TorchvisionSource(ImageSource):
             kwargs["train"] = split == "train"
         elif "split" in params:
             kwargs["split"] = split
-        root = Path(cfg.root or fashion_mnist.cache_dir() / "torchvision").expanduser()
+        root = Path(cfg.root or cache_dir() / "torchvision").expanduser()
         if "root" in params:
             kwargs["root"] = str(root)
         self.name = f"torchvision:{name}"

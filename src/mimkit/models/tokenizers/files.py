@@ -24,7 +24,7 @@ def save_tokenizer(
     """Write the tokenizer file atomically (a temporary file renamed into place: never a half-written file), with
     the data it was `fitted_on` (source, folder, split, image count), so a refit on other data can say what it
     replaces."""
-    path = Path(path)
+    path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in tokenizer.state_dict().items() if isinstance(v, torch.Tensor)}
     payload = {
