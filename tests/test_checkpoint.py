@@ -279,3 +279,27 @@ def test_a_run_keeps_its_newest_epoch_checkpoints(tmp_path: Path) -> None:
         "removed epoch_0001.ckpt (keeping the newest 2: train.keep_epoch_checkpoints)"
         in (run / "train.log").read_text()
     )
+
+
+def test_a_resume_with_fewer_kept_makes_room_before_it_checks_the_space(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """troubleshooting.md's way out of a full disk: resuming with a smaller train.keep_epoch_checkpoints removes
+    the older epoch files before the free space is checked, not after the next epoch."""
+    from mimkit.engine import checkpoint
+
+    toy = ROOT / "tests" / "recipes" / "toy.yaml"
+    base = [f"output_dir={tmp_path / 'run'}", "data.synthetic.images=16", "train.keep_epoch_checkpoints=0"]
+    run = pretrain(load_run_config(toy, [*base, "train.epochs=3"]))
+    seen: list[list[str]] = []
+    real = checkpoint.ensure_writable
+
+    def watched(folder: Path, *args: object, **kwargs: object) -> None:
+        seen.append(sorted(p.name for p in (run / "checkpoints").glob("epoch_*.ckpt")))
+        real(folder, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(checkpoint, "ensure_writable", watched)
+    fewer = [*base[:2], "train.keep_epoch_checkpoints=1", "train.epochs=4", "resume=auto"]
+    pretrain(load_run_config(toy, fewer))
+    assert seen[-1] == ["epoch_0002.ckpt"]  # at the space check, before epoch 3 trains
+    assert sorted(p.name for p in (run / "checkpoints").glob("epoch_*.ckpt")) == ["epoch_0003.ckpt"]

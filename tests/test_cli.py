@@ -304,6 +304,8 @@ def test_any_dotted_override_reaches_the_config_check_unless_it_is_a_path(
     (tmp_path / "lr=1e-3").mkdir()
     assert main(["eval", "knn", "lr=1e-3"]) == 2  # a run folder with '=' in its name is the command's argument
     assert "unrecognized arguments" not in capsys.readouterr().err
+    assert main(["pretrain", "-c", "ibot/vit_tiny_fmnist", "--output-dir", "new=1", "--print-config"]) == 0
+    assert "output_dir: new=1" in capsys.readouterr().out  # an option's value, though it looks like an override
 
 
 def test_every_evaluation_module_is_a_sub_command() -> None:

@@ -120,3 +120,21 @@ def test_a_registered_family_trains_and_reloads(registered: type[Encoder], tmp_p
     losses = [line for line in (run / "metrics.csv").read_text().splitlines()[1:] if line.split(",")[1]]
     assert len(losses) == 2
     assert isinstance(load_run(run).encoder(), RelPosEncoder)
+
+
+def test_a_family_of_ones_own_registered_first_still_takes_over_a_builtin_module() -> None:
+    """docs/extending.md: a module of one's own imported before the recipe loads; the built-ins, found later on the
+    first lookup, must not outrank it."""
+    import subprocess
+    import sys
+
+    script = (
+        "from mimkit.models.encoder import Encoder\n"
+        "from mimkit.models.families import register_family, family_of\n"
+        "@register_family\n"
+        "class Mine(Encoder):\n"
+        "    family, timm_modules = 'mine', ('resnet',)\n"
+        "assert family_of('resnet18') is Mine, family_of('resnet18')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

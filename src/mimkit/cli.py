@@ -28,8 +28,12 @@ def is_override(argument: str) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     arguments = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in arguments if is_override(a)]
-    args = parser.parse_args([a for a in arguments if not is_override(a)])
+    valued = value_options(parser)
+    after_option = [i > 0 and arguments[i - 1] in valued for i in range(len(arguments))]
+    overrides = [a for a, value in zip(arguments, after_option, strict=True) if is_override(a) and not value]
+    args = parser.parse_args(
+        [a for a, value in zip(arguments, after_option, strict=True) if value or not is_override(a)]
+    )
     if not hasattr(args, "run"):
         parser.print_help()
         return 0
@@ -45,6 +49,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mimkit: interrupted", file=sys.stderr)
         return 130
+
+
+def value_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option of the command line (sub-commands included) that takes a value: the word after one of them is
+    that value (`--output-dir lr=1e-3`), never an override."""
+    found: set[str] = set()
+    for action in parser._actions:
+        if action.option_strings and action.nargs != 0:
+            found.update(action.option_strings)
+        for sub in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
+            found |= value_options(sub)
+    return found
 
 
 def user_message(error: BaseException) -> str:

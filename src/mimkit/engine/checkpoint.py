@@ -171,7 +171,7 @@ def atomic_save(fabric: Any, path: Path, state: dict[str, Any]) -> None:
         if not saved:
             fabric.barrier()  # the one fabric.save ends with, which the other ranks wait in
     fabric.barrier()
-    code = _any_rank(fabric, (failure.errno or -1) if failure is not None else 0)
+    code = _any_rank(fabric, (failure.errno or errno.EIO) if failure is not None else 0)
     if not code:
         return
     if leader:

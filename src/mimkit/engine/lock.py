@@ -29,6 +29,7 @@ LOCK_FILE = ".lock"
 UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
 """What flock raises where the file system has no locks (rather than: someone else holds it)."""
 
+OPEN_FIX = "check the run folder's permissions (or choose another output_dir)"
 _held: set[int] = set()
 
 
@@ -55,7 +56,10 @@ class RunLock:
     def acquire(self) -> str | None:
         """Take the lock; returns None when this process owns the folder now (or the file system has no locks: then
         a warning in `warnings`), else the refusal message naming the owner and what to do."""
-        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:  # a lock file of another user's, a read-only folder: said, and every rank stops
+            return f"output_dir: cannot open {self.path} ({error.strerror}); {OPEN_FIX}"
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -81,11 +85,15 @@ class RunLock:
         """Clear the owner's record and free the lock (a no-op when it is not held)."""
         if self.descriptor is None:
             return
-        _held.discard(self.descriptor)
-        os.ftruncate(self.descriptor, 0)
-        fcntl.flock(self.descriptor, fcntl.LOCK_UN)
-        os.close(self.descriptor)
-        self.descriptor = None
+        descriptor, self.descriptor = self.descriptor, None
+        _held.discard(descriptor)
+        try:
+            os.ftruncate(descriptor, 0)
+        except OSError:
+            pass  # the record stays behind; the lock is freed all the same
+        finally:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+            os.close(descriptor)
 
     def owner(self) -> dict[str, Any] | None:
         """What the current owner wrote into the lock file (None when unreadable or not yet written)."""

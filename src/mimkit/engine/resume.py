@@ -15,7 +15,7 @@ from typing import Any
 from mimkit.config import ConfigError, to_dict
 from mimkit.data.config import upgrade_older_fields
 from mimkit.engine import checkpoint as ckpt
-from mimkit.methods.saved import readable_checkpoint
+from mimkit.methods.saved import check_pretraining_checkpoint, readable_checkpoint
 from mimkit.runs import RunConfig
 
 SAFE = (
@@ -80,9 +80,11 @@ def readable_resume(path: Path) -> tuple[Path, dict[str, Any] | None]:
     if path.is_dir():
         return path, None
     try:
-        return readable_checkpoint(path, mmap=True)
+        path, state = readable_checkpoint(path, mmap=True)
     except ValueError as error:  # reported here, before anything is written
         raise ConfigError(f"resume: {error}") from None
+    check_pretraining_checkpoint(state, path)
+    return path, state
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:

@@ -77,7 +77,8 @@ def pretrain(cfg: RunConfig, callbacks: Sequence[EpochCallback] = (), *, force: 
         setup_logging(run_dir, fabric.global_rank)
         for notice in [*notices, *lock_warnings]:
             log.warning("%s", notice)
-        trainer = Trainer(cfg, fabric, resume_path, callbacks, saved_method=(saved or {}).get("method"))
+        trainer = Trainer(cfg, fabric, resume_path, callbacks, saved=saved)
+        del saved  # a memory-mapped checkpoint holds its file's disk space while it lives
         if fabric.global_rank == 0:
             (run_dir / "config.yaml").write_text(dump_yaml(cfg))
             (run_dir / "environment.yaml").write_text(
@@ -95,10 +96,12 @@ class Trainer:
         fabric: Fabric,
         resume_path: Path | None,
         callbacks: Sequence[EpochCallback] = (),
-        saved_method: Mapping[str, Any] | None = None,
+        saved: Mapping[str, Any] | None = None,
     ) -> None:
-        """`saved_method`: the state a resumed run restores, from which the method rebuilds what it made from files
-        when it started (a CIM tokenizer), so that resuming needs neither those files nor making them again."""
+        """`saved`: the checkpoint a resumed run restores (memory-mapped; not kept), from whose method state the
+        method rebuilds what it made from files when it started (a CIM tokenizer), so that resuming needs neither
+        those files nor making them again."""
+        saved_method = None if saved is None else saved["method"]
         self.cfg, self.fabric, self.run_dir = cfg, fabric, Path(cfg.output_dir)
         self.callbacks = list(callbacks)
         self.last_skipped = ""
@@ -127,6 +130,9 @@ class Trainer:
                 size,
             )
         if fabric.global_rank == 0:
+            if saved is not None:  # a smaller train.keep_epoch_checkpoints makes room before the space check
+                resumed_epoch = int(saved.get("position", {}).get("epoch", 0))
+                ckpt.remove_old_epochs(self.run_dir, resumed_epoch - 1, cfg.train.keep_epoch_checkpoints)
             ckpt.ensure_writable(
                 ckpt.checkpoint_dir(self.run_dir), "output_dir", OUTPUT_FIX, ckpt.checkpoint_bytes(self.method)
             )

@@ -148,13 +148,17 @@ class CIM(Method):
 
     @classmethod
     def from_saved(cls, cfg: MethodConfig, data: DataInfo, saved: Mapping[str, Any]) -> CIM:
-        """With its tokenizer file gone, the tokenizer the run trained with, rebuilt from the saved state (its kind
-        and constructor arguments travel in it; the weights load next)."""
+        """With the tokenizer the run trained with, rebuilt from the saved state (its kind and constructor arguments
+        travel in it; the weights load next), whatever became of the file since: gone, or refitted. Checkpoints
+        written before the spec travelled read the file."""
         assert isinstance(cfg, CIMConfig)
         spec = saved.get(f"{TOKENIZER_KEY}._extra_state")
-        if Path(cfg.tokenizer).expanduser().is_file() or not isinstance(spec, Mapping):
+        if not isinstance(spec, Mapping):
             return cls(cfg, data)
-        log.info("method.tokenizer: %s is gone; using the %s tokenizer saved with the run", cfg.tokenizer, spec["kind"])
+        if not Path(cfg.tokenizer).expanduser().is_file():
+            log.info(
+                "method.tokenizer: %s is gone; using the %s tokenizer saved with the run", cfg.tokenizer, spec["kind"]
+            )
         return cls(cfg, data, tokenizer_class(spec["kind"])(**spec["config"]).requires_grad_(False))
 
     def __init__(self, cfg: CIMConfig, data: DataInfo, tokenizer: Tokenizer | None = None) -> None:

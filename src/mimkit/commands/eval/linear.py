@@ -63,8 +63,6 @@ def run_linear(args: argparse.Namespace) -> int:
     from mimkit.eval.linear import train_linear_probes
     from mimkit.runs import load_run
 
-    if not 0 <= args.val_fraction < 1:
-        raise ConfigError(f"--val-fraction: must lie in [0, 1); got {args.val_fraction}")
     if args.raw_pixels and args.random_init:
         raise ConfigError("--raw-pixels and --random-init are two different baselines; give one of them")
     run = load_run(args.run_path, args.overrides, random_init=args.random_init)

@@ -26,7 +26,10 @@ E = TypeVar("E", bound=type[Encoder])
 
 
 def register_family(cls: E) -> E:
-    """Class decorator: `cls` wraps the timm models of its `timm_modules` and `name_patterns` under `cls.family`."""
+    """Class decorator: `cls` wraps the timm models of its `timm_modules` and `name_patterns` under `cls.family`.
+    A family of one's own is registered after the built-ins, so it takes over a module they cover."""
+    if not cls.__module__.startswith(f"{__package__}."):
+        _load_builtins()
     if not cls.family or not (cls.timm_modules or cls.name_patterns):
         raise ValueError(f"{cls.__qualname__}: an encoder family needs a `family` name and timm_modules or patterns")
     known = _FAMILIES.get(cls.family)
