@@ -94,6 +94,10 @@ def test_the_field_names_are_remembered_by_the_first_load_and_a_new_stamp_forget
     assert json.loads(fields_file().read_text()) == config_fields()
     with pytest.raises(ConfigError, match=r"optim\.lrr: unknown field"):
         check_recipe_fields(typo)
+    fields_file().write_text("{}")  # a file that is not ours: no early check, no crash, and written anew
+    check_recipe_fields(typo)
+    load_run_config("ibot/vit_tiny_fmnist")
+    assert json.loads(fields_file().read_text()) == config_fields()
     monkeypatch.setattr(recipes_module, "source_stamp", lambda: "edited")  # an edited or upgraded package
     check_recipe_fields(typo)
     load_run_config("ibot/vit_tiny_fmnist")

@@ -117,15 +117,26 @@ def remember_fields(fields: dict[str, Any]) -> None:
         pass
 
 
+def remembered_fields() -> dict[str, Any] | None:
+    """This installation's remembered field names; None when there are none yet (or the file is not one of ours,
+    so that the next full load writes it anew)."""
+    try:
+        fields = json.loads(fields_file().read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(fields, dict) and isinstance(fields.get("run"), dict) and isinstance(fields.get("methods"), dict)
+    return fields if ok else None
+
+
 def check_recipe_fields(data: Mapping[str, Any]) -> None:
     """Raise the unknown-field error that validating `data` would raise, from the remembered field names alone; with
     none remembered yet (this installation's first run) or a method outside mimkit (`package.module:Class`), the full
     validation after the heavy imports finds it instead."""
-    try:
-        fields = json.loads(fields_file().read_text())
-    except (OSError, ValueError):
+    fields = remembered_fields()
+    if fields is None:
         return
-    check_field_names({k: v for k, v in data.items() if k != "method"}, fields["run"])
+    run, methods = fields["run"], fields["methods"]
+    check_field_names({k: v for k, v in data.items() if k != "method"}, run)
     method = data.get("method")
-    if isinstance(method, Mapping) and str(method.get("name")) in fields["methods"]:
-        check_field_names(method, fields["methods"][str(method["name"])], "method")
+    if isinstance(method, Mapping) and str(method.get("name")) in methods:
+        check_field_names(method, methods[str(method["name"])], "method")

@@ -20,7 +20,7 @@ from mimkit.engine.config import OptimConfig, TrainConfig
 from mimkit.methods.base import Method, method_class, method_names
 from mimkit.methods.saved import check_pretraining_checkpoint, readable_checkpoint, resolve_checkpoint, restore_method
 from mimkit.models.encoder import Encoder
-from mimkit.recipes import fields_file, find_recipe, remember_fields
+from mimkit.recipes import find_recipe, remember_fields, remembered_fields
 
 
 @dataclass
@@ -57,7 +57,7 @@ def load_run_config(
     config = from_dict(RunConfig, {**data, "method": None}, "")
     config.method = from_dict(method_cls.Config, method_data, "method")
     config.validate()
-    if not fields_file().is_file():
+    if remembered_fields() is None:
         remember_fields(config_fields())  # what `mimkit pretrain` checks before torch loads next time
     return config
 
