@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
         "mimkit.cache",
         "mimkit.config",
         "mimkit.recipes",
+        "mimkit.registry",
         "mimkit.schedules",
         "mimkit.distributed",
         "mimkit.health",

@@ -8,7 +8,6 @@ Everything generic (devices, precision, schedules, clipping, checkpoints, logs) 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from mimkit.data.masking import MaskConfig, check_mask_fill
 from mimkit.data.sources import ImageSource
 from mimkit.data.views import Views
 from mimkit.models.encoder import Encoder
+from mimkit.registry import import_package
 from mimkit.schedules import Progress
 
 
@@ -223,8 +223,7 @@ _METHODS: dict[str, type[Method]] = {}
 
 def _load_builtins() -> None:
     """Import every module of this package once: each method registers itself with `@register`."""
-    for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        importlib.import_module(f"{__package__}.{module.name}")
+    import_package(__package__, str(Path(__file__).parent))
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:

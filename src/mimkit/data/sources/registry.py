@@ -6,14 +6,13 @@ being a file here; a source defined elsewhere registers when its module is impor
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from mimkit.config import check_choice
 from mimkit.data.sources.base import ImageSource
+from mimkit.registry import import_package
 
 S = TypeVar("S", bound=type[ImageSource])
 
@@ -22,8 +21,7 @@ _SOURCES: dict[str, type[ImageSource]] = {}
 
 def _load_builtins() -> None:
     """Import every module of this package once: each built-in source registers itself with `@register_source`."""
-    for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        importlib.import_module(f"{__package__}.{module.name}")
+    import_package(__package__, str(Path(__file__).parent))
 
 
 def register_source(name: str) -> Callable[[S], S]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import importlib
-import pkgutil
 from pathlib import Path
 from typing import TypeVar
 
@@ -20,6 +18,7 @@ import timm
 
 from mimkit.config import ConfigError
 from mimkit.models.encoder import Encoder
+from mimkit.registry import import_package
 
 _FAMILIES: dict[str, type[Encoder]] = {}
 E = TypeVar("E", bound=type[Encoder])
@@ -41,8 +40,7 @@ def register_family(cls: E) -> E:
 
 def _load_builtins() -> None:
     """Import every module of this package once: each built-in family registers itself with `@register_family`."""
-    for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        importlib.import_module(f"{__package__}.{module.name}")
+    import_package(__package__, str(Path(__file__).parent))
 
 
 def family_names() -> list[str]:

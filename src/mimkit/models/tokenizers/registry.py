@@ -7,14 +7,13 @@ defined anywhere, once its module is imported): it owns its recipe config (`Conf
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from mimkit.config import ConfigError, from_dict
 from mimkit.models.tokenizers.base import Tokenizer, TokenizerConfig
+from mimkit.registry import import_package
 
 T = TypeVar("T", bound=type[Tokenizer])
 _KINDS: dict[str, type[Tokenizer]] = {}
@@ -30,8 +29,7 @@ def register_tokenizer(cls: T) -> T:
 
 def _load_builtins() -> None:
     """Import every module of this package once: each kind registers itself."""
-    for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        importlib.import_module(f"{__package__}.{module.name}")
+    import_package(__package__, str(Path(__file__).parent))
 
 
 def tokenizer_kinds() -> list[str]:
