@@ -17,7 +17,7 @@ from timm.models.beit import Beit, Block
 from torch import nn
 
 from mimkit.config import ConfigError
-from mimkit.models.backbone_config import TRANSFORMER_SHAPE, BackboneConfig
+from mimkit.models.backbone_config import BackboneConfig
 from mimkit.models.families import register_family
 from mimkit.models.families.transformer import TransformerEncoder
 
@@ -29,18 +29,10 @@ class MaskableBEiT(TransformerEncoder):
     timm_modules = ("beit",)
     example = "beit_base_patch16_224"
     kind = "BEiT"
-    shape_fields = TRANSFORMER_SHAPE
 
     @classmethod
     def timm_arguments(cls, cfg: BackboneConfig) -> dict[str, Any]:
-        return {"img_size": cfg.img_size, **cfg.shape_overrides(), "global_pool": "token"}
-
-    @classmethod
-    def wrap(
-        cls, model: nn.Module, cfg: BackboneConfig, timm_args: dict[str, Any], *, mask_token: bool
-    ) -> MaskableBEiT:
-        assert isinstance(model, Beit)
-        return cls(model, mask_token=mask_token, timm_name=cfg.name, timm_args=timm_args)
+        return {**super().timm_arguments(cfg), "global_pool": "token"}
 
     def __init__(self, beit: Beit, mask_token: bool = True, *, timm_name: str, timm_args: dict[str, Any]) -> None:
         token = None

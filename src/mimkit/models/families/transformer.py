@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mimkit.config import ConfigError
+from mimkit.models.backbone_config import TRANSFORMER_SHAPE, BackboneConfig
 from mimkit.models.encoder import Encoder
 
 
@@ -40,6 +41,17 @@ def explicit_attention(modules: list[nn.Module]) -> Iterator[None]:
 class TransformerEncoder(Encoder):
     has_attention = True
     takes_mask = True
+    shape_fields = TRANSFORMER_SHAPE
+
+    @classmethod
+    def timm_arguments(cls, cfg: BackboneConfig) -> dict[str, Any]:
+        """The recipe's image size and shape overrides (a tiny transformer for small images)."""
+        return {"img_size": cfg.img_size, **cfg.shape_overrides()}
+
+    @classmethod
+    def wrap(cls, model: nn.Module, cfg: BackboneConfig, timm_args: dict[str, Any], *, mask_token: bool) -> Encoder:
+        """A subclass is built as `cls(timm_model, mask_token=..., timm_name=..., timm_args=...)`."""
+        return cls(model, mask_token=mask_token, timm_name=cfg.name, timm_args=timm_args)  # type: ignore[call-arg]
 
     def __init__(self, mask_token: nn.Parameter | None) -> None:
         super().__init__()

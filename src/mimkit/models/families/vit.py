@@ -15,7 +15,6 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from mimkit.config import check
-from mimkit.models.backbone_config import TRANSFORMER_SHAPE, BackboneConfig
 from mimkit.models.families import register_family
 from mimkit.models.families.transformer import TransformerEncoder
 
@@ -31,20 +30,10 @@ class MaskableViT(TransformerEncoder):
     """DeiT III models are plain timm VisionTransformers (in timm's deit module, beside the distilled ones)."""
     example = "vit_small_patch16_224"
     kind = "ViT"
-    shape_fields = TRANSFORMER_SHAPE
-
-    @classmethod
-    def timm_arguments(cls, cfg: BackboneConfig) -> dict[str, Any]:
-        return {"img_size": cfg.img_size, **cfg.shape_overrides()}
 
     @classmethod
     def build_arguments(cls) -> dict[str, Any]:
         return {"dynamic_img_size": True}  # crops of several sizes (iBOT's local crops) through one model
-
-    @classmethod
-    def wrap(cls, model: nn.Module, cfg: BackboneConfig, timm_args: dict[str, Any], *, mask_token: bool) -> MaskableViT:
-        assert isinstance(model, VisionTransformer)
-        return cls(model, mask_token=mask_token, timm_name=cfg.name, timm_args=timm_args)
 
     def __init__(
         self,
