@@ -23,9 +23,12 @@ from mimkit.models.families import family_of, registered_families
 __all__ = ["BackboneConfig", "build_backbone", "create_timm_model", "load_weights", "timm_arguments"]
 
 
-def timm_arguments(cfg: BackboneConfig, in_chans: int, prefix: str = "method.backbone") -> dict[str, Any]:
-    """What `timm.create_model` gets besides the name (and what export records to rebuild the model)."""
-    family = family_of(cfg.name, prefix)
+def timm_arguments(
+    cfg: BackboneConfig, in_chans: int, prefix: str = "method.backbone", family: type[Encoder] | None = None
+) -> dict[str, Any]:
+    """What `timm.create_model` gets besides the name (and what export records to rebuild the model); `family`:
+    `cfg.name`'s, when the caller has looked it up already."""
+    family = family or family_of(cfg.name, prefix)
     foreign = [k for k in cfg.shape_overrides() if k not in family.shape_fields]
     if foreign:
         raise ConfigError(
@@ -36,12 +39,17 @@ def timm_arguments(cfg: BackboneConfig, in_chans: int, prefix: str = "method.bac
 
 
 def create_timm_model(
-    cfg: BackboneConfig, in_chans: int, drop_path_rate: float | None = None, *, prefix: str = "method.backbone"
+    cfg: BackboneConfig,
+    in_chans: int,
+    drop_path_rate: float | None = None,
+    *,
+    prefix: str = "method.backbone",
+    family: type[Encoder] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A randomly initialised timm model without head (no download ever), optionally loaded from a file, and the
-    arguments that rebuild it."""
-    family = family_of(cfg.name, prefix)
-    args = timm_arguments(cfg, in_chans, prefix)
+    arguments that rebuild it; `family` as in `timm_arguments`."""
+    family = family or family_of(cfg.name, prefix)
+    args = timm_arguments(cfg, in_chans, prefix, family)
     rate = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
     try:
         model = timm.create_model(
@@ -117,7 +125,7 @@ def build_backbone(
             f"{prefix}.name: {cfg.name} is a {family.kind}, which takes no patch mask, and this network sees masked "
             f"images; use a backbone of a family that does: {', '.join(masked)}"
         )
-    model, args = create_timm_model(cfg, in_chans, drop_path_rate, prefix=prefix)
+    model, args = create_timm_model(cfg, in_chans, drop_path_rate, prefix=prefix, family=family)
     encoder = family.wrap(model, cfg, args, mask_token=mask_token)
     encoder.set_activation_checkpointing(cfg.activation_checkpointing)
     return encoder
