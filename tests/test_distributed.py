@@ -56,6 +56,11 @@ CONFIGS = ROOT / "configs"
 RUNS = {
     "toy": (ROOT / "tests" / "recipes" / "toy.yaml", ["method.dropout=0.0"]),
     "ibot": (IBOT_RECIPE, [*TINY_VIT, *tiny_overlay("ibot")["overrides"], "method.views.num_local=2"]),
+    "ibot_rgb_augment_on_device": (
+        IBOT_RECIPE,
+        [*TINY_VIT, *tiny_overlay("ibot")["overrides"], "method.views.num_local=2", "data.channels=3"]
+        + ["data.augment_on=device"],
+    ),
     "dtm": (CONFIGS / "dtm" / "vit_tiny_fmnist_ema.yaml", [*TINY_VIT, *tiny_overlay("dtm")["overrides"]]),
     "dtm_beit": (CONFIGS / "dtm" / "vit_base_clip_imagenet.yaml", [*TINY_BEIT, *tiny_overlay("dtm")["overrides"]]),
     "symmim": (
@@ -71,12 +76,14 @@ RUNS = {
         for objective in ("respix", "revdet")
     },
 }
-"""A run of each recipe family (method, objective, backbone family: `family_key`), without randomness inside its
+"""A run of each recipe family (method, objective, backbone family: `family_key`), and iBOT on RGB images with its
+photometric augmentation batched in the training process (`data.augment_on=device`), without randomness inside its
 networks (dropout, drop path): only the data, the masks and the method's own draws (DTM's morphing schedules,
 CIM's replacement tokens) are random, and none of them may depend on the process."""
 WEIGHTS_AGREE = {
     "toy",
     "ibot",
+    "ibot_rgb_augment_on_device",
     "dtm",
     "dtm_beit",
     "cim_vit_respix",
@@ -206,3 +213,17 @@ def test_sync_batch_norms_keeps_the_parameters_buffers_and_state_dict() -> None:
     out.square().mean().backward()
     optimizer.step()
     assert not torch.equal(net[1].weight, torch.ones(4))  # the optimizer built before still updates it
+
+
+@pytest.mark.slow
+def test_augmentation_on_the_device_trains_like_augmentation_in_the_workers(tmp_path: Path) -> None:
+    """Same seeded draws, the finishing batched instead of per image: the same losses within float rounding."""
+    name = "ibot_rgb_augment_on_device"
+    device = run(name, tmp_path / "device", "data.batch_size=8")
+    assert device.returncode == 0, device.stderr[-3000:]
+    assert "batched in the training process" in device.stderr  # the notice of device mode on a CPU
+    worker = run(name, tmp_path / "worker", "data.batch_size=8", "data.augment_on=worker")
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    one, two = losses(tmp_path / "device"), losses(tmp_path / "worker")
+    assert len(one) == len(two) >= 2
+    assert largest_relative_difference(one, two) <= 1e-5, (one, two)

@@ -43,6 +43,9 @@ class ToyViews:
         clean = (image[:, top : top + self.crop, left : left + self.crop].float() / 255 - self.mean) / self.std
         return {"clean": clean, "noisy": clean + 0.3 * torch.randn_like(clean)}
 
+    def on_device(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return views
+
 
 class ToyEncoder(Encoder):
     """The hidden layer as one token: enough of the contract for feature extraction (online k-NN)."""
@@ -73,7 +76,7 @@ class ToyMethod(Method):
         )
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
 
-    def views(self) -> ToyViews:
+    def views(self, augment_on: str = "worker") -> ToyViews:
         return ToyViews(self.cfg.crop, self.data.mean[0], self.data.std[0])
 
     def training_step(self, batch: dict[str, Any], progress: Progress) -> StepOutput:

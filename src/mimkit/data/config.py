@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from mimkit.config import SECTIONS, ConfigError, Older, Sections, check, check_sections, fill_sections
 
@@ -88,6 +88,12 @@ class DataConfig:
     batch_size: int = 64
     """Images per device and optimizer micro-step."""
     num_workers: int = 2
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead (DataLoader's prefetch_factor); raise it when a run waits for data."""
+    augment_on: Literal["auto", "worker", "device"] = "auto"
+    """Where the colour jitter, grayscale, blur, solarization and normalisation of the views run: in the DataLoader
+    workers per image, or batched on the accelerator after the batch arrives (workers then only decode, crop and
+    flip). auto: device when training on a GPU, worker otherwise. Same random draws in both (docs/data.md)."""
 
     def __post_init__(self) -> None:
         fill_sections(self)
@@ -106,3 +112,4 @@ class DataConfig:
         check(self.limit is None or self.limit > 0, f"{prefix}.limit", f"must be positive; got {self.limit}")
         check(self.batch_size > 0, f"{prefix}.batch_size", f"must be positive; got {self.batch_size}")
         check(self.num_workers >= 0, f"{prefix}.num_workers", f"must be >= 0; got {self.num_workers}")
+        check(self.prefetch_factor >= 1, f"{prefix}.prefetch_factor", f"must be >= 1; got {self.prefetch_factor}")

@@ -6,14 +6,14 @@ apply to RGB data: on 1-channel data they are skipped (never a crash).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torchvision.transforms import v2
 
 from mimkit.config import check
+from mimkit.data.augment import CropAugment, finish
 from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskGenerator
 
@@ -39,6 +39,11 @@ class Views(Protocol):
 
     def contents(self, views: Any) -> ViewContents:
         """The crops and masks inside what `__call__` returned for one image."""
+        ...
+
+    def on_device(self, views: Any) -> Any:
+        """What the engine runs on a collated batch of views once it is on the accelerator (the batched part of
+        `data.augment_on=device`; the views unchanged when the worker did everything)."""
         ...
 
 
@@ -74,56 +79,123 @@ class MultiCropConfig:
         check(all(0 <= p <= 1 for p in probabilities), f"{prefix}", "probabilities must lie in [0, 1]")
 
 
-def _crop_pipeline(
-    cfg: MultiCropConfig, data: DataInfo, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float
-) -> v2.Compose:
-    steps: list[Any] = [
-        v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(cfg.flip_p),
-    ]
-    if data.channels == 3:
-        steps += [
-            v2.RandomApply([v2.ColorJitter(*cfg.color_jitter)], p=cfg.color_jitter_p),
-            v2.RandomGrayscale(cfg.grayscale_p),
-        ]
-    if blur_p > 0:
-        kernel = min(2 * math.ceil(3 * cfg.blur_sigma[1]) + 1, size - 1 + size % 2)
-        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=cfg.blur_sigma)], p=blur_p))
-    if solarize_p > 0:
-        steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.mean, data.std)]
-    return v2.Compose(steps)
+AugmentOn = Literal["worker", "device"]
 
 
-class MultiCropViews:
+def resolve_augment_on(setting: str, device_type: str) -> tuple[AugmentOn, str | None]:
+    """`data.augment_on` for a run on `device_type` ("cuda", "cpu", ...), and a notice when the choice is odd."""
+    if setting == "auto":
+        return ("device" if device_type == "cuda" else "worker"), None
+    if setting == "device" and device_type != "cuda":
+        return "device", (
+            f"data.augment_on=device on a {device_type} run: the colour, blur and solarization of the views run "
+            "batched in the training process on the CPU, not in the DataLoader workers (data.augment_on=worker "
+            "spreads them over the workers)"
+        )
+    if setting not in ("worker", "device"):
+        raise ValueError(f"data.augment_on: {setting!r} is not one of auto, worker, device")
+    return setting, None  # type: ignore[return-value]
+
+
+def multi_crop_augment(
+    cfg: MultiCropConfig, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float
+) -> CropAugment:
+    """One crop of the DINO/iBOT pipeline: crop, flip, jitter and grayscale (RGB only), blur and solarization when
+    their probability is not 0."""
+    return CropAugment(
+        size,
+        scale,
+        cfg.flip_p,
+        color_jitter=cfg.color_jitter,
+        color_jitter_p=cfg.color_jitter_p,
+        grayscale_p=cfg.grayscale_p,
+        blur_sigma=cfg.blur_sigma,
+        blur_p=blur_p if blur_p > 0 else None,
+        solarize_p=solarize_p if solarize_p > 0 else None,
+    )
+
+
+class AugmentedViews:
+    """Views built of augmented crops, in either mode of `data.augment_on`.
+
+    worker: each crop is finished (photometric augmentation, normalisation) in the worker. device: the views carry
+    the uint8 crops and, under `<key>_params`, their drawn parameters; `on_device` finishes them batched once the
+    batch is on the accelerator. The random draws are the same in both modes."""
+
+    augmented_keys: tuple[str, ...] = ()
+    """Keys of the views whose values are crops (a list of them, or one)."""
+
+    def __init__(self, data: DataInfo, augment_on: AugmentOn) -> None:
+        if augment_on not in ("worker", "device"):
+            raise ValueError(f"augment_on: {augment_on!r} is not one of worker, device")
+        self.mean, self.std, self.augment_on = data.mean, data.std, augment_on
+
+    def _crops(self, image: torch.Tensor, augments: list[CropAugment], key: str, views: dict[str, Any]) -> None:
+        """Draw each crop of `augments` from `image` into `views[key]` (in order: the draws consume the seed's
+        stream crop by crop)."""
+        drawn = [augment.draw(image) for augment in augments]
+        if self.augment_on == "worker":
+            views[key] = [finish(crop[None], params[None], self.mean, self.std)[0] for crop, params in drawn]
+        else:
+            views[key] = [crop for crop, _ in drawn]
+            views[f"{key}_params"] = [params for _, params in drawn]
+
+    def on_device(self, views: dict[str, Any]) -> dict[str, Any]:
+        """Finish the crops of a collated batch of views (device mode; the worker mode's views pass unchanged)."""
+        if self.augment_on == "worker":
+            return views
+        views = dict(views)
+        for key in self.augmented_keys:
+            crops, params = views[key], views.pop(f"{key}_params")
+            if isinstance(crops, torch.Tensor):
+                views[key] = finish(crops, params, self.mean, self.std)
+            else:  # every crop of one key has one size: one call for all of them
+                finished = finish(torch.cat(crops), torch.cat(params), self.mean, self.std)
+                views[key] = list(finished.split(len(crops[0])))
+        return views
+
+
+class MultiCropViews(AugmentedViews):
     """Two masked global crops and `num_local` local crops of one image (iBOT's data pipeline)."""
 
-    def __init__(self, cfg: MultiCropConfig, data: DataInfo, grid: tuple[int, int], masks: MaskGenerator) -> None:
+    augmented_keys = ("global", "local")
+
+    def __init__(
+        self,
+        cfg: MultiCropConfig,
+        data: DataInfo,
+        grid: tuple[int, int],
+        masks: MaskGenerator,
+        augment_on: AugmentOn = "worker",
+    ) -> None:
+        super().__init__(data, augment_on)
         self.global_views = [
-            _crop_pipeline(cfg, data, cfg.global_size, cfg.global_scale, cfg.blur_p[0], 0.0),
-            _crop_pipeline(cfg, data, cfg.global_size, cfg.global_scale, cfg.blur_p[1], cfg.solarize_p),
+            multi_crop_augment(cfg, cfg.global_size, cfg.global_scale, cfg.blur_p[0], 0.0),
+            multi_crop_augment(cfg, cfg.global_size, cfg.global_scale, cfg.blur_p[1], cfg.solarize_p),
         ]
-        self.local_view = _crop_pipeline(cfg, data, cfg.local_size, cfg.local_scale, cfg.blur_p[2], 0.0)
+        self.local_view = multi_crop_augment(cfg, cfg.local_size, cfg.local_scale, cfg.blur_p[2], 0.0)
         self.num_local = cfg.num_local
         self.grid = grid
         """The encoder's token grid of a global crop: masks are drawn on it."""
         self.masks = masks
 
     def __call__(self, image: torch.Tensor, epoch: int) -> dict[str, list[torch.Tensor]]:
-        return {
-            "global": [view(image) for view in self.global_views],
-            "masks": [self.masks(*self.grid, epoch) for _ in self.global_views],
-            "local": [self.local_view(image) for _ in range(self.num_local)],
-        }
+        views: dict[str, Any] = {}
+        self._crops(image, self.global_views, "global", views)
+        views["masks"] = [self.masks(*self.grid, epoch) for _ in self.global_views]
+        self._crops(image, [self.local_view] * self.num_local, "local", views)
+        return views
 
     def contents(self, views: dict[str, list[torch.Tensor]]) -> ViewContents:
         local = views["local"]
         return ViewContents([*views["global"], *local], [*views["masks"], *[None] * len(local)])
 
 
-class PairedMaskedViews:
+class PairedMaskedViews(AugmentedViews):
     """Two augmented crops of one image (the global views of `MultiCropConfig`: MoCo v3 / BYOL augmentations),
     each with a mask for the online network and one for the momentum network (SymMIM's fine and coarse boards)."""
+
+    augmented_keys = ("views",)
 
     def __init__(
         self,
@@ -132,19 +204,21 @@ class PairedMaskedViews:
         grid: tuple[int, int],
         online: MaskGenerator,
         momentum: MaskGenerator,
+        augment_on: AugmentOn = "worker",
     ) -> None:
+        super().__init__(data, augment_on)
         self.views = [
-            _crop_pipeline(cfg, data, cfg.global_size, cfg.global_scale, cfg.blur_p[0], 0.0),
-            _crop_pipeline(cfg, data, cfg.global_size, cfg.global_scale, cfg.blur_p[1], cfg.solarize_p),
+            multi_crop_augment(cfg, cfg.global_size, cfg.global_scale, cfg.blur_p[0], 0.0),
+            multi_crop_augment(cfg, cfg.global_size, cfg.global_scale, cfg.blur_p[1], cfg.solarize_p),
         ]
         self.grid, self.online, self.momentum = grid, online, momentum
 
     def __call__(self, image: torch.Tensor, epoch: int) -> dict[str, list[torch.Tensor]]:
-        return {
-            "views": [view(image) for view in self.views],
-            "online_masks": [self.online(*self.grid, epoch) for _ in self.views],
-            "momentum_masks": [self.momentum(*self.grid, epoch) for _ in self.views],
-        }
+        views: dict[str, Any] = {}
+        self._crops(image, self.views, "views", views)
+        views["online_masks"] = [self.online(*self.grid, epoch) for _ in self.views]
+        views["momentum_masks"] = [self.momentum(*self.grid, epoch) for _ in self.views]
+        return views
 
     def contents(self, views: dict[str, list[torch.Tensor]]) -> ViewContents:
         """Each crop twice: with the online network's mask, then with the momentum network's."""
@@ -177,23 +251,37 @@ class MaskedViewConfig:
         check(min(self.color_jitter) >= 0, f"{prefix}.color_jitter", f"must be >= 0; got {self.color_jitter}")
 
 
-class MaskedView:
+class MaskedView(AugmentedViews):
     """`{"image": crop, "mask": (h, w) bool}` for one image."""
 
-    def __init__(self, cfg: MaskedViewConfig, data: DataInfo, grid: tuple[int, int], masks: MaskGenerator) -> None:
-        steps: list[Any] = [
-            v2.RandomResizedCrop(cfg.size, scale=cfg.scale, interpolation=BICUBIC, antialias=True),
-            v2.RandomHorizontalFlip(cfg.flip_p),
-        ]
-        if data.channels == 3 and cfg.color_jitter_p > 0 and any(cfg.color_jitter):
-            steps.append(v2.RandomApply([v2.ColorJitter(*cfg.color_jitter)], p=cfg.color_jitter_p))
-        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.mean, data.std)]
-        self.pipeline = v2.Compose(steps)
+    augmented_keys = ("image",)
+
+    def __init__(
+        self,
+        cfg: MaskedViewConfig,
+        data: DataInfo,
+        grid: tuple[int, int],
+        masks: MaskGenerator,
+        augment_on: AugmentOn = "worker",
+    ) -> None:
+        super().__init__(data, augment_on)
+        jitter = cfg.color_jitter_p > 0 and any(cfg.color_jitter)
+        self.augment = CropAugment(
+            cfg.size,
+            cfg.scale,
+            cfg.flip_p,
+            color_jitter=cfg.color_jitter if jitter else None,
+            color_jitter_p=cfg.color_jitter_p,
+        )
         self.grid = grid
         self.masks = masks
 
-    def __call__(self, image: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
-        return {"image": self.pipeline(image), "mask": self.masks(*self.grid, epoch)}
+    def __call__(self, image: torch.Tensor, epoch: int) -> dict[str, Any]:
+        views: dict[str, Any] = {}
+        self._crops(image, [self.augment], "image", views)
+        views = {key: value[0] for key, value in views.items()}
+        views["mask"] = self.masks(*self.grid, epoch)
+        return views
 
     def contents(self, views: dict[str, torch.Tensor]) -> ViewContents:
         return ViewContents([views["image"]], [views["mask"]])
@@ -209,6 +297,9 @@ class SeededViews:
 
     def __call__(self, image: torch.Tensor, epoch: int) -> dict[str, Any]:
         return {**self.views(image, epoch), "seed": torch.randint(0, 2**62, ())}
+
+    def on_device(self, views: dict[str, Any]) -> dict[str, Any]:
+        return self.views.on_device(views)
 
     def contents(self, views: dict[str, Any]) -> ViewContents:
         return self.views.contents(views)

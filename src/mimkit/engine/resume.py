@@ -39,6 +39,8 @@ SAFE = (
     "train.strategy",
     "data.root",
     "data.num_workers",
+    "data.prefetch_factor",
+    "data.augment_on",
     "data.download",
     "data.strict",
 )

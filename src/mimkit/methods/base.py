@@ -20,7 +20,7 @@ from mimkit.config import ConfigError, check
 from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskConfig, check_mask_fill
 from mimkit.data.sources import ImageSource
-from mimkit.data.views import Views
+from mimkit.data.views import AugmentOn, Views
 from mimkit.models.encoder import Encoder
 from mimkit.registry import import_package
 from mimkit.schedules import Progress
@@ -128,8 +128,10 @@ class Method(nn.Module):
         without the files it started from (CIM: its tokenizer)."""
         return cls(cfg, data)
 
-    def views(self) -> Views:
-        """The transform that turns one image into the typed views `training_step` reads."""
+    def views(self, augment_on: AugmentOn = "worker") -> Views:
+        """The transform that turns one image into the typed views `training_step` reads: all of it per image in
+        a DataLoader worker, or with `augment_on="device"` the random draws, crops and flips there and the rest
+        in the views' `on_device`, which the engine runs on each collated batch on the accelerator."""
         raise NotImplementedError
 
     def training_step(self, batch: dict[str, Any], progress: Progress) -> StepOutput:

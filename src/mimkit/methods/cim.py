@@ -35,7 +35,7 @@ from mimkit.corruption import Corrupter, Corruption, Sampling
 from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskConfig, MaskGenerator
 from mimkit.data.sources import ImageSource
-from mimkit.data.views import MaskedView, MaskedViewConfig, SeededViews
+from mimkit.data.views import AugmentOn, MaskedView, MaskedViewConfig, SeededViews
 from mimkit.distributed import all_reduce_mean
 from mimkit.health import feature_health, mask_health
 from mimkit.losses.pixels import sliding_window_normalize, sliding_window_stats
@@ -205,9 +205,10 @@ class CIM(Method):
         )
         return side // grid[0]
 
-    def views(self) -> SeededViews:
+    def views(self, augment_on: AugmentOn = "worker") -> SeededViews:
         """A masked crop per image, with a seed for the draws of its replacement tokens."""
-        return SeededViews(MaskedView(self.cfg.views, self.data, self.token_grid, MaskGenerator(self.cfg.mask)))
+        masks = MaskGenerator(self.cfg.mask)
+        return SeededViews(MaskedView(self.cfg.views, self.data, self.token_grid, masks, augment_on))
 
     def mask_configs(self) -> dict[str, tuple[MaskConfig, tuple[int, int]]]:
         """The generator's mask, on the token grid."""

@@ -20,7 +20,7 @@ from torch import nn
 from mimkit.config import ConfigError, check
 from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskConfig, MaskGenerator
-from mimkit.data.views import MaskedView, MaskedViewConfig
+from mimkit.data.views import AugmentOn, MaskedView, MaskedViewConfig
 from mimkit.health import feature_health, mask_health
 from mimkit.losses.regression import RegressionKind, normalize_targets, regression_loss
 from mimkit.methods.base import (
@@ -124,8 +124,8 @@ class DTM(Method):
     def param_groups(self) -> list[ParamGroup]:
         return split_weight_decay(self.named_parameters(), exempt=self.cfg.no_weight_decay)
 
-    def views(self) -> MaskedView:
-        return MaskedView(self.cfg.views, self.data, self.grid, MaskGenerator(self.cfg.mask))
+    def views(self, augment_on: AugmentOn = "worker") -> MaskedView:
+        return MaskedView(self.cfg.views, self.data, self.grid, MaskGenerator(self.cfg.mask), augment_on)
 
     def mask_configs(self) -> dict[str, tuple[MaskConfig, tuple[int, int]]]:
         return {"method.mask": (self.cfg.mask, self.grid)}

@@ -26,7 +26,7 @@ from torch import nn
 from mimkit.config import ConfigError, check
 from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskConfig, MaskGenerator
-from mimkit.data.views import MultiCropConfig, MultiCropViews
+from mimkit.data.views import AugmentOn, MultiCropConfig, MultiCropViews
 from mimkit.health import distribution_health, feature_health, mask_health
 from mimkit.losses.center import Center
 from mimkit.losses.ibot import IBOTClsLoss, IBOTPatchLoss, masked_cross_entropy, sharpen
@@ -182,8 +182,8 @@ class IBOT(Method):
         )
         self.schedule_seed = draw_seed() if cfg.morph.enabled else 0  # last: drawn under the run's seed
 
-    def views(self) -> MultiCropViews:
-        return MultiCropViews(self.cfg.views, self.data, self.grid, MaskGenerator(self.cfg.mask))
+    def views(self, augment_on: AugmentOn = "worker") -> MultiCropViews:
+        return MultiCropViews(self.cfg.views, self.data, self.grid, MaskGenerator(self.cfg.mask), augment_on)
 
     def mask_configs(self) -> dict[str, tuple[MaskConfig, tuple[int, int]]]:
         return {"method.mask": (self.cfg.mask, self.grid)}

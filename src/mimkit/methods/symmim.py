@@ -25,7 +25,7 @@ from torch import nn
 from mimkit.config import check
 from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskConfig, MaskGenerator
-from mimkit.data.views import MultiCropConfig, PairedMaskedViews
+from mimkit.data.views import AugmentOn, MultiCropConfig, PairedMaskedViews
 from mimkit.health import feature_health, mask_health
 from mimkit.losses.contrastive import info_nce
 from mimkit.losses.pixels import masked_mse, normalize_patches, patchify, unpatchify
@@ -100,11 +100,10 @@ class SymMIM(Method):
         self.ema.copy_student()
         self.momentum = CosineSchedule(cfg.momentum, 1.0)
 
-    def views(self) -> PairedMaskedViews:
+    def views(self, augment_on: AugmentOn = "worker") -> PairedMaskedViews:
         cfg = self.cfg
-        return PairedMaskedViews(
-            cfg.views, self.data, self.grid, MaskGenerator(cfg.online_mask), MaskGenerator(cfg.momentum_mask)
-        )
+        masks = MaskGenerator(cfg.online_mask), MaskGenerator(cfg.momentum_mask)
+        return PairedMaskedViews(cfg.views, self.data, self.grid, *masks, augment_on=augment_on)
 
     def mask_configs(self) -> dict[str, tuple[MaskConfig, tuple[int, int]]]:
         return {
