@@ -53,13 +53,13 @@ TINY_BEIT = [
     "train.accelerator=cpu",
 ]
 CONFIGS = ROOT / "configs"
+RGB_ON_DEVICE = ["data.channels=3", "data.augment_on=device"]
 RUNS = {
     "toy": (ROOT / "tests" / "recipes" / "toy.yaml", ["method.dropout=0.0"]),
     "ibot": (IBOT_RECIPE, [*TINY_VIT, *tiny_overlay("ibot")["overrides"], "method.views.num_local=2"]),
     "ibot_rgb_augment_on_device": (
         IBOT_RECIPE,
-        [*TINY_VIT, *tiny_overlay("ibot")["overrides"], "method.views.num_local=2", "data.channels=3"]
-        + ["data.augment_on=device"],
+        [*TINY_VIT, *tiny_overlay("ibot")["overrides"], "method.views.num_local=2", *RGB_ON_DEVICE],
     ),
     "dtm": (CONFIGS / "dtm" / "vit_tiny_fmnist_ema.yaml", [*TINY_VIT, *tiny_overlay("dtm")["overrides"]]),
     "dtm_beit": (CONFIGS / "dtm" / "vit_base_clip_imagenet.yaml", [*TINY_BEIT, *tiny_overlay("dtm")["overrides"]]),
