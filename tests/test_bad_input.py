@@ -62,6 +62,10 @@ CASES: dict[str, tuple[Case, str]] = {
         lambda run, image, tmp: ["pretrain", "-c", TOY, f"output_dir={tmp}", "--devices", "999"],
         r"train.devices: 999 processes on a CPU with \d+ cores; each needs a core of its own, so use --devices \d+",
     ),
+    "unknown-augment-on": (
+        lambda run, image, tmp: ["pretrain", "-c", RECIPE, "data.augment_on=gpu", "--print-config"],
+        r"data.augment_on: must be one of 'auto', 'worker', 'device'; got 'gpu'",
+    ),
     "broken-override": (
         lambda run, image, tmp: ["pretrain", "-c", RECIPE, "optim.betas=[0.9,", "--print-config"],
         r"override 'optim.betas=\[0.9,': its value is not valid YAML .*close its brackets",
