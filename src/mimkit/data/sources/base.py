@@ -116,9 +116,11 @@ def channel_stats(
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """A decoded 8-bit PIL image as a uint8 (C, H, W) tensor."""
-    tensor = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return tensor.view(image.height, image.width, len(image.getbands())).permute(2, 0, 1).contiguous()
+    """A decoded 8-bit PIL image as a uint8 (C, H, W) tensor: a view of its (H, W, C) pixels, one copy out of PIL.
+    The crops' antialiased resize reads these channels-last strides faster than a planar copy, which would cost as
+    much as the resize of two global crops."""
+    pixels = np.array(image).reshape(image.height, image.width, -1)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def decode(image: Image.Image, channels: int) -> torch.Tensor:
