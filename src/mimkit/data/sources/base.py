@@ -129,7 +129,8 @@ def decode(image: Image.Image, channels: int) -> torch.Tensor:
     Raises one of DECODE_ERRORS for a file that cannot be decoded."""
     if image.mode in WIDE_MODES:
         image = Image.fromarray(to_8bit(np.asarray(image), image.mode), "L")
-    return pil_to_tensor(image.convert("L" if channels == 1 else "RGB"))
+    mode = "L" if channels == 1 else "RGB"
+    return pil_to_tensor(image if image.mode == mode else image.convert(mode))  # convert() to its own mode copies
 
 
 def to_8bit(pixels: np.ndarray, mode: str) -> np.ndarray:
