@@ -178,6 +178,7 @@ TESTED_ELSEWHERE = {
     "masks-never-mask": "test_mask_ratio.py",
     "masks-far-off": "test_mask_ratio.py",
     "tokenizer-refit-on-other-data": "test_tokenizers.py",
+    "data-bound-run": "test_feed.py",
 }
 """Entries of the page whose cases need a run in progress (a fault, a signal, a warning), tested in these files."""
 

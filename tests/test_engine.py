@@ -144,7 +144,7 @@ def test_the_progress_bar_shows_no_loss_before_the_first_step(monkeypatch: pytes
     try:
         assert display.bar is not None
         assert display.bar.tasks[0].fields["numbers"] == "waiting for the first step"
-        display.update(1, 0, 1.5, 1e-3, 64.0)
-        assert display.bar.tasks[0].fields["numbers"] == "loss 1.5000  lr 1.00e-03  64 img/s"
+        display.update(1, 0, 1.5, 1e-3, 64.0, 0.23)
+        assert display.bar.tasks[0].fields["numbers"] == "loss 1.5000  lr 1.00e-03  64 img/s  wait 23%"
     finally:
         display.close()

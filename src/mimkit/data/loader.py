@@ -154,9 +154,14 @@ def train_loader(
     num_replicas: int = 1,
     rank: int = 0,
     pin_memory: bool = False,
+    prefetch_factor: int = 2,
 ) -> DataLoader:
     """Shuffled, sharded, full batches only (drop_last), persistent workers; read by tar shard when the source
-    stores its images in shards."""
+    stores its images in shards.
+
+    With workers, each keeps `prefetch_factor` batches in flight (torch refuses the setting without workers).
+    `pin_memory` pins batches for the current accelerator, which Fabric set to this rank's device before the
+    loader is iterated; torch has deprecated `pin_memory_device`, so none is given."""
     if len(dataset) < batch_size * num_replicas:
         raise DataError(
             f"{len(dataset)} images are fewer than one global batch ({batch_size} x {num_replicas} "
@@ -180,6 +185,7 @@ def train_loader(
         drop_last=True,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
         worker_init_fn=ignore_interrupts,
         generator=torch.Generator().manual_seed(seed),
     )  # keeps the global RNG untouched

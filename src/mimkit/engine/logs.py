@@ -124,7 +124,7 @@ REFRESH_S = 0.5
 
 
 class ProgressDisplay:
-    """A rich progress bar (loss, lr, images/s, ETA) on a terminal; a log line every few steps otherwise."""
+    """A rich progress bar (loss, lr, images/s, data wait, ETA) on a terminal; a log line every few steps otherwise."""
 
     def __init__(self, total_steps: int, done_steps: int, *, enabled: bool, log_every: int) -> None:
         self.total, self.log_every = total_steps, log_every
@@ -148,27 +148,32 @@ class ProgressDisplay:
         self.started, self.start_step = time.perf_counter(), done_steps
         self.shown, self.numbers = -math.inf, "waiting for the first step"
 
-    def update(self, step: int, epoch: int, loss: torch.Tensor, lr: float, images_per_second: float) -> None:
+    def update(
+        self, step: int, epoch: int, loss: torch.Tensor, lr: float, images_per_second: float, data_wait: float
+    ) -> None:
         """`loss` stays a tensor until it is shown (at most every REFRESH_S on a terminal, every `log_every` steps
-        otherwise): reading it waits for the device, which the training loop should not do every step."""
+        otherwise): reading it waits for the device, which the training loop should not do every step.
+        `data_wait`: the share of the time the loop waited for data (`mimkit.engine.feed.FeedMeter`)."""
         if self.bar is not None:
             now = time.perf_counter()
             if now - self.shown >= REFRESH_S or step == self.total:
                 self.shown = now
-                self.numbers = f"loss {float(loss):.4f}  lr {lr:.2e}  {images_per_second:.0f} img/s"
+                rates = f"{images_per_second:.0f} img/s  wait {data_wait:.0%}"
+                self.numbers = f"loss {float(loss):.4f}  lr {lr:.2e}  {rates}"
             self.bar.update(self.task, completed=step, epoch=epoch, numbers=self.numbers)
         elif step % self.log_every == 0 or step == self.total:
             elapsed = time.perf_counter() - self.started
             rate = (step - self.start_step) / max(elapsed, 1e-9)
             eta = (self.total - step) / max(rate, 1e-9)
             log.info(
-                "epoch %d step %d/%d loss %.4f lr %.2e %.0f img/s ETA %s",
+                "epoch %d step %d/%d loss %.4f lr %.2e %.0f img/s wait %.0f%% ETA %s",
                 epoch,
                 step,
                 self.total,
                 float(loss),
                 lr,
                 images_per_second,
+                100 * data_wait,
                 _duration(eta),
             )
 

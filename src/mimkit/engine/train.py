@@ -15,10 +15,10 @@ from lightning.fabric import Fabric
 
 from mimkit.config import ConfigError, dump_yaml
 from mimkit.data.info import DataError
-from mimkit.data.loader import ViewDataset, train_loader
 from mimkit.data.output_folder import check_output_folder
 from mimkit.data.sources import build_source, describe, same_images_notice
 from mimkit.engine import checkpoint as ckpt
+from mimkit.engine.feed import FeedMeter, build_feed
 from mimkit.engine.health import HealthWatch, read_health
 from mimkit.engine.lock import own_run_folder
 from mimkit.engine.logs import MetricsCSV, ProgressDisplay, log, setup_logging
@@ -136,15 +136,9 @@ class Trainer:
             ckpt.ensure_writable(
                 ckpt.checkpoint_dir(self.run_dir), "output_dir", OUTPUT_FIX, ckpt.checkpoint_bytes(self.method)
             )
-        self.loader = train_loader(
-            ViewDataset(source, self.method.views(), seed=cfg.seed, strict=cfg.data.strict),
-            batch_size=cfg.data.batch_size,
-            num_workers=cfg.data.num_workers,
-            seed=cfg.seed,
-            num_replicas=fabric.world_size,
-            rank=fabric.global_rank,
-            pin_memory=fabric.device.type == "cuda",
-        )
+        feed = build_feed(cfg.data, cfg.seed, fabric, source, self.method)
+        self.views, self.loader = feed.views, feed.loader
+        self.feed_meter = FeedMeter(cfg.data, feed.augment_on, warn=fabric.global_rank == 0)
         self.sampler = self.loader.sampler
         self.accumulate = cfg.optim.accumulate_grad_batches
         self.steps_per_epoch = len(self.loader) // self.accumulate
@@ -214,7 +208,7 @@ class Trainer:
     def _epoch(self, display: ProgressDisplay) -> None:
         pos, fabric = self.position, self.fabric
         self.sampler.set_position(pos.epoch, start=pos.batch_in_epoch * self.cfg.data.batch_size)
-        window_start, window_images = time.perf_counter(), 0
+        self.feed_meter.start_epoch(pos.step + 1)
         readable = 0
         batches = iter(self.loader)
         while pos.batch_in_epoch < self.steps_per_epoch * self.accumulate:
@@ -223,14 +217,15 @@ class Trainer:
             )
             micro_batches = []
             for _ in range(self.accumulate):
-                batch = fabric.to_device(next(batches))
+                batch = self.feed_meter.fetch(batches, fabric)
                 pos.batch_in_epoch += 1
                 for where in batch["skipped"]:
                     pos.skipped_images += 1
                     self.last_skipped = where
                     log.warning("skipped unreadable image %s", where)
                 if batch["views"] is not None:
-                    window_images += len(batch["label"]) * fabric.world_size
+                    batch["views"] = self.views.on_device(batch["views"])
+                    self.feed_meter.count(len(batch["label"]) * fabric.world_size)
                 micro_batches.append(batch)
             result = train_step(
                 fabric, self.module, self.method, self.optimizer, self.hyperparameters, micro_batches, progress
@@ -243,12 +238,11 @@ class Trainer:
                 self._on_nonfinite(result, progress)
                 continue
             pos.step += 1
-            elapsed = time.perf_counter() - window_start
-            images_per_second = window_images / max(elapsed, 1e-9)
+            images_per_second, data_wait = self.feed_meter.rates()
             if self._logs_step(pos.step):
-                self._log_step(step_loss, metrics, norms, images_per_second)
-                window_start, window_images = time.perf_counter(), 0
-            display.update(pos.step, pos.epoch, step_loss, self._current_lr(), images_per_second)
+                self._log_step(step_loss, {**metrics, "data_wait_fraction": data_wait}, norms, images_per_second)
+                self.feed_meter.end_window(pos.step)
+            display.update(pos.step, pos.epoch, step_loss, self._current_lr(), images_per_second, data_wait)
             if self.stop.requested(fabric, pos.step, self.cfg.train.log_every_steps):
                 if pos.batch_in_epoch < self.steps_per_epoch * self.accumulate:
                     return
@@ -347,6 +341,7 @@ class Trainer:
     def _log_step(
         self, loss: torch.Tensor, metrics: dict[str, Any], norms: dict[str, torch.Tensor], images_per_second: float
     ) -> None:
+        """One row of metrics.csv: the metrics are means over the ranks, `images_per_second` the global rate."""
         values = {"loss": loss, **metrics, **norms}
         if self.fabric.world_size > 1:
             values = {

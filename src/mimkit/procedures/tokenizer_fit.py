@@ -155,6 +155,7 @@ class FitProgress:
             dataset,
             batch_size=min(self.recipe.data.batch_size, len(dataset)),
             num_workers=self.recipe.data.num_workers,
+            prefetch_factor=self.recipe.data.prefetch_factor,
             seed=self.recipe.seed,
         )
         columns = (
