@@ -11,19 +11,23 @@ fixed seed, or `--folder`), and on tar shards of the same files (`mimkit data sh
                 and masks, with `augment_on="worker"` (the whole augmentation in the worker)
   device        the same with `augment_on="device"`: the worker decodes, crops, flips and draws the parameters
   device part   `views.on_device` of a collated batch of device-mode views (colour, blur, solarization,
-                normalisation, batched), on this CPU; on a GPU run it runs on the GPU
+                normalisation, batched), on `--device` (default this CPU; on a GPU, `--device cuda`: the batch is
+                copied there first and the clock stops after a `torch.cuda.synchronize`)
   official      with --reference PATH (iBOT recipes): the official code's `ImageFolderMask` + `DataAugmentationiBOT`
                 at the recipe's settings on the same files (benchmarks/reference/ibot_official_data.py)
 
 Rounds alternate all of these (the order reversed every other round), so the machine's drift hits them alike; a
 round's figure is its mean ms per image over all images, the reported one the median over rounds. Then mimkit's
-`train_loader` on the image folder gives end-to-end images/s with each --workers count in both modes (device mode runs
-`on_device` in the main process, on this CPU), and each worker-side cost becomes the cores one GPU needs to be fed at
-a few published per-GPU throughputs (`PUBLISHED`): a per-core extrapolation.
+`train_loader` on the image folder gives end-to-end images/s with each --workers count in both modes (each batch is
+copied to `--device` and `on_device` runs there, in the main process, as in training; an epoch has at least two
+batches per worker, so that every worker is busy), and each worker-side cost becomes the cores one GPU needs to be
+fed at a few published per-GPU throughputs (`PUBLISHED`): a per-core extrapolation.
 
     python benchmarks/data_throughput.py
     python benchmarks/data_throughput.py --reference ~/src/ibot --rounds 3
     python benchmarks/data_throughput.py --folder /data/imagenet/train --images 256 --workers 1,2,8
+    python benchmarks/data_throughput.py --device cuda --workers 1,4,8,16 --recipes ibot/vit_small_imagenet
+    python benchmarks/data_throughput.py --device cuda --workers 1,4,8,16 --recipes dtm/vit_small_imagefolder --append
 """
 
 from __future__ import annotations
@@ -319,11 +323,31 @@ def reference_pass(dataset: Any) -> Callable[[int], None]:
     return run
 
 
-def device_pass(views: Any, batch: Any) -> Callable[[int], None]:
+def to_device(value: Any, device: torch.device) -> Any:
+    """A collated batch (tensors in dicts, lists and tuples) on `device`, asynchronously from pinned memory: what
+    the engine's `fabric.to_device` does with each batch."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {key: to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(item, device) for item in value)
+    return value
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a CUDA kernel launch returns before the kernel ran)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_pass(views: Any, batch: Any, device: torch.device) -> Callable[[int], None]:
+    """`on_device` of a batch already on `device`; the clock stops once the device finished it."""
     finish = finish_batch(views)
 
     def run(_count: int) -> None:
         finish(dict(batch))
+        synchronize(device)
 
     return run
 
@@ -335,9 +359,9 @@ def device_batch(recipe: Recipe, size: int) -> Any:
     return collate([dataset[(recipe.epoch, index % len(source))] for index in range(size)])["views"]
 
 
-def timed_parts(recipes: list[Recipe], batch: int) -> list[Timed]:
+def timed_parts(recipes: list[Recipe], batch: int, device: torch.device) -> list[Timed]:
     """Every pass, in the order a round runs them: per recipe and source the decode, the views in each mode, the
-    official code right after mimkit's (same source, same files), and the device part."""
+    official code right after mimkit's (same source, same files), and the device part (its batch on `device`)."""
     parts = []
     decoded: set[str] = set()
     for recipe in recipes:
@@ -352,8 +376,8 @@ def timed_parts(recipes: list[Recipe], batch: int) -> list[Timed]:
             if recipe.reference is not None and source_name == "imagefolder":
                 parts.append(Timed((recipe.name, source_name, "official"), reference_pass(recipe.reference), count))
         if "device" in recipe.views:
-            recipe.device_batch = device_batch(recipe, batch)
-            part = device_pass(recipe.views["device"], recipe.device_batch)
+            recipe.device_batch = to_device(device_batch(recipe, batch), device)
+            part = device_pass(recipe.views["device"], recipe.device_batch, device)
             parts.append(Timed((recipe.name, "batch", "device_part"), part, batch))
     return parts
 
@@ -377,15 +401,25 @@ def run_rounds(parts: list[Timed], rounds: int, log: Callable[[str], None]) -> d
 # The DataLoader, end to end
 
 
-def loader_rates(recipe: Recipe, mode: str, workers: int, batch: int, batches: int, epochs: int) -> list[float]:
-    """Images/s of mimkit's `train_loader` on the image folder (its images repeated to `batches` full batches per
-    epoch), `on_device` of each batch in this process: one figure per timed epoch, after a first epoch that started
-    the persistent workers and let each make a batch."""
+def loader_batches(batches: int, workers: int) -> int:
+    """Batches per timed loader epoch: `--loader-batches`, or two per worker when that is more (with fewer batches
+    than workers some workers would idle, and more workers could not look faster)."""
+    return max(batches, 2 * workers)
+
+
+def loader_rates(
+    recipe: Recipe, mode: str, workers: int, batch: int, batches: int, epochs: int, device: torch.device
+) -> list[float]:
+    """Images/s of mimkit's `train_loader` on the image folder (its images repeated to `loader_batches` full
+    batches per epoch), each batch copied to `device` (pinned first on CUDA) and finished there by `on_device` in
+    this process, as the engine does: one figure per timed epoch, after a first epoch that started the persistent
+    workers and let each make a batch."""
     source = recipe.sources["imagefolder"]
-    repeated = Subset(source, indices=[index % len(source) for index in range(batch * batches)])
+    size = batch * loader_batches(batches, workers)
+    repeated = Subset(source, indices=[index % len(source) for index in range(size)])
     views = recipe.views[mode]
     dataset = ViewDataset(repeated, views, recipe.cfg.seed, strict=True)
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"pin_memory": device.type == "cuda"}
     if workers > 0 and "prefetch_factor" in inspect.signature(train_loader).parameters:
         options["prefetch_factor"] = recipe.cfg.data.prefetch_factor
     loader = train_loader(dataset, batch_size=batch, num_workers=workers, seed=recipe.cfg.seed, **options)
@@ -393,7 +427,10 @@ def loader_rates(recipe: Recipe, mode: str, workers: int, batch: int, batches: i
     loader.sampler.set_position(recipe.epoch)
     batches_iter = iter(loader)
     for _ in range(max(1, workers)):
-        next(batches_iter, None)
+        batch_data = next(batches_iter, None)
+        if batch_data is not None:
+            finish(to_device(batch_data["views"], device))
+    synchronize(device)
     rates = []
     for epoch in range(recipe.epoch + 1, recipe.epoch + 1 + epochs):
         loader.sampler.set_position(epoch)
@@ -401,8 +438,9 @@ def loader_rates(recipe: Recipe, mode: str, workers: int, batch: int, batches: i
         images = 0
         start = time.perf_counter()
         for batch_data in batches_iter:
-            finish(batch_data["views"])
+            finish(to_device(batch_data["views"], device))
             images += len(batch_data["index"])
+        synchronize(device)
         rates.append(images / (time.perf_counter() - start))
     del batches_iter, loader
     gc.collect()
@@ -460,9 +498,18 @@ def _cell(value: float | None, spec: str, suffix: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
 
 
+def device_label(settings: dict[str, Any]) -> str:
+    """Where the device part ran, for the report: `cpu`, or e.g. `cuda (NVIDIA H100 80GB HBM3)`."""
+    device = settings.get("device", "cpu")  # results written before --device existed ran it on the CPU
+    name = settings.get("device_name")
+    return f"{device} ({name})" if name and not device.startswith("cpu") else device
+
+
 def markdown(result: dict[str, Any]) -> str:
     info, settings, images = result["machine"], result["settings"], result["images"]
     where = f"generated (seed {IMAGE_SEED})" if images["generated"] else f"from {images['folder']}"
+    device = settings.get("device", "cpu")
+    on_device = "this CPU" if device == "cpu" else device_label(settings)
     lines = [
         "### Data path throughput (one worker, one thread)",
         "",
@@ -470,14 +517,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['versions']['torchvision']}; {images['count']} JPEGs {where}, median "
         f"{images['median_width']:.0f} x {images['median_height']:.0f}, mean {images['mean_kib']:.0f} KiB; medians "
         f"over {settings['rounds']} round(s) of each round's mean ms per image; device part on a batch of "
-        f"{settings['batch']}, on this CPU.",
+        f"{settings['batch']}, on {on_device}.",
         "",
     ]
     if not result["device_mode"]:
         lines += ["This mimkit's `Method.views` has no `augment_on`: only the worker mode is timed.", ""]
     lines += [
         "| recipe | source | decode ms/img | worker mode ms/img | device mode: worker ms/img "
-        "| device part ms/img (CPU) | official ms/img | worker mode / official | device mode / official |",
+        f"| device part ms/img ({device}) | official ms/img | worker mode / official | device mode / official |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for recipe in result["recipes"]:
@@ -510,8 +557,14 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"DataLoader end to end (mimkit's `train_loader`, image folder, batch {settings['batch']}, "
-        f"{settings['loader_batches']} batches per epoch, median of {settings['loader_epochs']} timed epoch(s); device "
-        "mode runs `on_device` in the main process on this CPU), images/s:",
+        f"{settings['loader_batches']} batches per epoch or 2 per worker when more, median of "
+        f"{settings['loader_epochs']} timed epoch(s); "
+        + (
+            "device mode finishes each batch by `on_device` in the main process, on this CPU"
+            if device == "cpu"
+            else f"each batch copied to {on_device} and, in device mode, finished there by `on_device`"
+        )
+        + "), images/s:",
         "",
         "| recipe | mode | " + " | ".join(f"{w} worker{'s' if w != 1 else ''}" for w in workers) + " |",
         "|---|---|" + "--:|" * len(workers),
@@ -569,9 +622,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--loader-epochs", type=int, help="timed DataLoader epochs, the median quoted (default 3)")
     parser.add_argument("--workers", type=lambda text: [int(w) for w in _names(text)], default=[1, 2])
     parser.add_argument("--reference", type=Path, help="a checkout of github.com/bytedance/ibot: time its data path")
+    parser.add_argument(
+        "--device", default="cpu", help="where the batched device part and the loader's batches run: cpu, cuda, ..."
+    )
     parser.add_argument("--quick", action="store_true", help="few small images, one round (tests)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="one more config override")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add the recipes to the result already in --out when it ran with the same settings (one run per recipe, "
+        "each kept if a later one is stopped)",
+    )
     args = parser.parse_args(argv)
     for name, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, name) is None:
@@ -589,6 +651,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--workers: a comma-separated list of worker counts >= 0, e.g. 1,2,8")
     if args.folder is not None and not args.folder.is_dir():
         parser.error(f"--folder {args.folder}: not a folder")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device}: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here")
     return args
 
 
@@ -605,6 +673,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         torch.set_num_threads(threads)
     path = args.out / "data_throughput.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and path.is_file():
+        result = appended(json.loads(path.read_text()), result)
     path.write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(result)
     path.with_suffix(".md").write_text(table)
@@ -614,6 +684,23 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 def log(message: str) -> None:
     print(f"[data_throughput] {message}", file=sys.stderr, flush=True)
+
+
+APPEND_KEYS = ("settings", "images", "device_mode")
+"""What an earlier result must share with this run's for --append to add this run's recipes to it."""
+
+
+def appended(earlier: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """`result` with the recipes of the `earlier` result in --out before its own (a recipe in both: this run's),
+    when both ran with the same settings on the same images; otherwise `result` alone."""
+    differ = [key for key in APPEND_KEYS if earlier.get(key) != result[key]]
+    if differ:
+        log(f"--append: the earlier result differs in {', '.join(differ)}; it is replaced, not extended")
+        return result
+    names = {recipe["recipe"] for recipe in result["recipes"]}
+    kept = [recipe for recipe in earlier["recipes"] if recipe["recipe"] not in names]
+    commands = [*earlier.get("earlier_commands", []), earlier["command"]]
+    return {**result, "earlier_commands": commands, "recipes": kept + result["recipes"]}
 
 
 def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
@@ -637,13 +724,18 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         recipes.append(build_recipe(name, folders, tokenizer, args.set, args.reference))
         log(f"built {name} ({time.perf_counter() - start:.1f} s)")
     device_mode = all("device" in recipe.views for recipe in recipes)
-    times = run_rounds(timed_parts(recipes, args.batch), args.rounds, log)
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # the current device, for which the loader pins its batches (cuda: cuda:0)
+    times = run_rounds(timed_parts(recipes, args.batch, device), args.rounds, log)
     for recipe in recipes:
         recipe.results = summarize(recipe, times)
         recipe.results["loader_images_per_s"], recipe.results["loader_epochs_images_per_s"] = {}, {}
         for mode in recipe.views:
             epochs = {
-                str(workers): loader_rates(recipe, mode, workers, args.batch, args.loader_batches, args.loader_epochs)
+                str(workers): loader_rates(
+                    recipe, mode, workers, args.batch, args.loader_batches, args.loader_epochs, device
+                )
                 for workers in args.workers
             }
             rates = {workers: statistics.median(values) for workers, values in epochs.items()}
@@ -662,7 +754,10 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             "batch": args.batch,
             "loader_batches": args.loader_batches,
             "loader_epochs": args.loader_epochs,
+            "loader_batches_per_epoch": {str(w): loader_batches(args.loader_batches, w) for w in args.workers},
             "workers": args.workers,
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "sources": list(folders),
             "torch_threads": 1,
             "jpeg_quality": JPEG_QUALITY if args.folder is None else None,

@@ -8,6 +8,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from mimkit.runs import load_run_config
@@ -34,6 +35,8 @@ def test_quick_run_reports_every_recipe_source_and_mode(tmp_path) -> None:
         result
     )
     assert result["images"]["count"] == 4 and result["images"]["generated"] and result["images"]["mean_kib"] > 0
+    assert result["settings"]["device"] == "cpu" and result["settings"]["device_name"] is None
+    assert result["settings"]["loader_batches_per_epoch"] == {"0": 2, "1": 2}  # --quick: 2, or 2 per worker
     assert [recipe["recipe"] for recipe in result["recipes"]] == list(RECIPES)
     modes = ["worker", "device"] if result["device_mode"] else ["worker"]
     for recipe in result["recipes"]:
@@ -61,6 +64,11 @@ def test_quick_run_reports_every_recipe_source_and_mode(tmp_path) -> None:
     assert cim["config"]["method"]["views"]["size"] == 224 and result["recipes"][0]["stand_ins"] == []
     table = path.with_suffix(".md").read_text()
     assert "| ibot/vit_small_imagefolder | shards |" in table and "871 img/s" in table
+    assert "| device part ms/img (cpu) |" in table and "on this CPU." in table
+    result["settings"] |= {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3"}  # as a GPU run writes them
+    table = bench.markdown(result)
+    assert "| device part ms/img (cuda) |" in table and "on cuda (NVIDIA H100 80GB HBM3)." in table
+    assert "copied to cuda (NVIDIA H100 80GB HBM3)" in table and "this CPU" not in table
 
 
 def test_generated_images_are_seeded_and_imagenet_like(tmp_path) -> None:
@@ -87,3 +95,29 @@ def test_official_data_path_is_only_compared_at_its_own_settings() -> None:
     assert differences(other) == ["method.views.local_size=64 (official: 96)"]
     other = load_run_config(bench.CONFIGS / "ibot/vit_small_imagenet.yaml", ["method.views.solarize_p=0.0"])
     assert differences(other) == ["method.views.solarize_p=0.0 (official: 0.2)"]
+
+
+def test_device_option_batches_on_the_device_and_loader_epochs_that_keep_every_worker_busy() -> None:
+    batch = {"global": [torch.zeros(2, 3), torch.ones(2)], "params": (torch.zeros(1),), "epoch": 3}
+    moved = bench.to_device(batch, torch.device("meta"))
+    assert moved["global"][0].device.type == "meta" and moved["global"][1].shape == (2,)
+    assert isinstance(moved["params"], tuple) and moved["params"][0].device.type == "meta" and moved["epoch"] == 3
+    assert [bench.loader_batches(4, workers) for workers in (0, 1, 2, 4, 8, 16)] == [4, 4, 4, 8, 16, 32]
+    assert bench.parse_args(["--device", "cpu", "--workers", "1,4,8,16"]).workers == [1, 4, 8, 16]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "no_such_device"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--device", "cuda"])  # refused up front, not after the images are made
+
+
+def test_append_adds_recipes_to_an_earlier_result_of_the_same_settings_only() -> None:
+    same = {"settings": {"batch": 32}, "images": {"count": 4}, "device_mode": True}
+    earlier = {**same, "command": ["a"], "recipes": [{"recipe": "ibot/x", "v": 1}, {"recipe": "dtm/y", "v": 1}]}
+    later = {**same, "command": ["b"], "recipes": [{"recipe": "dtm/y", "v": 2}, {"recipe": "symmim/z", "v": 2}]}
+    merged = bench.appended(earlier, later)
+    assert [(r["recipe"], r["v"]) for r in merged["recipes"]] == [("ibot/x", 1), ("dtm/y", 2), ("symmim/z", 2)]
+    assert merged["command"] == ["b"] and merged["earlier_commands"] == [["a"]]
+    assert bench.appended(merged, {**later, "command": ["c"]})["earlier_commands"] == [["a"], ["b"]]
+    other = {**later, "settings": {"batch": 16}}
+    assert bench.appended(earlier, other) is other  # other settings: the table's header would be wrong for both
