@@ -127,6 +127,7 @@ def test_reference_must_be_a_checkout_of_the_official_code(tmp_path) -> None:
 def test_gpu_tier_driver_runs_on_a_cpu_and_reports_each_run(tmp_path) -> None:
     driver = load_benchmark("gpu_tier")
     argv = ["--tier", "test", "--device", "cpu", "--methods", "ibot", "dtm", "--no-compile", "--steps", "1"]
+    argv += ["--data-budget-s", "0"]  # the data stages: tests/test_gpu_tier.py
     report = driver.main([*argv, "--warmup", "0", "--repeats", "1", "--out", str(tmp_path)])
     text = report.read_text()
     assert "- packages: all present" in text and "- ibot: done" in text and "- dtm: done" in text

@@ -90,9 +90,7 @@ class CropAugment:
         return crop, torch.tensor(params)
 
 
-def finish(
-    crops: torch.Tensor, params: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
-) -> torch.Tensor:
+def finish(crops: torch.Tensor, params: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """Photometric augmentation and normalisation of uint8 crops (B, C, H, W), image i with `params[i]`: float32
     on the crops' device."""
     x = crops.contiguous().float().div_(255)  # a resized uint8 crop may come channels-last: slow convolutions
@@ -111,11 +109,11 @@ def _finish_one(x: torch.Tensor, p: list[float]) -> torch.Tensor:
             for op in p[ORDER : ORDER + 4]:
                 _, slot, fn = _JITTER_OPS[int(op)]
                 if slot != HUE or p[HUE] != 0:  # hue 0: not drawn, left out as torchvision does
-                    x = fn(x, torch.tensor(p[slot]).view(1, 1, 1, 1))
+                    x = fn(x, torch.tensor(p[slot], device=x.device).view(1, 1, 1, 1))
         if p[GRAY]:
             x = grayscale(x).expand(-1, 3, -1, -1).contiguous()
     if p[SIGMA]:
-        x = gaussian_blur(x, torch.tensor([p[SIGMA]]), torch.tensor([p[KERNEL]]))
+        x = gaussian_blur(x, torch.tensor([p[SIGMA]], device=x.device), torch.tensor([p[KERNEL]], device=x.device))
     return solarize(x) if p[SOLARIZE] else x
 
 
