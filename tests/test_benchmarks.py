@@ -180,3 +180,10 @@ def test_the_loss_fingerprint_comparison_fails_on_any_difference(capsys: pytest.
     assert fingerprint.compare(before, moved, tolerance=1e-5) == 0
     assert fingerprint.compare(before, {"ibot/x": {"loss": [1.0], "loss_cls": [0.5, 0.25]}}, tolerance=1.0) == 1
     assert "cim/y: not run after (not compared)" in capsys.readouterr().out
+
+
+def test_augment_changes_times_each_pair(tmp_path) -> None:
+    path = load_benchmark("augment_changes").main(["--rounds", "1", "--calls", "1", "--out", str(tmp_path)])
+    rows = json.loads(path.read_text())["us_per_call"]
+    assert set(rows) == {"blur", "hue", "jitter", "to_tensor", "resize", "global_view"}
+    assert all(row["before"] > 0 and row["after"] > 0 for row in rows.values())
