@@ -99,9 +99,9 @@ def finish(crops: torch.Tensor, params: torch.Tensor, mean: tuple[float, ...], s
     x = crops.contiguous().float().div_(255)  # a resized uint8 crop may come channels-last: slow convolutions
     params = params.to(x.device, torch.float32)
     x = _finish_one(x, params[0].tolist()) if len(x) == 1 else _finish_batch(x, params)
-    mean_t = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    return x.sub_(mean_t).div_(std_t)
+    scale = torch.tensor([1 / s for s in std], device=x.device).view(1, -1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=x.device).view(1, -1, 1, 1)
+    return torch.addcmul(shift, x, scale)  # (x - mean) / std in one pass
 
 
 def _finish_one(x: torch.Tensor, p: list[float]) -> torch.Tensor:
@@ -162,12 +162,13 @@ def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    return (x * factor + mean * (1 - factor)).clamp_(0, 1)
+    """Blend towards the mean luma (the luma of the channel means: one reduction, no luma image)."""
+    mean = grayscale(x.mean(dim=(2, 3), keepdim=True))
+    return torch.lerp(mean, x, factor).clamp_(0, 1)
 
 
 def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (x * factor + grayscale(x) * (1 - factor)).clamp_(0, 1)
+    return torch.lerp(grayscale(x), x, factor).clamp_(0, 1)
 
 
 _HUE_CHANNEL_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
