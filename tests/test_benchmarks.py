@@ -187,3 +187,11 @@ def test_augment_changes_times_each_pair(tmp_path) -> None:
     rows = json.loads(path.read_text())["us_per_call"]
     assert set(rows) == {"blur", "hue", "jitter", "to_tensor", "resize", "global_view"}
     assert all(row["before"] > 0 and row["after"] > 0 for row in rows.values())
+
+
+def test_knn_scale_reports_time_and_memory_per_bank_dtype(tmp_path) -> None:
+    argv = ["--bank", "3000", "--dim", "16", "--queries", "50", "--chunk", "20", "--bank-chunk", "700"]
+    path = load_benchmark("knn_scale").main([*argv, "--out", str(tmp_path)])
+    results = json.loads(path.read_text())["results"]
+    assert set(results) == {"float32", "float16"}
+    assert all(row["seconds"] > 0 and row["peak_gib"] > 0.05 for row in results.values())

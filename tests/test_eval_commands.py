@@ -212,6 +212,17 @@ def test_knn_writes_accuracies_with_baselines(run_dir: Path, capsys: pytest.Capt
     assert history[0]["result"]["accuracy"]["raw pixels"] == baselines["raw pixels"]
 
 
+def test_knn_on_a_float16_bank_in_chunks(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ("eval", "knn", str(run_dir), "--k", "1", "5", "--batch-size", "8")
+    assert cli(capsys, *args)[0] == 0
+    float32 = json.loads((run_dir / "eval" / "knn.json").read_text())["accuracy"]["pretrained"]
+    assert cli(capsys, *args, "--bank-dtype", "float16", "--bank-chunk", "3")[0] == 0
+    result = json.loads((run_dir / "eval" / "knn.json").read_text())
+    assert result["bank_dtype"] == "float16"
+    assert all(abs(result["accuracy"]["pretrained"][k] - float32[k]) <= 0.05 for k in float32)  # near-ties only
+    assert cli(capsys, *args, "--bank-chunk", "0")[0] == 2
+
+
 def test_finetune_writes_accuracies_and_weights(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["eval", "finetune", str(run_dir), "--epochs", "1", "--batch-size", "8", "--warmup-epochs", "0"]
     code, out, err = cli(capsys, *argv, "--limit", "16", "--num-workers", "0")

@@ -48,6 +48,26 @@ def test_predictions_match_brute_force(temperature: float, chunk_size: int) -> N
         torch.testing.assert_close(got[k], _reference_predict(train, labels, test, k, temperature), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bank_chunk_size", [1, 10, 64, 299])
+def test_a_bank_in_chunks_gives_the_whole_banks_predictions(bank_chunk_size: int) -> None:
+    train, labels, test = _random_problem(seed=11)
+    ks = (1, 5, 20, 100)
+    got = knn_predict(train, labels, test, NUM_CLASSES, ks=ks, chunk_size=32, bank_chunk_size=bank_chunk_size)
+    for k in ks:
+        torch.testing.assert_close(got[k], _reference_predict(train, labels, test, k, 0.07), rtol=0, atol=0)
+
+
+def test_a_float16_bank_keeps_the_neighbours_up_to_its_rounding() -> None:
+    train, labels, test = _random_problem(seed=12, n_train=2000, n_test=200, dim=64)
+    sim32, idx32 = topk_neighbours(train, test, k=20)
+    sim16, idx16 = topk_neighbours(train, test, k=20, bank_dtype=torch.float16, bank_chunk_size=300)
+    assert (sim16 - sim32).abs().max() < 2e-3  # float16 rounds a unit vector's entries by ~5e-4 relative
+    assert (idx16 == idx32).float().mean() > 0.97  # only near-ties swap places
+    votes32 = knn_predict(train, labels, test, NUM_CLASSES, ks=(20,))[20]
+    votes16 = knn_predict(train, labels, test, NUM_CLASSES, ks=(20,), bank_dtype=torch.float16)[20]
+    assert (votes16 == votes32).float().mean() > 0.97
+
+
 @pytest.mark.parametrize("chunk_size", [7, 100])
 def test_topk_neighbours_match_full_sort(chunk_size: int) -> None:
     train, _, test = _random_problem(seed=3)
@@ -110,3 +130,7 @@ def test_rejects_bad_input() -> None:
         knn_predict(train, labels, test[:, :5], NUM_CLASSES)
     with pytest.raises(ValueError, match="train_labels"):
         knn_predict(train, labels, test, num_classes=3)
+    with pytest.raises(ValueError, match="chunk sizes"):
+        knn_predict(train, labels, test, NUM_CLASSES, bank_chunk_size=0)
+    with pytest.raises(ValueError, match="bank_dtype"):
+        knn_predict(train, labels, test, NUM_CLASSES, bank_dtype=torch.int8)

@@ -61,6 +61,7 @@ def check_options(args: argparse.Namespace) -> None:
         ("num_workers", lambda v: v is None or v >= 0, "must be >= 0"),
         ("val_fraction", lambda v: 0 <= v < 1, "must lie in [0, 1)"),
         ("lr", lambda v: v > 0, "must be > 0"),
+        ("bank_chunk", lambda v: v >= 1, "must be >= 1"),
     ]
     for name, ok, rule in rules:
         if hasattr(args, name) and not ok(getattr(args, name)):
