@@ -19,12 +19,13 @@ from mimkit.config import ConfigError
 from mimkit.engine.train import pretrain
 from mimkit.eval import knn, linear
 from mimkit.eval.finetune import FinetuneConfig
+from mimkit.eval.frozen import FeatureOptions, KnnConfig, LinearConfig, evaluate_knn, feature_key, linear_probe
 from mimkit.eval.probe import LastBlocksCLS, probe_features
 from mimkit.eval.results import latest_by_evaluation, read_history, save_result
 from mimkit.models.backbones import BackboneConfig, create_timm_model
 from mimkit.models.families.vit import MaskableViT
 from mimkit.runs import load_run, load_run_config
-from support import IBOT_RECIPE, QUIET_CPU_RUN, SYNTHETIC_28, TINY_IBOT_HEADS
+from support import IBOT_RECIPE, QUIET_CPU_RUN, ROOT, SYNTHETIC_28, TINY_IBOT_HEADS
 
 TINY_RUN = [
     "method.backbone.patch_size=4",
@@ -223,6 +224,29 @@ def test_knn_on_a_float16_bank_in_chunks(run_dir: Path, capsys: pytest.CaptureFi
     assert cli(capsys, *args, "--bank-chunk", "0")[0] == 2
 
 
+def test_python_api_gives_the_commands_results(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = load_run(run_dir)
+    options = FeatureOptions(batch_size=8)
+    assert cli(capsys, "eval", "knn", str(run_dir), "--k", "1", "5", "--batch-size", "8")[0] == 0
+    saved = json.loads((run_dir / "eval" / "knn.json").read_text())["accuracy"]["pretrained"]
+    result = evaluate_knn(run, KnnConfig(ks=(1, 5), features=options))
+    assert {str(k): v for k, v in result.rows["pretrained"].items()} == saved
+    assert result.data["splits"][0]["split"] == "train"
+    assert cli(capsys, "eval", "linear", str(run_dir), "--lrs", "0.1", "--epochs", "3", "--batch-size", "8")[0] == 0
+    saved = json.loads((run_dir / "eval" / "linear.json").read_text())
+    probe = linear_probe(run, LinearConfig(lrs=(0.1,), epochs=3, features=options))
+    assert probe.variant == saved["variant"] and probe.probes.best_top1 == saved["best_top1"]
+
+
+def test_feature_cache_key_names_what_changes_the_features(run_dir: Path) -> None:
+    run = load_run(run_dir)
+    key = feature_key(run, "train", 28, "cls", None, "pretrained")
+    assert key["checkpoint"] == str(run.checkpoint) and key["modified"] == run.checkpoint.stat().st_mtime_ns
+    assert {key[name] for name in ("split", "variant", "features_of")} == {"train", "cls", "pretrained"}
+    assert feature_key(run, "train", 28, "last4", None, "pretrained") != key
+    assert feature_key(run, "train", 28, "cls", 8, "pretrained") != key
+
+
 def test_finetune_writes_accuracies_and_weights(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["eval", "finetune", str(run_dir), "--epochs", "1", "--batch-size", "8", "--warmup-epochs", "0"]
     code, out, err = cli(capsys, *argv, "--limit", "16", "--num-workers", "0")
@@ -287,3 +311,10 @@ def test_raw_pixel_features_are_the_pixels_for_every_pooling(pooling: str) -> No
     images = torch.randn(3, 1, 4, 4)
     tokens = RawPixels()(images)
     torch.testing.assert_close(pool_tokens(tokens, RawPixels(), pooling), images.flatten(1))
+
+
+def test_the_python_example_of_the_docs_runs(run_dir: Path) -> None:
+    text = (ROOT / "docs" / "evaluation.md").read_text()
+    code = text.split("## In Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace('"runs/ibot_vit_tiny_fmnist"', repr(str(run_dir))).replace("batch_size=256", "batch_size=8")
+    exec(compile(code, "evaluation.md", "exec"), {})

@@ -1,5 +1,5 @@
-"""What every `mimkit eval` evaluation shares: the RUN argument and data options, checks of option values, the run's
-labelled splits, frozen features (cached on request) and saving results to `RUN/eval/`.
+"""What every `mimkit eval` evaluation shares: the RUN argument and data options, checks of option values, printing
+an evaluation's notices and saving results to `RUN/eval/`. The evaluations themselves are in `mimkit.eval`.
 
 Imports of torch and the evaluation code happen inside the functions, so `mimkit --help` stays fast.
 """
@@ -12,10 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import torch
-
-    from mimkit.data.sources import ImageSource
-    from mimkit.eval.features import Features
+    from mimkit.eval.frozen import FeatureOptions
     from mimkit.runs import LoadedRun
 
 
@@ -38,13 +35,6 @@ def data_options(parser: argparse.ArgumentParser, batch_size: int, workers: int 
         default=workers,
         help="data loading processes (" + ("%(default)s)" if workers is not None else "default: the run's)"),
     )
-
-
-def eval_device() -> torch.device:
-    """The first GPU, else the CPU."""
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -70,77 +60,16 @@ def check_options(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}: {rule}; got {shown}")
 
 
-def labelled_splits(run: LoadedRun, args: argparse.Namespace, evaluation: str) -> list[tuple[str, ImageSource]]:
-    """The run's train and eval splits by name (first `args.limit` images each); an error if unlabelled."""
-    from mimkit.config import ConfigError
-    from mimkit.data.sources import same_images_notice
+def feature_options(args: argparse.Namespace) -> FeatureOptions:
+    """The feature-extraction options of an evaluation's command line."""
+    from mimkit.eval.frozen import FeatureOptions
 
-    data = run.cfg.data
-    splits = [(split, run.source(split, limit=args.limit)) for split in (data.split, data.eval_split)]
-    if not splits[0][1].info.num_classes:
-        raise ConfigError(f"{evaluation} needs labelled data; {data.source} at {data.root} has no labels")
-    if (notice := same_images_notice(data)) is not None:
-        print(f"mimkit: warning: {notice} (data.val_fraction=0.1 goes after the run folder)", file=sys.stderr)
-    return splits
+    return FeatureOptions(args.batch_size, args.num_workers, args.limit, getattr(args, "cache", False))
 
 
-def data_record(run: LoadedRun, splits: list[tuple[str, ImageSource]], args: argparse.Namespace) -> dict[str, Any]:
-    """What an evaluation read (source, folder, splits and their image counts, limit): saved with its result."""
-    from mimkit.eval.results import evaluated_data
-
-    data = run.cfg.data
-    return evaluated_data(data, splits, data.limit if args.limit is None else args.limit)
-
-
-def split_features(
-    encoder: torch.nn.Module,
-    run: LoadedRun,
-    split: tuple[str, ImageSource],
-    args: argparse.Namespace,
-    label: str,
-    variant: str,
-) -> Features:
-    """Frozen features of a (name, source) split (`variant`: a pooling or last4), cached when `args.cache`."""
-    from dataclasses import asdict
-
-    from mimkit.eval.features import encoder_image_size
-    from mimkit.eval.probe import cached_features, probe_features
-
-    name, source = split
-    size = encoder_image_size(encoder, source)
-    device = eval_device()
-    path, key = None, {}
-    if getattr(args, "cache", False) and run.checkpoint is not None:
-        path = run.run_dir / "eval" / f"features_{variant}_{name}{result_suffix(label)}.pt"
-        modified = run.checkpoint.stat().st_mtime_ns
-        key = {"checkpoint": str(run.checkpoint), "modified": modified, "data": asdict(run.cfg.data), "size": size}
-        key |= {"split": name, "variant": variant, "limit": args.limit, "features_of": label}
-
-    def compute() -> Features:
-        return probe_features(
-            encoder.to(device),
-            source,
-            size,
-            variant,  # type: ignore[arg-type]
-            args.batch_size,
-            args.num_workers,
-            device,
-            description=f"{label}: {name} features",
-        )
-
-    return cached_features(path, key, compute)
-
-
-PRETRAINED = "pretrained"
-
-
-def run_label(run: LoadedRun) -> str:
-    return "random init" if run.random_init else PRETRAINED
-
-
-def result_suffix(label: str) -> str:
-    """Results of a baseline (random init, raw pixels) sit beside the run's own, never over them."""
-    return "" if label == PRETRAINED else "_" + label.replace(" ", "_")
+def warn(notices: list[str]) -> None:
+    for notice in notices:
+        print(f"mimkit: warning: {notice}", file=sys.stderr)
 
 
 def random_init_option(parser: argparse.ArgumentParser) -> None:
@@ -175,10 +104,11 @@ def save_result_of(
     score: float,
     *,
     data: dict[str, Any],
-    label: str = PRETRAINED,
+    label: str = "pretrained",
 ) -> None:
     """Save a result with the data it was computed on (`data_record`); says on stderr when it replaces one computed
     on other data."""
+    from mimkit.eval.frozen import result_suffix
     from mimkit.eval.results import replaced_notice, save_result
 
     evaluation = f"{name}{result_suffix(label)}"

@@ -8,14 +8,10 @@ import argparse
 from mimkit.commands.eval.common import (
     check_options,
     data_options,
-    data_record,
-    eval_device,
     evaluation_parser,
-    labelled_splits,
     random_init_option,
-    result_suffix,
-    run_label,
     save_result_of,
+    warn,
     writable_results,
 )
 
@@ -58,6 +54,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     from mimkit.eval.features import encoder_image_size
     from mimkit.eval.finetune import FinetuneConfig, finetune
+    from mimkit.eval.frozen import data_record, eval_device, labelled_splits, result_suffix, run_label
     from mimkit.runs import load_run
 
     run = load_run(args.run_path, args.overrides, random_init=args.random_init)
@@ -80,7 +77,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         crop_scale=tuple(args.crop_scale),
         seed=args.seed,
     )
-    splits = labelled_splits(run, args, "fine-tuning")
+    splits, notice = labelled_splits(run, args.limit, "fine-tuning")
+    warn([] if notice is None else [notice])
     (_, train_source), (_, eval_source) = splits
     size = encoder_image_size(encoder, train_source)
     device = eval_device()
@@ -121,7 +119,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         },
         f"{run_label(run)}: top-1 {100 * result.top1:.2f} after {cfg.epochs} epochs (best {100 * best['top1']:.2f})",
         result.top1,
-        data=data_record(run, splits, args),
+        data=data_record(run, splits, args.limit),
         label=run_label(run),
     )
     return 0
