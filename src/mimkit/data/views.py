@@ -115,6 +115,15 @@ def multi_crop_augment(
     )
 
 
+def global_augments(cfg: MultiCropConfig) -> list[CropAugment]:
+    """The two global views of DINO/iBOT/BYOL: view 1 blurred with `blur_p[0]`, view 2 with `blur_p[1]` and solarized
+    with `solarize_p` (the asymmetric pair)."""
+    return [
+        multi_crop_augment(cfg, cfg.global_size, cfg.global_scale, cfg.blur_p[0], 0.0),
+        multi_crop_augment(cfg, cfg.global_size, cfg.global_scale, cfg.blur_p[1], cfg.solarize_p),
+    ]
+
+
 class AugmentedViews:
     """Views built of augmented crops, in either mode of `data.augment_on`.
 
@@ -169,10 +178,7 @@ class MultiCropViews(AugmentedViews):
         augment_on: AugmentOn = "worker",
     ) -> None:
         super().__init__(data, augment_on)
-        self.global_views = [
-            multi_crop_augment(cfg, cfg.global_size, cfg.global_scale, cfg.blur_p[0], 0.0),
-            multi_crop_augment(cfg, cfg.global_size, cfg.global_scale, cfg.blur_p[1], cfg.solarize_p),
-        ]
+        self.global_views = global_augments(cfg)
         self.local_view = multi_crop_augment(cfg, cfg.local_size, cfg.local_scale, cfg.blur_p[2], 0.0)
         self.num_local = cfg.num_local
         self.grid = grid
@@ -207,10 +213,7 @@ class PairedMaskedViews(AugmentedViews):
         augment_on: AugmentOn = "worker",
     ) -> None:
         super().__init__(data, augment_on)
-        self.views = [
-            multi_crop_augment(cfg, cfg.global_size, cfg.global_scale, cfg.blur_p[0], 0.0),
-            multi_crop_augment(cfg, cfg.global_size, cfg.global_scale, cfg.blur_p[1], cfg.solarize_p),
-        ]
+        self.views = global_augments(cfg)
         self.grid, self.online, self.momentum = grid, online, momentum
 
     def __call__(self, image: torch.Tensor, epoch: int) -> dict[str, list[torch.Tensor]]:
