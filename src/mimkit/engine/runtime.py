@@ -73,6 +73,14 @@ class DirectCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, handle)
 
 
+def release_process_group() -> None:
+    """Tear down the process group of a finished multi-process run on every rank: gloo's threads left to the
+    interpreter's exit can abort a process that has finished its run ('terminate called without an active
+    exception', exit -6)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def setup_for_training(
     fabric: Fabric,
     method: Method,

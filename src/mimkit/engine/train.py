@@ -24,7 +24,7 @@ from mimkit.engine.lock import own_run_folder
 from mimkit.engine.logs import MetricsCSV, ProgressDisplay, log, setup_logging
 from mimkit.engine.optim import Hyperparameters, build_optimizer
 from mimkit.engine.resume import check_resume_changes, readable_resume, resolve_resume
-from mimkit.engine.runtime import environment, make_fabric, setup_for_training
+from mimkit.engine.runtime import environment, make_fabric, release_process_group, setup_for_training
 from mimkit.engine.step import StepResult, train_step
 from mimkit.engine.stop import StopRequest, TrainingStopped
 from mimkit.methods.base import Method, method_class
@@ -84,7 +84,9 @@ def pretrain(cfg: RunConfig, callbacks: Sequence[EpochCallback] = (), *, force: 
             (run_dir / "environment.yaml").write_text(
                 yaml.safe_dump(environment(fabric, cfg.train.precision), sort_keys=False)
             )
-        return trainer.fit()
+        finished = trainer.fit()
+    release_process_group()
+    return finished
 
 
 class Trainer:
