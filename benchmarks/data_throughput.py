@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image, ImageDraw, ImageFilter
 
 from mimkit.config import to_dict
@@ -323,18 +324,6 @@ def reference_pass(dataset: Any) -> Callable[[int], None]:
     return run
 
 
-def to_device(value: Any, device: torch.device) -> Any:
-    """A collated batch (tensors in dicts, lists and tuples) on `device`, asynchronously from pinned memory: what
-    the engine's `fabric.to_device` does with each batch."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {key: to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_device(item, device) for item in value)
-    return value
-
-
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a CUDA kernel launch returns before the kernel ran)."""
     if device.type == "cuda":
@@ -376,7 +365,7 @@ def timed_parts(recipes: list[Recipe], batch: int, device: torch.device) -> list
             if recipe.reference is not None and source_name == "imagefolder":
                 parts.append(Timed((recipe.name, source_name, "official"), reference_pass(recipe.reference), count))
         if "device" in recipe.views:
-            recipe.device_batch = to_device(device_batch(recipe, batch), device)
+            recipe.device_batch = move_data_to_device(device_batch(recipe, batch), device)
             part = device_pass(recipe.views["device"], recipe.device_batch, device)
             parts.append(Timed((recipe.name, "batch", "device_part"), part, batch))
     return parts
@@ -429,7 +418,7 @@ def loader_rates(
     for _ in range(max(1, workers)):
         batch_data = next(batches_iter, None)
         if batch_data is not None:
-            finish(to_device(batch_data["views"], device))
+            finish(move_data_to_device(batch_data["views"], device))
     synchronize(device)
     rates = []
     for epoch in range(recipe.epoch + 1, recipe.epoch + 1 + epochs):
@@ -438,7 +427,7 @@ def loader_rates(
         images = 0
         start = time.perf_counter()
         for batch_data in batches_iter:
-            finish(to_device(batch_data["views"], device))
+            finish(move_data_to_device(batch_data["views"], device))
             images += len(batch_data["index"])
         synchronize(device)
         rates.append(images / (time.perf_counter() - start))

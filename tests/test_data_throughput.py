@@ -99,7 +99,7 @@ def test_official_data_path_is_only_compared_at_its_own_settings() -> None:
 
 def test_device_option_batches_on_the_device_and_loader_epochs_that_keep_every_worker_busy() -> None:
     batch = {"global": [torch.zeros(2, 3), torch.ones(2)], "params": (torch.zeros(1),), "epoch": 3}
-    moved = bench.to_device(batch, torch.device("meta"))
+    moved = bench.move_data_to_device(batch, torch.device("meta"))  # what fabric.to_device runs
     assert moved["global"][0].device.type == "meta" and moved["global"][1].shape == (2,)
     assert isinstance(moved["params"], tuple) and moved["params"][0].device.type == "meta" and moved["epoch"] == 3
     assert [bench.loader_batches(4, workers) for workers in (0, 1, 2, 4, 8, 16)] == [4, 4, 4, 8, 16, 32]
