@@ -29,6 +29,8 @@ JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE, ORDER, GRAY, SIGMA, KERNEL, SOLAR
 NUM_PARAMS = 13
 """Layout of one crop's parameter vector: jitter applied (0/1), its four factors (neutral when not drawn), the order
 of the four jitter operations (4 slots), grayscale (0/1), blur sigma (0: no blur) and kernel size, solarize (0/1)."""
+NOTHING_APPLIED = (0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 0.0, 0.0, 0.0)
+"""The parameter vector of a crop that no photometric step touches (neutral factors, torchvision's default order)."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class CropAugment:
             crop = F.interpolate(region, size=[self.size] * 2, mode="bicubic", align_corners=False, antialias=True)[0]
         if torch.rand(1) < self.flip_p:
             crop = crop.flip(-1)
-        params = [0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 0.0, 0.0, 0.0]  # nothing applied
+        params = list(NOTHING_APPLIED)
         rgb = image.shape[-3] == 3
         ranges = self._jitter_ranges  # type: ignore[attr-defined]
         if rgb and ranges is not None and torch.rand(1) < self.color_jitter_p:
@@ -110,7 +112,7 @@ def _finish_one(x: torch.Tensor, p: list[float]) -> torch.Tensor:
     if x.shape[1] == 3:
         if p[JITTER]:
             for op in p[ORDER : ORDER + 4]:
-                _, slot, fn = _JITTER_OPS[int(op)]
+                slot, fn = _JITTER_OPS[int(op)]
                 if slot != HUE or p[HUE] != 0:  # hue 0: not drawn, left out as torchvision does
                     x = fn(x, torch.tensor(p[slot], device=x.device).view(1, 1, 1, 1))
         if p[GRAY]:
@@ -142,7 +144,7 @@ def _jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         return x
     for position in range(4):
         operation = params[:, ORDER + position]
-        for op, slot, fn in _JITTER_OPS:
+        for op, (slot, fn) in enumerate(_JITTER_OPS):
             chosen = jittered & (operation == op)
             if slot == HUE:
                 chosen &= params[:, HUE] != 0  # not drawn (hue 0): left out, as torchvision does
@@ -192,8 +194,13 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return high.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
-_JITTER_OPS = ((0, BRIGHTNESS, adjust_brightness), (1, CONTRAST, adjust_contrast), (2, SATURATION, adjust_saturation))
-_JITTER_OPS += ((3, HUE, adjust_hue),)  # type: ignore[assignment]
+_JITTER_OPS = (
+    (BRIGHTNESS, adjust_brightness),
+    (CONTRAST, adjust_contrast),
+    (SATURATION, adjust_saturation),
+    (HUE, adjust_hue),
+)
+"""ColorJitter's operations by their index in its order (`fn_idx`): the parameter slot of each one's factor."""
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: torch.Tensor) -> torch.Tensor:
