@@ -94,7 +94,7 @@ def split_features(
     name, source = split
     size = encoder_image_size(encoder, source)
     device = eval_device()
-    cached = options.cache and run.checkpoint is not None
+    cached = options.cache
     path = run.run_dir / "eval" / f"features_{variant}_{name}{result_suffix(label)}.pt" if cached else None
     key = feature_key(run, name, size, variant, options.limit, label) if cached else {}
 
