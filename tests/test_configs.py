@@ -21,8 +21,9 @@ from mimkit.models.families import family_of
 from mimkit.runs import load_run_config
 from support import QUIET_CPU_RUN, ROOT, tiny_overlay
 
-RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "tokenizers")
-"""Pretraining recipes; the tokenizer recipes of configs/tokenizers have their own test (tests/test_tokenizers.py)."""
+RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in ("tokenizers", "finetune"))
+"""Pretraining recipes; the tokenizer recipes of configs/tokenizers and the fine-tuning protocols of configs/finetune
+have their own tests (tests/test_tokenizers.py, tests/test_finetune.py)."""
 TINY_BACKBONE = ["method.backbone.embed_dim=32", "method.backbone.depth=1", "method.backbone.num_heads=2"]
 TINY_CNN = {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 32]}
 """model_args that shrink a timm ResNet (a CNN recipe's other model_args, its output stride say, are kept)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 import json
 import subprocess
 import sys
@@ -18,7 +18,7 @@ from mimkit.commands.eval import linear as linear_command
 from mimkit.config import ConfigError
 from mimkit.engine.train import pretrain
 from mimkit.eval import knn, linear
-from mimkit.eval.finetune import FinetuneConfig
+from mimkit.eval.finetune import finetune
 from mimkit.eval.frozen import FeatureOptions, KnnConfig, LinearConfig, evaluate_knn, feature_key, linear_probe
 from mimkit.eval.probe import LastBlocksCLS, probe_features
 from mimkit.eval.results import latest_by_evaluation, read_history, save_result
@@ -248,24 +248,21 @@ def test_feature_cache_key_names_what_changes_the_features(run_dir: Path) -> Non
 
 
 def test_finetune_writes_accuracies_and_weights(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["eval", "finetune", str(run_dir), "--epochs", "1", "--batch-size", "8", "--warmup-epochs", "0"]
-    code, out, err = cli(capsys, *argv, "--limit", "16", "--num-workers", "0")
+    argv = ["eval", "finetune", str(run_dir), "--epochs", "1", "--batch-size", "8", "optim.warmup_epochs=0"]
+    code, out, err = cli(capsys, *argv, "--limit", "16", "--num-workers", "0", *QUIET_CPU_RUN)
     assert code == 0, err
-    result = json.loads((run_dir / "eval" / "finetune.json").read_text())
+    result = json.loads((run_dir / "eval" / "finetune_vit_base_mae.json").read_text())
     assert 0 <= result["top1"] <= result["top5"] <= 1 and len(result["history"]) == 1
-    assert result["settings"]["layer_decay"] == 0.75 and result["num_classes"] == 4
-    weights = load_file(str(run_dir / "eval" / "finetune.safetensors"))
-    assert weights["head.weight"].shape == (4, 32)
-    vit = create_timm_model(BackboneConfig(img_size=28, patch_size=4, embed_dim=32, depth=4, num_heads=2), 1)[0]
-    vit.reset_classifier(4)
-    vit.load_state_dict(weights)  # a plain timm ViT with a 4-class head
+    assert result["protocol"] == "finetune/vit_base_mae" and result["init"].endswith("last.ckpt")
+    folder = run_dir / "finetune" / "vit_base_mae"
+    assert result["run_dir"] == str(folder) and (folder / "checkpoints" / "last.ckpt").is_file()
+    assert load_file(str(folder / "best.safetensors"))["head.weight"].shape == (4, 32)
     assert "top-1" in out
-    assert cli(capsys, *argv, "--limit", "16", "--num-workers", "0", "--random-init")[0] == 0
-    assert json.loads((run_dir / "eval" / "finetune_random_init.json").read_text())["random_init"]
-    assert not json.loads((run_dir / "eval" / "finetune.json").read_text())["random_init"]
+    assert cli(capsys, *argv, "--limit", "16", "--num-workers", "0", *QUIET_CPU_RUN, "--random-init")[0] == 0
+    assert json.loads((run_dir / "eval" / "finetune_vit_base_mae_random_init.json").read_text())["init"] is None
     latest = latest_by_evaluation(run_dir)
-    assert latest["finetune_random_init"]["headline"].startswith("random init: top-1 ")
-    assert latest["finetune"]["result"]["top1"] == result["top1"]
+    assert latest["finetune_vit_base_mae_random_init"]["headline"].startswith("vit_base_mae_random_init: top-1 ")
+    assert latest["finetune_vit_base_mae"]["result"]["top1"] == result["top1"]
 
 
 def test_history_skips_a_line_cut_by_a_crash(tmp_path: Path) -> None:
@@ -292,10 +289,7 @@ def test_parser_defaults_are_the_library_defaults() -> None:
     assert knn_command.DEFAULT_KS == knn.DEFAULT_KS
     assert linear_command.DEFAULT_LRS == linear.DEFAULT_LRS
     args = build_parser().parse_args(["eval", "finetune", "runs/x"])
-    for field in dataclasses.fields(FinetuneConfig):
-        if field.name != "num_workers":  # the run's own by default
-            value = tuple(args.crop_scale) if field.name == "crop_scale" else getattr(args, field.name)
-            assert value == field.default, field.name
+    assert args.protocol == inspect.signature(finetune).parameters["protocol"].default
 
 
 def test_eval_help_imports_neither_torch_nor_timm() -> None:

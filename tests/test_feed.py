@@ -150,12 +150,12 @@ def test_the_loader_takes_the_prefetch_factor(tmp_path: Path) -> None:
     source = build_source(cfg.data)
     method = method_class(cfg.method.name)(cfg.method, source.info)
     fabric = Fabric(accelerator="cpu", devices=1)
-    feed = build_feed(cfg.data, cfg.seed, fabric, source, method)
+    feed = build_feed(cfg.data, cfg.seed, fabric, source, method, cfg.data.batch_size)
     loader = feed.loader
     assert (loader.num_workers, loader.prefetch_factor, loader.persistent_workers) == (2, 3, True)
     assert not loader.pin_memory and feed.augment_on == "worker"  # pinned on CUDA only; augmented where it runs
     cfg.data.num_workers = 0  # torch takes no prefetch_factor without workers
-    assert build_feed(cfg.data, cfg.seed, fabric, source, method).loader.prefetch_factor is None
+    assert build_feed(cfg.data, cfg.seed, fabric, source, method, cfg.data.batch_size).loader.prefetch_factor is None
 
 
 def test_a_prefetch_factor_below_one_is_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:

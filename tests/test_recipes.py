@@ -15,7 +15,7 @@ from mimkit import recipes as recipes_module
 from mimkit.cli import main
 from mimkit.config import ConfigError, read_yaml
 from mimkit.procedures.tokenizer_fit import load_tokenizer_recipe
-from mimkit.recipes import RECIPES, check_recipe_fields, fields_file, find_recipe, shipped_recipes
+from mimkit.recipes import PROTOCOL_FAMILIES, RECIPES, check_recipe_fields, fields_file, find_recipe, shipped_recipes
 from mimkit.runs import config_fields, load_run_config
 from support import ROOT
 
@@ -68,7 +68,7 @@ def test_recipes_command_lists_them(capsys: pytest.CaptureFixture[str]) -> None:
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cim/")]
     assert len(lines) == len(shipped_recipes("cim")) and all(str(RECIPES) in line for line in lines)
     assert main(["recipes", "foo"]) == 2
-    assert "families are cim, dtm, ibot, symmim, tokenizers" in capsys.readouterr().err
+    assert "families are cim, dtm, finetune, ibot, symmim, tokenizers" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -151,7 +151,8 @@ def test_a_typo_or_a_bad_loop_value_fails_before_torch_is_imported(tmp_path: Pat
 
 
 def test_no_two_recipes_share_a_run_folder() -> None:
-    folders = [read_yaml(r.path).get("output_dir") for r in SHIPPED if not r.name.startswith("tokenizers/")]
+    pretraining = [r for r in SHIPPED if r.name.split("/")[0] not in ("tokenizers", *PROTOCOL_FAMILIES)]
+    folders = [read_yaml(r.path).get("output_dir") for r in pretraining]
     assert len(folders) == len(set(folders)), sorted(f for f in folders if folders.count(f) > 1)
     outputs = [read_yaml(r.path)["output"] for r in SHIPPED if r.name.startswith("tokenizers/")]
     assert len(outputs) == len(set(outputs))

@@ -30,6 +30,9 @@ PACKAGE = Path(__file__).resolve().parent
 FIELDS_PREFIX = "config_fields-"
 SUFFIX = ".yaml"
 SUMMARY_WIDTH = 100
+PROTOCOL_FAMILIES = ("finetune",)
+"""Recipe families of evaluation protocols: partial run configs put on a pretrained encoder (`mimkit eval finetune
+-c finetune/<name>`), not pretraining recipes."""
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,12 @@ def recipe_families() -> list[str]:
 
 
 def method_families() -> list[str]:
-    """The recipe families that pretrain (their recipes name a method; the others make files, e.g. tokenizers)."""
-    return sorted(
-        {r.name.split("/")[0] for r in shipped_recipes() if "method" in (yaml.safe_load(r.path.read_text()) or {})}
-    )
+    """The recipe families that pretrain (their recipes name a method; the others make files, e.g. tokenizers, or
+    are evaluation protocols)."""
+    families = {
+        r.name.split("/")[0] for r in shipped_recipes() if "method" in (yaml.safe_load(r.path.read_text()) or {})
+    }
+    return sorted(families - set(PROTOCOL_FAMILIES))
 
 
 def find_recipe(name_or_path: str | Path) -> Path:

@@ -17,7 +17,7 @@ from mimkit.data.config import DataConfig
 from mimkit.data.info import DataInfo
 from mimkit.data.sources import ImageSource, build_source
 from mimkit.engine.config import OptimConfig, TrainConfig
-from mimkit.methods.base import Method, method_class, method_names
+from mimkit.methods.base import Method, method_class, method_names, task_names
 from mimkit.methods.saved import check_pretraining_checkpoint, readable_checkpoint, resolve_checkpoint, restore_method
 from mimkit.models.encoder import Encoder
 from mimkit.recipes import find_recipe, remember_fields, remembered_fields
@@ -66,7 +66,8 @@ def config_fields() -> dict[str, Any]:
     """The field names of RunConfig and of each registered method's config: what `mimkit.recipes` remembers so that
     a typo is found without importing torch."""
     run = field_tree(RunConfig)
-    return {"run": run, "methods": {name: field_tree(method_class(name).Config) for name in method_names()}}
+    names = [*method_names(), *task_names()]
+    return {"run": run, "methods": {name: field_tree(method_class(name).Config) for name in names}}
 
 
 @dataclass

@@ -87,6 +87,9 @@ class DataConfig:
     """Use only the first `limit` images (quick runs, tests)."""
     batch_size: int = 64
     """Images per device and optimizer micro-step."""
+    global_batch: int | None = None
+    """Images per optimizer step over all processes, as papers state it; when set, it replaces `batch_size`: each
+    process takes global_batch / (processes x optim.accumulate_grad_batches), which must divide."""
     num_workers: int = 2
     prefetch_factor: int = 2
     """Batches each worker prepares ahead (DataLoader's prefetch_factor); raise it when a run waits for data."""
@@ -111,5 +114,25 @@ class DataConfig:
         )
         check(self.limit is None or self.limit > 0, f"{prefix}.limit", f"must be positive; got {self.limit}")
         check(self.batch_size > 0, f"{prefix}.batch_size", f"must be positive; got {self.batch_size}")
+        check(
+            self.global_batch is None or self.global_batch > 0,
+            f"{prefix}.global_batch",
+            f"must be positive or null; got {self.global_batch}",
+        )
         check(self.num_workers >= 0, f"{prefix}.num_workers", f"must be >= 0; got {self.num_workers}")
         check(self.prefetch_factor >= 1, f"{prefix}.prefetch_factor", f"must be >= 1; got {self.prefetch_factor}")
+
+    def process_batch(self, processes: int, accumulate: int) -> int:
+        """Images per process and micro-step: `batch_size`, or `global_batch` shared out (a ConfigError when it does
+        not divide, before any work)."""
+        if self.global_batch is None:
+            return self.batch_size
+        share = processes * accumulate
+        if self.global_batch % share:
+            below = self.global_batch // share * share
+            raise ConfigError(
+                f"data.global_batch: {self.global_batch} images do not divide over {processes} process(es) x "
+                f"{accumulate} accumulated micro-batch(es); use a multiple of {share} (e.g. {max(below, share)} or "
+                f"{below + share}), or run on a number of processes that divides it"
+            )
+        return self.global_batch // share

@@ -12,7 +12,7 @@ import random
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -29,16 +29,39 @@ class Skipped(NamedTuple):
 
 @contextmanager
 def seeded(*keys: int) -> Iterator[None]:
-    """Seed torch's CPU generator and `random` from `keys` inside the block, then restore them."""
+    """Seed torch's CPU generator, `random` and numpy's global generator (timm's RandAugment draws from it) from
+    `keys` inside the block, then restore them."""
     seed = int(np.random.SeedSequence([k & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1)
     torch_state, random_state = torch.random.default_generator.get_state(), random.getstate()
+    numpy_state = np.random.get_state()
     torch.random.default_generator.manual_seed(seed)
     random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
     try:
         yield
     finally:
         torch.random.default_generator.set_state(torch_state)
         random.setstate(random_state)
+        np.random.set_state(numpy_state)
+
+
+def strict_error(error: UnreadableImage) -> DataError:
+    return DataError(
+        f"unreadable image {error.where}: {error.reason} (set data.strict=false to skip such files with a warning)"
+    )
+
+
+@runtime_checkable
+class PairedViews(Protocol):
+    """Views of an image made with a partner image of the same source (mixup / CutMix of fine-tuning)."""
+
+    def partner(self, num_images: int) -> int | None:
+        """The partner's index, drawn first under the image's seed; None when this transform needs none."""
+        ...
+
+    def with_partner(self, image: torch.Tensor, epoch: int, partner: tuple[torch.Tensor, int] | None) -> Any:
+        """The views of `image` made with `partner` (its image and label; None when it could not be read)."""
+        ...
 
 
 class ViewDataset(Dataset):
@@ -58,13 +81,22 @@ class ViewDataset(Dataset):
             image, label = self.source.load(index)
         except UnreadableImage as error:
             if self.strict:
-                raise DataError(
-                    f"unreadable image {error.where}: {error.reason} "
-                    "(set data.strict=false to skip such files with a warning)"
-                ) from None
+                raise strict_error(error) from None
             return Skipped(error.where, error.reason)  # the batch carries it; its consumer reports it, once
         with seeded(self.seed, epoch, index):
+            if isinstance(self.transform, PairedViews) and (other := self.transform.partner(len(self))) is not None:
+                return self.transform.with_partner(image, epoch, self._partner(other)), label, index
             return self.transform(image, epoch), label, index
+
+    def _partner(self, index: int) -> tuple[torch.Tensor, int] | None:
+        """A partner image and its label; None when it cannot be read and data.strict is off (the image is then used
+        unpaired; the partner is reported when its own turn comes)."""
+        try:
+            return self.source.load(index)
+        except UnreadableImage as error:
+            if self.strict:
+                raise strict_error(error) from None
+            return None
 
 
 class EpochSampler(Sampler[tuple[int, int]]):

@@ -37,16 +37,18 @@ class Feed:
     augment_on: AugmentOn
 
 
-def build_feed(data: DataConfig, seed: int, fabric: Fabric, source: ImageSource, method: Method) -> Feed:
+def build_feed(
+    data: DataConfig, seed: int, fabric: Fabric, source: ImageSource, method: Method, batch_size: int
+) -> Feed:
     """The method's views with their augmentations where `data.augment_on` puts them, and the loader of this rank:
-    pinned on CUDA, so that each batch reaches the GPU by an asynchronous copy."""
+    pinned on CUDA, so that each batch reaches the GPU by an asynchronous copy; `batch_size` images per batch."""
     augment_on, notice = resolve_augment_on(data.augment_on, fabric.device.type)
     views = method.views(augment_on)
     if notice is not None:
         log.warning("data  %s", notice)
     loader = train_loader(
         ViewDataset(source, views, seed=seed, strict=data.strict),
-        batch_size=data.batch_size,
+        batch_size=batch_size,
         num_workers=data.num_workers,
         prefetch_factor=data.prefetch_factor,
         seed=seed,

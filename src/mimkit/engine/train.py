@@ -138,17 +138,18 @@ class Trainer:
             ckpt.ensure_writable(
                 ckpt.checkpoint_dir(self.run_dir), "output_dir", OUTPUT_FIX, ckpt.checkpoint_bytes(self.method)
             )
-        feed = build_feed(cfg.data, cfg.seed, fabric, source, self.method)
+        self.accumulate = cfg.optim.accumulate_grad_batches
+        self.batch_size = cfg.data.process_batch(fabric.world_size, self.accumulate)
+        feed = build_feed(cfg.data, cfg.seed, fabric, source, self.method, self.batch_size)
         self.views, self.loader = feed.views, feed.loader
         self.feed_meter = FeedMeter(cfg.data, feed.augment_on, warn=fabric.global_rank == 0)
         self.sampler = self.loader.sampler
-        self.accumulate = cfg.optim.accumulate_grad_batches
         self.steps_per_epoch = len(self.loader) // self.accumulate
         if self.steps_per_epoch == 0:
             raise ConfigError(
                 f"optim.accumulate_grad_batches: {self.accumulate} exceeds the {len(self.loader)} batches of an epoch"
             )
-        self.global_batch = cfg.data.batch_size * fabric.world_size * self.accumulate
+        self.global_batch = self.batch_size * fabric.world_size * self.accumulate
         self.hyperparameters = Hyperparameters.from_config(cfg.optim, self.global_batch)
         log.info(
             "method %s: %.2fM trainable parameters; global batch %d, lr %.3g, %d steps/epoch x %d epochs",
@@ -209,7 +210,7 @@ class Trainer:
 
     def _epoch(self, display: ProgressDisplay) -> None:
         pos, fabric = self.position, self.fabric
-        self.sampler.set_position(pos.epoch, start=pos.batch_in_epoch * self.cfg.data.batch_size)
+        self.sampler.set_position(pos.epoch, start=pos.batch_in_epoch * self.batch_size)
         self.feed_meter.start_epoch(pos.step + 1)
         readable = 0
         batches = iter(self.loader)
@@ -301,7 +302,7 @@ class Trainer:
     def _check_readable(self, readable: int) -> None:
         """A DataError once three global batches of this epoch brought not one readable image (every image of the
         data unreadable, say), instead of a run of NaN losses."""
-        pos, batch = self.position, self.cfg.data.batch_size * self.fabric.world_size
+        pos, batch = self.position, self.batch_size * self.fabric.world_size
         seen = pos.batch_in_epoch * batch
         if readable == 0 and seen >= min(3 * batch, self.steps_per_epoch * self.accumulate * batch):
             raise DataError(

@@ -1,94 +1,52 @@
-"""Full fine-tuning of an encoder's timm model for classification (the BEiT/MAE/iBOT recipe, scaled down).
+"""Fine-tuning (and augmented linear probing) as a training run on the engine: `finetune(init, protocol)`.
 
-The encoder's plain timm model (ViT, BEiT or CNN) gets a fresh linear head and trains end to end with AdamW;
-layer-wise lr decay where timm groups the model's layers (block i of L, 0-based, gets lr x decay^(L - i), the
-embeddings lr x decay^(L + 1), the head the full lr: early layers hold the generic features pretraining built
-and should move least); stochastic depth rising linearly to `drop_path` in the last of the encoder's blocks;
-mixup/cutmix with label smoothing; a per-iteration warm-up + cosine lr; top-1 and top-5 on the eval split after
-each epoch.
-
-A plain loop on one device (the first GPU, else the CPU), bf16 autocast on CUDA: fine-tuning evaluates a
-backbone; it is not a training product, so it skips the engine's distribution, resume and logging.
+A protocol (`configs/finetune/*.yaml`, `mimkit recipes finetune`) is a partial run config: the task's settings
+(`method`: head, layer decay, drop path, augmentation, mixing), AdamW's schedule (`optim`), the length (`train`)
+and the global batch (`data.global_batch`). `finetune_config` puts it on a pretrained encoder: the timm model and
+weights of a mimkit run (its `encoder()`) or of a `mimkit export` folder, the run's data, and a run folder of its
+own (`RUN/finetune/<protocol>`). The engine then trains it like pretraining (processes, precision, atomic
+checkpoints, exact resume, metrics.csv, TensorBoard), and `FinetuneScoring` scores top-1 / top-5 on the eval
+split after every epoch, sharded over the processes, keeping the best epoch's weights beside the checkpoints.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+import json
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from timm.data import Mixup
-from timm.layers import DropPath
-from timm.loss import SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from torch import nn
-from torch.utils.data import DataLoader
-from torchvision.transforms import v2
+from safetensors.torch import save_file
 
-from mimkit.config import ConfigError
-from mimkit.data.info import DataInfo
-from mimkit.data.loader import ViewDataset, eval_loader, train_loader
-from mimkit.data.sources import ImageSource
-from mimkit.data.views import BICUBIC, EvalView
-from mimkit.engine.logs import log
-from mimkit.schedules import CosineSchedule
-from mimkit.schedules import Progress as TrainingProgress
+from mimkit.config import ConfigError, apply_overrides, read_yaml, to_dict
+from mimkit.data.loader import ViewDataset, eval_loader
+from mimkit.data.sources import ImageSource, build_source
+from mimkit.data.views import EvalView
+from mimkit.engine.logs import log, read_metrics
+from mimkit.engine.train import pretrain
+from mimkit.methods.base import Method
+from mimkit.methods.finetune import Finetune
+from mimkit.methods.saved import resolve_checkpoint
+from mimkit.recipes import find_recipe
+from mimkit.runs import RunConfig, load_run, load_run_config
 
-
-@dataclass
-class FinetuneConfig:
-    """Fine-tuning settings; the defaults are those of `mimkit eval finetune` (a ViT-S-sized recipe)."""
-
-    epochs: int = 100
-    lr: float = 1e-3
-    """Peak learning rate of the head (absolute, not scaled with the batch size)."""
-    min_lr: float = 1e-6
-    warmup_epochs: float = 5.0
-    weight_decay: float = 0.05
-    layer_decay: float = 0.75
-    drop_path: float = 0.1
-    mixup: float = 0.8
-    """Mixup alpha (0: off)."""
-    cutmix: float = 1.0
-    """CutMix alpha (0: off); with both on, each batch uses one of them at random."""
-    label_smoothing: float = 0.1
-    batch_size: int = 128
-    num_workers: int = 0
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    """RandomResizedCrop area range of the training augmentation."""
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 0:
-            raise ConfigError("finetune: epochs and batch size must be >= 1, workers >= 0")
-        if self.lr <= 0 or self.min_lr < 0 or self.warmup_epochs < 0 or self.weight_decay < 0:
-            raise ConfigError("finetune: lr must be > 0; min lr, warm-up epochs and weight decay >= 0")
-        if not 0 < self.layer_decay <= 1:
-            raise ConfigError(f"finetune: layer decay must lie in (0, 1]; got {self.layer_decay}")
-        if not 0 <= self.drop_path < 1 or not 0 <= self.label_smoothing < 1:
-            raise ConfigError("finetune: drop path and label smoothing must lie in [0, 1)")
-        if min(self.mixup, self.cutmix) < 0:
-            raise ConfigError("finetune: mixup and cutmix alphas must be >= 0")
-        if self.uses_mixup and self.batch_size % 2:
-            raise ConfigError(
-                f"finetune: mixup/cutmix pair images of a batch; use an even batch size, not {self.batch_size}"
-            )
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ConfigError(f"finetune: crop scale needs 0 < min <= max <= 1; got {self.crop_scale}")
-
-    @property
-    def uses_mixup(self) -> bool:
-        return self.mixup > 0 or self.cutmix > 0
+BEST_WEIGHTS, BEST_RECORD = "best.safetensors", "best.json"
+EXPORT_CONFIG, EXPORT_WEIGHTS = "config.json", "model.safetensors"
 
 
 @dataclass
 class FinetuneResult:
-    """Per-epoch mean training loss and eval accuracies (fractions in [0, 1])."""
+    """Per-epoch rows of a fine-tune's metrics.csv that hold its scores (fractions in [0, 1])."""
 
+    run_dir: Path
     history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, run_dir: Path) -> FinetuneResult:
+        return cls(run_dir, [row for row in read_metrics(run_dir) if "top1" in row])
 
     @property
     def top1(self) -> float:
@@ -104,138 +62,175 @@ class FinetuneResult:
         """The epoch with the highest top-1 (selected on the eval split, so optimistic; MAE reports it)."""
         return max(self.history, key=lambda row: row["top1"])
 
+    def scores(self) -> dict[str, Any]:
+        """What a fine-tune's result file records: the last and best epochs and the whole history."""
+        return {"top1": self.top1, "top5": self.top5, "best": self.best, "history": self.history}
 
-class TrainView:
-    """RandomResizedCrop + horizontal flip of a uint8 image, then normalisation (a picklable transform)."""
 
-    def __init__(self, data: DataInfo, size: int, scale: tuple[float, float]) -> None:
-        self.pipeline = v2.Compose(
-            [
-                v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC, antialias=True),
-                v2.RandomHorizontalFlip(),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(data.mean, data.std),
-            ]
+@dataclass(frozen=True)
+class Pretrained:
+    """The encoder a fine-tune starts from: its timm model, where its weights are, and what it was trained on."""
+
+    init: str | None
+    """A mimkit run's checkpoint or an export folder; None for the random-init baseline."""
+    name: str
+    model_args: dict[str, Any]
+    image_size: int
+    data: dict[str, Any]
+    seed: int
+    folder: Path
+    """Where the fine-tune's run folder goes by default (`folder/finetune/<protocol>`)."""
+
+
+def pretrained(init: str | Path, *, random_init: bool = False) -> Pretrained:
+    """Read what a fine-tune needs from a run folder, a checkpoint, or a `mimkit export` folder."""
+    folder = Path(init)
+    if (folder / EXPORT_CONFIG).is_file() and (folder / EXPORT_WEIGHTS).is_file():
+        config = json.loads((folder / EXPORT_CONFIG).read_text())
+        args = dict(config.get("model_args") or {})
+        size = int(config["pretrained_cfg"]["input_size"][-1])
+        return Pretrained(None if random_init else str(folder), config["architecture"], args, size, {}, 0, folder)
+    run = load_run(init, random_init=True)  # the weights are loaded by the task, from the checkpoint
+    encoder = run.encoder()
+    name, args = encoder.timm_spec()
+    checkpoint = str(resolve_checkpoint(init))
+    data = {**to_dict(run.cfg.data), "limit": None}
+    return Pretrained(
+        None if random_init else checkpoint, name, args, encoder.image_size, data, run.cfg.seed, run.run_dir
+    )
+
+
+def protocol_name(protocol: str) -> str:
+    return Path(protocol).with_suffix("").name
+
+
+def finetune_config(
+    start: Pretrained,
+    protocol: str,
+    overrides: Sequence[str] = (),
+    *,
+    output_dir: str | Path | None = None,
+    resume: bool = False,
+) -> RunConfig:
+    """The run config of `protocol` on `start`: the protocol over the pretrained encoder's model and data, then
+    `overrides` (e.g. `train.epochs=1`, `data.root=...`). Validation refuses a protocol written for another
+    encoder family (`method.families`)."""
+    recipe = read_yaml(find_recipe(protocol))
+    method = dict(recipe.get("method") or {})
+    backbone = {
+        **dict(method.get("backbone") or {}),
+        "name": start.name,
+        "img_size": start.image_size,
+        "model_args": {k: v for k, v in start.model_args.items() if k not in ("in_chans", "img_size")},
+    }
+    label = protocol_name(protocol) + ("" if start.init else "_random_init")
+    base = {
+        **recipe,
+        "method": {**method, "name": "finetune", "backbone": backbone, "init": start.init},
+        "data": {**start.data, **dict(recipe.get("data") or {})},
+        "seed": recipe.get("seed", start.seed),
+        "output_dir": str(output_dir or start.folder / "finetune" / label),
+        "resume": "auto" if resume else None,
+    }
+    return load_run_config(None, overrides, base=apply_overrides(base, []))
+
+
+class FinetuneScoring:
+    """The engine's epoch callback: top-1 / top-5 of each of the task's classifiers on the eval split, the images
+    shared out over the processes; rank 0 keeps the best epoch's weights (`best.safetensors`, `best.json`)."""
+
+    def __init__(self, source: ImageSource, run_dir: Path, batch_size: int, num_workers: int) -> None:
+        self.source, self.run_dir = source, run_dir
+        self.batch_size, self.num_workers = batch_size, num_workers
+        record = run_dir / BEST_RECORD
+        self.best = json.loads(record.read_text()) if record.is_file() else {"top1": -1.0}
+
+    @torch.no_grad()
+    def __call__(self, method: Method, epoch: int, fabric: Any) -> dict[str, float]:
+        row: dict[str, float] = {}
+        assert isinstance(method, Finetune), "FinetuneScoring scores the fine-tuning task"
+        for prefix, model in method.classifiers().items():
+            top1, top5 = self.accuracy(model, method.encoder().image_size, fabric)
+            row |= {f"{prefix}top1": top1, f"{prefix}top5": top5}
+        log.info("epoch %d: top-1 %.2f%%, top-5 %.2f%%", epoch, 100 * row["top1"], 100 * row["top5"])
+        if row["top1"] > self.best["top1"]:
+            self.best = {"epoch": epoch, **row}
+            if fabric.global_rank == 0:
+                self._keep_best(method.classifier)
+        return row
+
+    def accuracy(self, model: torch.nn.Module, size: int, fabric: Any) -> tuple[float, float]:
+        """Every eval image scored once: each rank marks its hits in a vector over all images, then the ranks'
+        vectors are combined by max (the sampler pads the last ranks with repeats)."""
+        data = ViewDataset(self.source, EvalView(self.source.info, size), seed=0)
+        loader = eval_loader(
+            data,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            num_replicas=fabric.world_size,
+            rank=fabric.global_rank,
         )
+        hits = torch.zeros(2, len(data), device=fabric.device)
+        was_training = model.training
+        model.eval()
+        for batch in loader:
+            if batch["views"] is None:
+                continue
+            with fabric.autocast():
+                logits = model(batch["views"].to(fabric.device))
+            target = batch["label"].to(fabric.device)
+            ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            index = batch["index"].to(fabric.device)
+            hits[0, index] = (ranked[:, 0] == target).float()
+            hits[1, index] = (ranked == target[:, None]).any(1).float()
+        model.train(was_training)
+        if fabric.world_size > 1:
+            torch.distributed.all_reduce(hits, op=torch.distributed.ReduceOp.MAX)
+        top1, top5 = (hits.sum(dim=1) / max(len(data), 1)).tolist()
+        return top1, top5
 
-    def __call__(self, image: torch.Tensor, epoch: int) -> torch.Tensor:
-        return self.pipeline(image)
+    def _keep_best(self, model: torch.nn.Module) -> None:
+        """The weights and scores of the best epoch so far, each file replaced atomically."""
+        weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+        for name, write in (
+            (BEST_WEIGHTS, lambda path: save_file(weights, str(path))),
+            (BEST_RECORD, lambda path: path.write_text(json.dumps(self.best, indent=2))),
+        ):
+            tmp = self.run_dir / f".{name}.tmp"
+            write(tmp)
+            os.replace(tmp, self.run_dir / name)
 
 
-def set_drop_path(model: nn.Module, rate: float, block_types: tuple[type[nn.Module], ...]) -> None:
-    """Stochastic depth rising linearly from 0 in the first block to `rate` in the last (timm's own rule)."""
-    blocks = [module for module in model.modules() if isinstance(module, block_types)]
-    depth = len(blocks)
-    for i, block in enumerate(blocks):
-        block_rate = rate * i / max(depth - 1, 1)
-        for name in ("drop_path", "drop_path1", "drop_path2"):
-            if hasattr(block, name):
-                setattr(block, name, DropPath(block_rate) if block_rate > 0 else nn.Identity())
+def eval_source(cfg: RunConfig) -> ImageSource:
+    """The labelled eval split a fine-tune scores on; a ConfigError before any work when it has no labels."""
+    source = build_source(cfg.data, cfg.data.eval_split)
+    if not source.info.num_classes:
+        raise ConfigError(
+            f"data.eval_split: {cfg.data.eval_split!r} of {cfg.data.source} has no labels, and fine-tuning scores "
+            "on it; name a labelled split (data.eval_split=...) or hold out labelled images (data.val_fraction=0.1)"
+        )
+    return source
 
 
-def layer_decay_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    """AdamW with one group per (layer, decayed or not); each group's `lr_scale` multiplies the scheduled lr.
-
-    timm's grouping (its `group_matcher`), for a ViT: patch/position embeddings and [CLS] form layer 0, block i
-    (0-based) layer i + 1 (the final norm joins the last block), the head the top layer (scale 1). 1-D parameters
-    (biases, norms), the position embedding and [CLS] get no weight decay. A model timm cannot group by layer
-    gets plain decayed / undecayed groups.
-    """
-    decay = cfg.layer_decay if hasattr(model, "group_matcher") else None
-    return create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=decay)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
-    """Top-1 and top-5 (top-min(5, C)) accuracy of a classifier over a loader."""
-    model.eval()
-    hits1 = hits5 = total = 0
-    for batch in loader:
-        if batch["views"] is None:
-            continue
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(batch["views"].to(device, non_blocking=True))
-        target = batch["label"].to(device)
-        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits1 += int((ranked[:, 0] == target).sum())
-        hits5 += int((ranked == target[:, None]).any(1).sum())
-        total += len(target)
-    return hits1 / max(total, 1), hits5 / max(total, 1)
+def run_finetune_config(cfg: RunConfig, source: ImageSource, *, force: bool = False) -> FinetuneResult:
+    """Train a fine-tune's run config on the engine, scoring on `source` (its eval split) after every epoch."""
+    scoring = FinetuneScoring(source, Path(cfg.output_dir), 2 * cfg.data.process_batch(1, 1), cfg.data.num_workers)
+    return FinetuneResult.read(pretrain(cfg, [scoring], force=force))
 
 
 def finetune(
-    model: nn.Module,
-    block_types: tuple[type[nn.Module], ...],
-    train_source: ImageSource,
-    eval_source: ImageSource,
-    image_size: int,
-    cfg: FinetuneConfig,
-    device: torch.device,
-    report: Callable[[dict[str, float]], None] = lambda row: None,
+    init: str | Path,
+    protocol: str = "finetune/vit_base_mae",
+    overrides: Sequence[str] = (),
+    *,
+    output_dir: str | Path | None = None,
+    random_init: bool = False,
+    resume: bool = False,
+    force: bool = False,
 ) -> FinetuneResult:
-    """Fine-tune the timm `model` in place (a fresh head for the sources' classes; stochastic depth over its
-    blocks of `block_types`) and evaluate it after every epoch.
-
-    `report` receives each epoch's row ({"epoch", "loss", "top1", "top5"}) as soon as it exists.
-    """
-    cfg.validate()
-    num_classes = train_source.info.num_classes
-    if not num_classes:
-        raise ConfigError(f"fine-tuning needs labelled data; {train_source.info.name} has no labels")
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)  # timm's Mixup draws from numpy's global generator
-    model.reset_classifier(num_classes)
-    set_drop_path(model, cfg.drop_path, block_types)
-    model.requires_grad_(True)  # EMA teachers come frozen
-    model.to(device)
-    optimizer = layer_decay_optimizer(model, cfg)
-
-    train_data = ViewDataset(train_source, TrainView(train_source.info, image_size, cfg.crop_scale), seed=cfg.seed)
-    loader = train_loader(train_data, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed)
-    eval_data = ViewDataset(eval_source, EvalView(eval_source.info, image_size), seed=0)
-    test_loader = eval_loader(eval_data, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-    mixup = (
-        Mixup(cfg.mixup, cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=num_classes)
-        if cfg.uses_mixup
-        else None
-    )
-    criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    schedule = CosineSchedule(cfg.lr, cfg.min_lr, cfg.warmup_epochs)
-    steps_per_epoch = len(loader)
-
-    result = FinetuneResult()
-    skipped: list[str] = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, TextColumn("loss {task.fields[loss]:.4f}"), transient=True) as bar:
-        task = bar.add_task("fine-tuning", total=steps_per_epoch * cfg.epochs, loss=math.nan)
-        for epoch in range(cfg.epochs):
-            model.train()
-            loader.sampler.set_position(epoch)
-            losses = []
-            bar.update(task, description=f"fine-tuning epoch {epoch + 1}/{cfg.epochs}")
-            for i, batch in enumerate(loader):
-                bar.advance(task)
-                if epoch == 0:
-                    skipped += batch["skipped"]
-                if batch["views"] is None:
-                    continue
-                lr = schedule(TrainingProgress(epoch, epoch * steps_per_epoch + i, steps_per_epoch, cfg.epochs))
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-                images, targets = batch["views"].to(device, non_blocking=True), batch["label"].to(device)
-                if mixup:
-                    images, targets = mixup(images, targets)
-                with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                    loss = criterion(model(images), targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                bar.update(task, loss=losses[-1])
-            if epoch == 0 and skipped:
-                log.warning("fine-tuning: skipped %d unreadable image(s), e.g. %s", len(skipped), skipped[0])
-            top1, top5 = evaluate(model, test_loader, device)
-            row = {"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "top1": top1, "top5": top5}
-            result.history.append(row)
-            report(row)
-    return result
+    """Fine-tune the encoder of `init` (a run folder, checkpoint or export folder) with `protocol`; returns the
+    per-epoch scores. `random_init` trains the same model from its random initialisation (the baseline);
+    `resume` continues the fine-tune's own run folder (its config must not change)."""
+    start = pretrained(init, random_init=random_init)
+    cfg = finetune_config(start, protocol, overrides, output_dir=output_dir, resume=resume)
+    return run_finetune_config(cfg, eval_source(cfg), force=force)

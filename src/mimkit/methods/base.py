@@ -221,6 +221,8 @@ def split_weight_decay(
 # Registry
 
 _METHODS: dict[str, type[Method]] = {}
+_TASKS: dict[str, type[Method]] = {}
+"""Methods the engine trains that are not pretraining (fine-tuning): found by name, not listed among the methods."""
 
 
 def _load_builtins() -> None:
@@ -230,11 +232,21 @@ def _load_builtins() -> None:
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:
     """Class decorator: make a method available to recipes as `method.name: <name>`."""
+    return _registrar(name, _METHODS)
 
+
+def register_task(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: a supervised task the engine trains (`method.name: <name>`), kept out of `method_names()`:
+    pretraining's lists (recipes, benchmarks, contract tests) are of pretraining methods."""
+    return _registrar(name, _TASKS)
+
+
+def _registrar(name: str, table: dict[str, type[Method]]) -> Callable[[type[Method]], type[Method]]:
     def add(cls: type[Method]) -> type[Method]:
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"method name {name!r} is already registered by {_METHODS[name].__qualname__}")
-        _METHODS[name] = cls
+        taken = _METHODS.get(name) or _TASKS.get(name)
+        if taken is not None and taken is not cls:
+            raise ValueError(f"method name {name!r} is already registered by {taken.__qualname__}")
+        table[name] = cls
         return cls
 
     return add
@@ -245,11 +257,16 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
-def method_class(name: str) -> type[Method]:
-    """A registered method, or `package.module:Class` for a method defined outside mimkit."""
+def task_names() -> list[str]:
     _load_builtins()
-    if name in _METHODS:
-        return _METHODS[name]
+    return sorted(_TASKS)
+
+
+def method_class(name: str) -> type[Method]:
+    """A registered method or task, or `package.module:Class` for a method defined outside mimkit."""
+    _load_builtins()
+    if name in _METHODS or name in _TASKS:
+        return _METHODS.get(name) or _TASKS[name]
     if ":" in name:
         module_name, _, class_name = name.partition(":")
         try:

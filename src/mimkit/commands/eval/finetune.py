@@ -1,125 +1,71 @@
-"""`mimkit eval finetune`: full fine-tuning of the encoder's timm model with layer-wise lr decay, mixup/cutmix and
-drop path (the papers' protocol); the weights and the history go to `RUN/eval/`."""
+"""`mimkit eval finetune`: a paper's fine-tuning protocol (`-c finetune/<name>`) on a run's encoder, trained by the
+engine in a run folder of its own (`RUN/finetune/<protocol>`); the scores go to `RUN/eval/` as well."""
 
 from __future__ import annotations
 
 import argparse
 
-from mimkit.commands.eval.common import (
-    check_options,
-    data_options,
-    evaluation_parser,
-    random_init_option,
-    save_result_of,
-    warn,
-    writable_results,
-)
+from mimkit.commands.eval.common import check_options, evaluation_parser, random_init_option
+
+DEFAULT_PROTOCOL = "finetune/vit_base_mae"
 
 
 def add(evaluations: argparse._SubParsersAction) -> None:
     ft = evaluation_parser(
-        evaluations, "finetune", "full fine-tuning with layer-wise lr decay, mixup/cutmix, drop path", run_finetune
+        evaluations,
+        "finetune",
+        "fine-tune a run's encoder with a paper's protocol, as a resumable multi-process run",
+        run_finetune,
     )
-    ft.add_argument("--epochs", type=int, default=100, help="passes over the train split (%(default)s)")
-    ft.add_argument("--lr", type=float, default=1e-3, help="peak lr of the head, absolute (%(default)s)")
-    ft.add_argument("--min-lr", type=float, default=1e-6, help="lr at the end of the cosine (%(default)s)")
-    ft.add_argument("--warmup-epochs", type=float, default=5.0, help="linear warm-up from 0 (%(default)s)")
-    ft.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (%(default)s)")
+    ft.epilog = (
+        "KEY=VALUE overrides the protocol and the run's data (train.epochs=1, data.root=..., train.devices=8). "
+        "RUN may also be a `mimkit export` folder (give data.* then)."
+    )
     ft.add_argument(
-        "--layer-decay", type=float, default=0.75, help="lr factor per layer towards the input (%(default)s)"
+        "-c",
+        "--protocol",
+        default=DEFAULT_PROTOCOL,
+        help="a protocol of `mimkit recipes finetune`, or a YAML file (%(default)s)",
     )
-    ft.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the last block (%(default)s)")
-    ft.add_argument("--mixup", type=float, default=0.8, help="mixup alpha, 0: off (%(default)s)")
-    ft.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha, 0: off (%(default)s)")
-    ft.add_argument("--label-smoothing", type=float, default=0.1, help="of the targets, mixed or not (%(default)s)")
-    ft.add_argument(
-        "--crop-scale",
-        type=float,
-        nargs=2,
-        default=[0.08, 1.0],
-        metavar=("MIN", "MAX"),
-        help="RandomResizedCrop area range (%(default)s)",
-    )
-    ft.add_argument("--seed", type=int, default=0, help="head init, batch order, augmentation (%(default)s)")
+    ft.add_argument("--out", help="the fine-tune's run folder (default: RUN/finetune/<protocol>)")
+    ft.add_argument("--resume", action="store_true", help="continue the fine-tune in its run folder")
+    ft.add_argument("--force", action="store_true", help="let --resume apply changed optim.* settings")
+    ft.add_argument("--epochs", type=int, help="train.epochs (default: the protocol's)")
+    ft.add_argument("--batch-size", type=int, help="data.global_batch: images per step over all processes")
+    ft.add_argument("--num-workers", type=int, help="data.num_workers (default: the run's)")
+    ft.add_argument("--limit", type=int, help="use only the first N train and eval images")
     random_init_option(ft)
-    data_options(ft, batch_size=128, workers=None)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
     check_options(args)
-    from dataclasses import asdict
-
     from rich.console import Console
-    from safetensors.torch import save_file
 
-    from mimkit.eval.features import encoder_image_size
-    from mimkit.eval.finetune import FinetuneConfig, finetune
-    from mimkit.eval.frozen import data_record, eval_device, labelled_splits, result_suffix, run_label
-    from mimkit.runs import load_run
+    from mimkit.eval.finetune import eval_source, finetune_config, pretrained, protocol_name, run_finetune_config
+    from mimkit.eval.results import save_result
 
-    run = load_run(args.run_path, args.overrides, random_init=args.random_init)
-    writable_results(run)
-    encoder = run.encoder()
-    model = encoder.timm_model()
-    cfg = FinetuneConfig(
-        epochs=args.epochs,
-        lr=args.lr,
-        min_lr=args.min_lr,
-        warmup_epochs=args.warmup_epochs,
-        weight_decay=args.weight_decay,
-        layer_decay=args.layer_decay,
-        drop_path=args.drop_path,
-        mixup=args.mixup,
-        cutmix=args.cutmix,
-        label_smoothing=args.label_smoothing,
-        batch_size=args.batch_size,
-        num_workers=run.cfg.data.num_workers if args.num_workers is None else args.num_workers,
-        crop_scale=tuple(args.crop_scale),
-        seed=args.seed,
-    )
-    splits, notice = labelled_splits(run, args.limit, "fine-tuning")
-    warn([] if notice is None else [notice])
-    (_, train_source), (_, eval_source) = splits
-    size = encoder_image_size(encoder, train_source)
-    device = eval_device()
+    fields = {"epochs": "train.epochs", "batch_size": "data.global_batch", "num_workers": "data.num_workers"}
+    fields["limit"] = "data.limit"
+    shortcuts = [f"{key}={getattr(args, name)}" for name, key in fields.items() if getattr(args, name) is not None]
+    start = pretrained(args.run_path, random_init=args.random_init)
+    cfg = finetune_config(start, args.protocol, [*args.overrides, *shortcuts], output_dir=args.out, resume=args.resume)
+    source = eval_source(cfg)
     console = Console()
-    weights_of = "the random init of " if run.random_init else ""
-    console.print(f"fine-tuning {weights_of}{run.checkpoint} at {size}px on {device} for {cfg.epochs} epochs")
-
-    def report(row: dict[str, float]) -> None:
-        console.print(
-            f"epoch {row['epoch']:>3}  loss {row['loss']:.4f}  top-1 {100 * row['top1']:.2f}%  "
-            f"top-5 {100 * row['top5']:.2f}%"
-        )
-
-    result = finetune(model, encoder.block_types, train_source, eval_source, size, cfg, device, report)
+    weights_of = "the random init of " if start.init is None else ""
+    console.print(f"fine-tuning {weights_of}{args.run_path} with {args.protocol}: run folder {cfg.output_dir}")
+    result = run_finetune_config(cfg, source, force=args.force)
     best = result.best
     console.print(
-        f"final top-1 {100 * result.top1:.2f}%, top-5 {100 * result.top5:.2f}% "
-        f"(best top-1 {100 * best['top1']:.2f}% at epoch {best['epoch']}, selected on the eval split)"
+        f"final top-1 {100 * result.top1:.2f}%, top-5 {100 * result.top5:.2f}% (best top-1 "
+        f"{100 * best['top1']:.2f}% at epoch {int(best['epoch'])}, selected on the eval split)"
     )
-    weights = run.run_dir / "eval" / f"finetune{result_suffix(run_label(run))}.safetensors"
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    save_file({name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}, str(weights))
-    save_result_of(
-        run,
-        "finetune",
-        {
-            "checkpoint": str(run.checkpoint),
-            "random_init": run.random_init,
-            "image_size": size,
-            "num_classes": train_source.info.num_classes,
-            "limit": args.limit,
-            "settings": asdict(cfg),
-            "history": result.history,
-            "top1": result.top1,
-            "top5": result.top5,
-            "best": best,
-            "weights": str(weights),
-        },
-        f"{run_label(run)}: top-1 {100 * result.top1:.2f} after {cfg.epochs} epochs (best {100 * best['top1']:.2f})",
+    label = protocol_name(args.protocol) + ("" if start.init else "_random_init")
+    out = save_result(
+        start.folder,
+        f"finetune_{label}",
+        {"protocol": args.protocol, "run_dir": str(result.run_dir), "init": start.init, **result.scores()},
+        f"{label}: top-1 {100 * result.top1:.2f} after {len(result.history)} epochs (best {100 * best['top1']:.2f})",
         result.top1,
-        data=data_record(run, splits, args.limit),
-        label=run_label(run),
     )
+    print(f"saved {out}; best weights in {result.run_dir / 'best.safetensors'}")
     return 0
