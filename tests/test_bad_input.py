@@ -48,6 +48,14 @@ def list_recipe(folder: Path) -> Path:
     return folder / "list.yaml"
 
 
+def split_folders(folder: Path) -> Path:
+    """An image folder whose train split has class folders and whose test split has none (no labels)."""
+    for name in ("train/a/1.png", "train/b/2.png", "test/3.png"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8)).save(folder / name)
+    return folder
+
+
 Case = Callable[[Path, Path, Path], list[str]]
 CASES: dict[str, tuple[Case, str]] = {
     "crop-larger-than-img-size": (
@@ -137,6 +145,24 @@ CASES: dict[str, tuple[Case, str]] = {
         r"data.synthetic: a section for source 'synthetic', which is not the chosen one \(data.source is "
         r"'fashion-mnist'\); remove it or set data.synthetic=null",
     ),
+    "finetune-protocol-for-another-family": (
+        lambda run, image, tmp: ["eval", "finetune", str(run), "-c", "finetune/resnet50_rsb", f"--out={tmp}"],
+        r"method.families: this protocol is for resnet encoders and vit_tiny_patch16_224 is a vit; pick a protocol",
+    ),
+    "finetune-eval-split-without-labels": (
+        lambda run, image, tmp: [
+            *["eval", "finetune", str(run), f"--out={tmp}", "data.source=imagefolder", "data.synthetic=null"],
+            f"data.root={split_folders(tmp.parent / 'photos')}",
+        ],
+        r"data.eval_split: 'test' of imagefolder has no labels, and fine-tuning scores on it; .*data.val_fraction",
+    ),
+    "global-batch-does-not-divide": (
+        lambda run, image, tmp: [
+            *["pretrain", "-c", TOY, f"output_dir={tmp}"],
+            *["data.global_batch=10", "optim.accumulate_grad_batches=4"],
+        ],
+        r"data.global_batch: 10 images do not divide over 1 process\(es\) x 4 .*multiple of 4 \(e.g. 8 or 12\)",
+    ),
     "recipe-not-a-mapping": (
         lambda run, image, tmp: ["pretrain", "-c", str(list_recipe(tmp)), "--print-config"],
         r"list.yaml holds a YAML list, not a recipe: a recipe is a mapping of sections \(method:, data:",
@@ -179,6 +205,7 @@ TESTED_ELSEWHERE = {
     "masks-far-off": "test_mask_ratio.py",
     "tokenizer-refit-on-other-data": "test_tokenizers.py",
     "data-bound-run": "test_feed.py",
+    "finetune-resume-changes": "test_finetune.py",
 }
 """Entries of the page whose cases need a run in progress (a fault, a signal, a warning), tested in these files."""
 
