@@ -200,6 +200,18 @@ def test_every_protocol_trains_at_a_tiny_shape(protocol: str, tmp_path: Path) ->
     assert len(result.history) == 1 and all(row["loss"] > 0 for row in read_metrics(tmp_path / "ft") if "loss" in row)
 
 
+def test_the_linear_protocol_trains_only_the_head_with_sgd(vit: Path, tmp_path: Path) -> None:
+    ft.finetune(vit, "finetune/vit_small_ibot_linear", [*QUICK, "train.epochs=1"], output_dir=tmp_path / "ft")
+    saved = read_checkpoint(tmp_path / "ft" / "checkpoints" / "last.ckpt")
+    exported = load_file(str(vit / "model.safetensors"))
+    prefix = "classifier.encoder.vit."
+    encoder = {k[len(prefix) :]: v for k, v in saved["method"].items() if k.startswith(prefix)}
+    assert encoder.keys() == exported.keys() and all(torch.equal(v, exported[k]) for k, v in encoder.items())
+    assert saved["method"]["classifier.head.weight"].shape == (4, 4 * 32)  # [CLS] of the last 4 blocks
+    momentum = [s for s in saved["optimizer"]["state"].values() if "momentum_buffer" in s]
+    assert len(momentum) == 2  # SGD's, for the head's weight and bias only
+
+
 def test_a_protocol_for_another_family_is_refused_before_any_work(tmp_path: Path) -> None:
     resnet = export_folder(tmp_path / "resnet", "resnet18", TINY_RESNET)
     with pytest.raises(ConfigError, match="this protocol is for vit, beit encoders and resnet18 is a resnet"):

@@ -10,8 +10,11 @@ from mimkit.config import check
 
 @dataclass
 class OptimConfig:
-    """AdamW with per-iteration cosine schedules for learning rate and weight decay."""
+    """AdamW (or SGD, for linear probing) with per-iteration cosine schedules for learning rate and weight decay."""
 
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """sgd: SGD with `momentum` (DINO's and iBOT's linear probing); `betas` and `eps` are AdamW's."""
+    momentum: float = 0.9
     lr: float = 5e-4
     """Base learning rate for `lr_reference_batch` images; scaled by the global batch size."""
     lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
@@ -32,6 +35,7 @@ class OptimConfig:
         check(self.warmup_epochs >= 0, f"{prefix}.warmup_epochs", f"must be >= 0; got {self.warmup_epochs}")
         check(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0; got {self.weight_decay}")
         check(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", f"must lie in [0, 1); got {self.betas}")
+        check(0 <= self.momentum < 1, f"{prefix}.momentum", f"must lie in [0, 1); got {self.momentum}")
         check(self.lr_reference_batch > 0, f"{prefix}.lr_reference_batch", "must be positive")
         check(
             self.accumulate_grad_batches >= 1,
