@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -263,6 +264,26 @@ def test_finetune_writes_accuracies_and_weights(run_dir: Path, capsys: pytest.Ca
     latest = latest_by_evaluation(run_dir)
     assert latest["finetune_vit_base_mae_random_init"]["headline"].startswith("vit_base_mae_random_init: top-1 ")
     assert latest["finetune_vit_base_mae"]["result"]["top1"] == result["top1"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("evaluation", ["knn", "linear"])
+def test_two_processes_under_torchrun_share_the_features_and_agree_with_one(
+    evaluation: str, run_dir: Path, tmp_path: Path
+) -> None:
+    """Each process extracts half of every split; the gathered features give the single process's accuracies."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "OMP_NUM_THREADS": "1"}
+    options = ["--k", "1", "3"] if evaluation == "knn" else ["--epochs", "2", "--lrs", "0.1", "--variant", "cls"]
+    results = []
+    for launcher in (["-m", "mimkit"], ["-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mimkit"]):
+        command = [sys.executable, *launcher, "eval", evaluation, str(run_dir), *options, "--num-workers", "0"]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results.append(json.loads((run_dir / "eval" / f"{evaluation}.json").read_text()))
+    one, two = results
+    key = "accuracy" if evaluation == "knn" else "table"
+    assert one[key] == two[key]
 
 
 def test_history_skips_a_line_cut_by_a_crash(tmp_path: Path) -> None:

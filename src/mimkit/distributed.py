@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -30,6 +32,18 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def join_launched_processes() -> int:
+    """Join the process group a launcher (torchrun) describes in the environment, so that work outside the training
+    engine (frozen-feature evaluation) shares out over the processes; this process's rank (0 when alone). NCCL
+    with this process's GPU (LOCAL_RANK) on CUDA, gloo otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return rank()
 
 
 def all_gather_grad(tensor: torch.Tensor) -> torch.Tensor:

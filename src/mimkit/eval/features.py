@@ -17,7 +17,7 @@ from mimkit.data.info import DataError
 from mimkit.data.loader import ViewDataset, eval_loader
 from mimkit.data.sources import ImageSource
 from mimkit.data.views import EvalView
-from mimkit.distributed import all_gather_cat, world_size
+from mimkit.distributed import all_gather_cat, rank, world_size
 from mimkit.engine.logs import log
 from mimkit.models.encoder import Encoder
 
@@ -72,17 +72,19 @@ def extract_features(
     batch_size: int = 256,
     num_workers: int = 0,
     device: torch.device | str = "cpu",
-    rank: int = 0,
+    process: int | None = None,
     description: str | None = None,
 ) -> Features:
-    """Run `encoder` over every image of `source` (sharded across processes when distributed).
+    """Run `encoder` over every image of `source` (sharded across processes when distributed; `process`: this
+    one's rank, by default the process group's).
 
     `description` shows a progress bar with that label.
     """
     was_training = encoder.training
     encoder.eval()
     dataset = ViewDataset(source, EvalView(source.info, image_size), seed=0)
-    loader = eval_loader(dataset, batch_size=batch_size, num_workers=num_workers, num_replicas=world_size(), rank=rank)
+    this = rank() if process is None else process
+    loader = eval_loader(dataset, batch_size=batch_size, num_workers=num_workers, num_replicas=world_size(), rank=this)
     features, labels, indices, skipped = [], [], [], []
     batches = track(loader, description=description, transient=True) if description else loader
     for batch in batches:

@@ -44,8 +44,8 @@ class FeatureOptions:
 
 
 def eval_device() -> torch.device:
-    """The first GPU, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's GPU (the first, unless a launcher gave it another), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def run_label(run: LoadedRun) -> str:

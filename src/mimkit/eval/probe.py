@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 
 from mimkit.data.sources import ImageSource
+from mimkit.distributed import rank
 from mimkit.eval.features import Features, Pooling, extract_features
 from mimkit.models.encoder import Encoder
 
@@ -62,7 +63,8 @@ def probe_features(
 
 
 def cached_features(path: Path | None, key: dict[str, Any], compute: Callable[[], Features]) -> Features:
-    """Features saved at `path` when they were computed for the same `key`; otherwise computed and saved there.
+    """Features saved at `path` when they were computed for the same `key`; otherwise computed and saved there (by
+    the first process).
 
     `key` names everything the features depend on (checkpoint, data, variant, limit), so a stale file is
     recomputed rather than silently reused. No `path`: just compute.
@@ -72,7 +74,7 @@ def cached_features(path: Path | None, key: dict[str, Any], compute: Callable[[]
         if saved.get("key") == key:
             return Features(saved["features"], saved["labels"])
     features = compute()
-    if path is not None:
+    if path is not None and rank() == 0:  # every process computed the same gathered features
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"key": key, "features": features.features, "labels": features.labels}, path)
     return features

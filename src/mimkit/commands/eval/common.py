@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -65,6 +66,19 @@ def feature_options(args: argparse.Namespace) -> FeatureOptions:
     from mimkit.eval.frozen import FeatureOptions
 
     return FeatureOptions(args.batch_size, args.num_workers, args.limit, getattr(args, "cache", False))
+
+
+@contextmanager
+def launched_processes() -> Iterator[int]:
+    """Under torchrun, the processes share out the feature extraction (each gets every feature back); yields this
+    process's rank, 0 alone: only rank 0 prints and saves."""
+    from mimkit.distributed import join_launched_processes
+    from mimkit.engine.runtime import release_process_group
+
+    try:
+        yield join_launched_processes()
+    finally:
+        release_process_group()
 
 
 def warn(notices: list[str]) -> None:

@@ -13,6 +13,7 @@ from mimkit.commands.eval.common import (
     data_options,
     evaluation_parser,
     feature_options,
+    launched_processes,
     save_result_of,
     warn,
     writable_results,
@@ -71,7 +72,10 @@ def run_knn(args: argparse.Namespace) -> int:
         bank_chunk=args.bank_chunk,
         features=feature_options(args),
     )
-    result = evaluate_knn(run, cfg, random_init)
+    with launched_processes() as rank:
+        result = evaluate_knn(run, cfg, random_init)
+    if rank:
+        return 0
     warn(result.notices)
     ks, rows = list(result.ks), result.rows
     if args.k is None and len(ks) < len(DEFAULT_KS):

@@ -9,6 +9,7 @@ from mimkit.commands.eval.common import (
     data_options,
     evaluation_parser,
     feature_options,
+    launched_processes,
     random_init_option,
     save_result_of,
     warn,
@@ -62,7 +63,10 @@ def run_linear(args: argparse.Namespace) -> int:
         raw_pixels=args.raw_pixels,
         features=feature_options(args),
     )
-    result = linear_probe(run, cfg)
+    with launched_processes() as rank:
+        result = linear_probe(run, cfg)
+    if rank:
+        return 0
     warn(result.notices)
     probes, label, variant, val = result.probes, result.label, result.variant, result.held_out
     selection = (
