@@ -26,7 +26,7 @@ def run_recipes(args: argparse.Namespace) -> int:
         where = f"  [{recipe.path}]" if args.path else ""
         print(f"{recipe.name:<{width}}  {recipe.summary}{where}")
     print(
-        "\nmimkit pretrain -c NAME [key=value ...]   (tokenizers: mimkit tokenizer fit -c NAME); "
-        "copy one with `--path` to make your own"
+        "\nmimkit pretrain -c NAME [key=value ...]   (tokenizers: mimkit tokenizer fit -c NAME; finetune: mimkit "
+        "eval finetune RUN -c NAME); copy one with `--path` to make your own"
     )
     return 0

@@ -18,11 +18,15 @@ if TYPE_CHECKING:
 
 
 def evaluation_parser(
-    sub: argparse._SubParsersAction, name: str, help: str, run: Callable[[argparse.Namespace], int]
+    sub: argparse._SubParsersAction,
+    name: str,
+    help: str,
+    run: Callable[[argparse.Namespace], int],
+    overrides: str = "data overrides, e.g. data.root=/data",
 ) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
     parser.add_argument("run_path", metavar="RUN", help="run folder or checkpoint file")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data overrides, e.g. data.root=/data")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides)
     parser.set_defaults(run=run)
     return parser
 

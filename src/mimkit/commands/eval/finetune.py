@@ -16,11 +16,9 @@ def add(evaluations: argparse._SubParsersAction) -> None:
         "finetune",
         "fine-tune a run's encoder with a paper's protocol, as a resumable multi-process run",
         run_finetune,
+        "overrides of the protocol and the run's data, e.g. train.devices=8 data.root=/data",
     )
-    ft.epilog = (
-        "KEY=VALUE overrides the protocol and the run's data (train.epochs=1, data.root=..., train.devices=8). "
-        "RUN may also be a `mimkit export` folder (give data.* then)."
-    )
+    ft.epilog = "RUN may also be a `mimkit export` folder (give data.* overrides then)."
     ft.add_argument(
         "-c",
         "--protocol",
