@@ -139,10 +139,9 @@ class FinetuneScoring:
     """The engine's epoch callback: top-1 / top-5 of each of the task's classifiers on the eval split, the images
     shared out over the processes; rank 0 keeps the best epoch's weights (`best.safetensors`, `best.json`)."""
 
-    def __init__(self, source: ImageSource, run_dir: Path, batch_size: int, num_workers: int) -> None:
-        self.source, self.run_dir = source, run_dir
-        self.batch_size, self.num_workers = batch_size, num_workers
-        record = run_dir / BEST_RECORD
+    def __init__(self, source: ImageSource, cfg: RunConfig) -> None:
+        self.source, self.run_dir, self.cfg = source, Path(cfg.output_dir), cfg
+        record = self.run_dir / BEST_RECORD
         self.best = json.loads(record.read_text()) if record.is_file() else {"top1": -1.0}
 
     @torch.no_grad()
@@ -163,10 +162,11 @@ class FinetuneScoring:
         """Every eval image scored once: each rank marks its hits in a vector over all images, then the ranks'
         vectors are combined by max (the sampler pads the last ranks with repeats)."""
         data = ViewDataset(self.source, EvalView(self.source.info, size), seed=0)
+        training_batch = self.cfg.data.process_batch(fabric.world_size, self.cfg.optim.accumulate_grad_batches)
         loader = eval_loader(
             data,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
+            batch_size=2 * training_batch,  # no gradients: twice a training micro-batch fits
+            num_workers=self.cfg.data.num_workers,
             num_replicas=fabric.world_size,
             rank=fabric.global_rank,
         )
@@ -214,8 +214,7 @@ def eval_source(cfg: RunConfig) -> ImageSource:
 
 def run_finetune_config(cfg: RunConfig, source: ImageSource, *, force: bool = False) -> FinetuneResult:
     """Train a fine-tune's run config on the engine, scoring on `source` (its eval split) after every epoch."""
-    scoring = FinetuneScoring(source, Path(cfg.output_dir), 2 * cfg.data.process_batch(1, 1), cfg.data.num_workers)
-    return FinetuneResult.read(pretrain(cfg, [scoring], force=force))
+    return FinetuneResult.read(pretrain(cfg, [FinetuneScoring(source, cfg)], force=force))
 
 
 def finetune(
