@@ -51,10 +51,15 @@ class RunSummary:
         images = f", first {data['limit']:,} images" if data.get("limit") else ""
         root = f" at {data['root']}" if data.get("root") else ""
         done = "?" if self.epochs_done is None else str(self.epochs_done)
+        batch = (
+            f"global batch {data['global_batch']}"
+            if data.get("global_batch")
+            else f"batch {data.get('batch_size', '?')} per process"
+        )
         facts = {
             "method": str(method.get("name", "?")),
             "backbone": f"{backbone.get('name', '?')} {_inline(shape)}".strip(),
-            "data": f"{data.get('source', '?')}{root}{images}, batch {data.get('batch_size', '?')}",
+            "data": f"{data.get('source', '?')}{root}{images}, {batch}",
             "epochs": f"{done} of {self.epochs} ({self.steps_done if self.steps_done is not None else '?'} steps)",
             "last loss": f"{self.last_loss[1]:.4f} at step {self.last_loss[0]}" if self.last_loss else "none logged",
             "training time": f"{self.train_minutes:.1f} min" if self.train_minutes is not None else "not recorded",
