@@ -32,6 +32,26 @@ def test_every_masked_patch_of_a_fine_board_has_only_visible_neighbours(height: 
                 assert not mask[i + di, j + dj]
 
 
+def test_on_coarse_boards_only_corner_cells_of_phase_1_at_offset_0_leave_a_patch_unseen() -> None:
+    """What docs/methods/symmim.md says of the coarse board: of its 8 draws (2 phases x 4 offsets) on a 14 x 14
+    grid, one leaves masked patches without a visible neighbour, the 4 corner patches."""
+    unseen = {}
+    for phase in (0, 1):
+        for offset in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            mask = checkerboard(14, 14, block=2, phase=phase, offset=offset)
+            unseen[phase, offset] = [
+                (i, j)
+                for i, j in map(tuple, mask.nonzero().tolist())
+                if all(
+                    mask[i + di, j + dj]
+                    for di, dj in ((1, 0), (-1, 0), (0, 1), (0, -1))
+                    if 0 <= i + di < 14 and 0 <= j + dj < 14
+                )
+            ]
+    assert unseen.pop((1, (0, 0))) == [(0, 0), (0, 13), (13, 0), (13, 13)]
+    assert not any(unseen.values())
+
+
 @pytest.mark.parametrize("offset", [(0, 0), (1, 2), (2, 1)])
 def test_a_coarse_board_is_constant_on_each_cell(offset: tuple[int, int]) -> None:
     block, size = 3, 11

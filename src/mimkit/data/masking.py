@@ -52,7 +52,9 @@ class MaskConfig:
 
     shape: Literal["block", "rand", "symmetric"] = "block"
     """block: BEiT-style rectangles (iBOT); rand: uniformly random patches; symmetric: a checkerboard (SymMIM),
-    half of the patches, every masked one surrounded by visible ones (`ratios` do not apply)."""
+    half of the patches (`ratios` do not apply). On the fine board every masked patch has visible neighbours;
+    on a coarse one, a masked patch borders a visible cell unless its masked cell sits in a corner of the grid
+    (phase 1, offset 0: the 4 corner patches see none)."""
     symmetric_block: int = 1
     """symmetric: patches per checker cell side, 1 (fine) or k > 1 (coarse)."""
     symmetric_random: bool = True
@@ -181,7 +183,9 @@ def checkerboard(
     """A (height, width) checkerboard of `block` x `block` cells, True = masked:
     M(i, j) = (floor((i + offset_i) / block) + floor((j + offset_j) / block) + phase) mod 2 == 1 (METHODS.md
     section 4), so the cell at the origin is visible for `phase` 0 and masked for 1. Half of the patches on an
-    even board (the nearest whole number otherwise for block 1); any grid size."""
+    even board (the nearest whole number otherwise for block 1); any grid size. With block 1 every masked patch
+    has 4-neighbours that are visible; with block > 1 a masked cell in a corner of the grid leaves its corner patch
+    without a visible neighbour (`tests/test_symmetric_masks.py`)."""
     if block < 1 or phase not in (0, 1):
         raise ValueError(f"need block >= 1 and phase 0 or 1; got block {block}, phase {phase}")
     rows = (torch.arange(height) + offset[0]) // block
