@@ -71,6 +71,21 @@ def test_change_classification() -> None:
         check_resume_changes(saved, load_run_config(TOY, ["seed=4"]), force=True)
 
 
+def test_a_field_added_since_the_run_was_saved_takes_its_default_only_with_force() -> None:
+    """A run saved before a method gained a field (CIM's `no_weight_decay`, say) resumes with its default once
+    told to; a field that was there and changed is still refused."""
+    cfg = load_run_config(TOY, [])
+    saved = to_dict(cfg)
+    del saved["method"]["hidden"]
+    with pytest.raises(
+        ConfigError, match=r"(?s)fields mimkit added since the run was saved.*method.hidden: None -> 32"
+    ):
+        check_resume_changes(saved, cfg)
+    assert check_resume_changes(saved, cfg, force=True) == ["resume: applying method.hidden: None -> 32"]
+    with pytest.raises(ConfigError, match=r"cannot take these changes.*\n  seed: 3 -> 4"):
+        check_resume_changes(saved, load_run_config(TOY, ["seed=4"]), force=True)
+
+
 def test_a_run_saved_with_the_older_flat_data_fields_resumes_without_changes() -> None:
     cfg = load_run_config(TOY, [])
     saved = to_dict(cfg)

@@ -2,7 +2,8 @@
 
 A resumed run's weights, optimizer state and position were made with its saved config. Changes that only alter
 how the loop runs from here on (length, logging, checkpoint intervals, hardware) are applied with a notice;
-changes to the optimisation (lr, weight decay, ...) only with `--force`; anything else (the method, its
+changes to the optimisation (lr, weight decay, ...) and fields a newer mimkit added to the schema (with their
+defaults) only with `--force`; anything else (the method, its
 networks, the data, the batch, the seed) is refused with the list of fields, before anything is written. A
 method may name fields that do not shape the run (`MethodConfig.runtime_fields`, e.g. debugging hooks).
 """
@@ -112,10 +113,12 @@ def check_resume_changes(saved: dict[str, Any], cfg: RunConfig, force: bool = Fa
     """Notices for the changes a resumed run applies; a ConfigError naming every change it cannot take."""
     changes = config_changes(saved, cfg)
     safe = (*SAFE, *(f"method.{name}" for name in getattr(cfg.method, "runtime_fields", ())))
+    known = flatten({**saved, "data": upgrade_older_fields(saved.get("data") or {})})
+    added = {k for k in changes if k not in known and not any(k.startswith(f"{old}.") for old in known)}
     refused = {
         k: v
         for k, v in changes.items()
-        if k not in safe and (not k.startswith(WITH_FORCE) or k in REFUSED_EVEN_WITH_FORCE)
+        if k not in safe and k not in added and (not k.startswith(WITH_FORCE) or k in REFUSED_EVEN_WITH_FORCE)
     }
     forced = {k: v for k, v in changes.items() if k not in safe and k not in refused}
 
@@ -128,8 +131,9 @@ def check_resume_changes(saved: dict[str, Any], cfg: RunConfig, force: bool = Fa
             f"saved values):\n{lines(refused)}\nresume without them, or start a new run with another output_dir"
         )
     if forced and not force:
+        news = " (fields mimkit added since the run was saved take their defaults)" if added & forced.keys() else ""
         raise ConfigError(
-            f"resume: these changes alter the optimisation of a run in progress:\n{lines(forced)}\n"
+            f"resume: these changes alter the optimisation of a run in progress{news}:\n{lines(forced)}\n"
             "pass --force to apply them from the current step on, or resume without them"
         )
     return [f"resume: applying {key}: {old!r} -> {new!r}" for key, (old, new) in changes.items()]

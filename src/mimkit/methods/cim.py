@@ -96,6 +96,9 @@ class CIMConfig(MethodConfig):
     """ResPix: side of the sliding normalisation window in pixels; None: `token_patch`."""
     generator_weight: float = 1.0
     """Weight of the generator's cross-entropy in the summed loss (the two share no parameters)."""
+    no_weight_decay: list[str] = field(default_factory=lambda: ["cls_token", "pos_embed"])
+    """Parameters (by last name) without weight decay besides biases and 1-D ones: BEiT's skip list, which the
+    paper's BEiT-based training would inherit."""
 
     runtime_fields: ClassVar[tuple[str, ...]] = ("tokenizer_recipe", "tokenizer_overrides")
     """Only used while the tokenizer file is missing: a resumed run may change it."""
@@ -298,8 +301,9 @@ class CIM(Method):
         """The enhancer (with its head) and the generator (with its head) in groups of their own."""
         enhancer = nn.ModuleDict({"encoder": self.enhancer, "head": self.enhancer_head})
         generator = nn.ModuleDict({"encoder": self.generator, "head": self.generator_head})
-        return split_weight_decay(enhancer.named_parameters(), "enhancer_") + split_weight_decay(
-            generator.named_parameters(), "generator_"
+        exempt = self.cfg.no_weight_decay
+        return split_weight_decay(enhancer.named_parameters(), "enhancer_", exempt) + split_weight_decay(
+            generator.named_parameters(), "generator_", exempt
         )
 
     def encoder(self) -> Encoder:
