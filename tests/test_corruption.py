@@ -7,6 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from mimkit.corruption import Corrupter, Sampling, match_channels, resize
+from mimkit.models.tokenizers.dall_e import DallETokenizer
 from mimkit.models.tokenizers.kmeans import KMeansTokenizer
 
 LEVELS = 8
@@ -114,3 +115,20 @@ def test_a_cold_softmax_samples_the_argmax() -> None:
     logits = torch.randn(32, LEVELS) * 3
     sampled = corrupter(temperature=1e-4).sample(logits, masks, torch.tensor([0, 1]))
     assert torch.equal(sampled, logits.argmax(-1))
+
+
+def test_under_a_bf16_autocast_the_dall_e_tokens_and_images_are_those_of_float32() -> None:
+    """The tokenizer runs with autocast off: on a random-weight dVAE of the published layout (8192 tokens, widths
+    256-2048), the tokens and the rendered images of a bf16-mixed step are the float32 ones; the same encoder
+    under the autocast (the control) gives other tokens."""
+    torch.manual_seed(0)
+    tokenizer = DallETokenizer()
+    corrupter = Corrupter(tokenizer, (14, 14), (0.5,) * 3, (0.25,) * 3)
+    images = torch.randn(1, 3, 224, 224)
+    tokens = corrupter.tokenize(images)
+    rendered = corrupter.render(tokens, images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(corrupter.tokenize(images), tokens)
+        assert torch.equal(corrupter.render(tokens, images), rendered)
+        pixels = resize((images * 0.25 + 0.5).clamp(0, 1), (112, 112))
+        assert (tokenizer.encode(pixels) != tokens).float().mean() > 0.01

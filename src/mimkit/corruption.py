@@ -13,6 +13,7 @@ generator.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,6 +38,14 @@ class Corruption:
     """(B, C, H, W) corrupted images in the networks' normalisation."""
     replaced: torch.Tensor
     """(B, h, w) bool: masked and sampled differently from the original token (RevDet's labels)."""
+
+
+def full_precision(like: torch.Tensor) -> AbstractContextManager[None]:
+    """Autocast off on `like`'s device: the tokenizer reads and renders in float32 whatever the run's precision. The
+    tokens are an argmax over thousands of logits (8192 for DALL-E's dVAE, whose own code keeps them in float32):
+    under a bf16 autocast they change at a few percent of the positions, and with them the generator's targets,
+    RevDet's labels and the rendered images."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 class Corrupter(nn.Module):
@@ -69,8 +78,9 @@ class Corrupter(nn.Module):
     def tokenize(self, images: torch.Tensor) -> torch.Tensor:
         """(B, h, w) tokens of normalised images, resized to the tokenizer's side and matched to its channels (gray
         images repeated for an RGB tokenizer such as DALL-E's, RGB averaged for a gray one)."""
-        pixels = resize((images.float() * self.std + self.mean).clamp(0, 1), self.tokenizer_size)
-        return self.tokenizer.encode(match_channels(pixels, self.tokenizer.channels))
+        with full_precision(images):
+            pixels = resize((images.float() * self.std + self.mean).clamp(0, 1), self.tokenizer_size)
+            return self.tokenizer.encode(match_channels(pixels, self.tokenizer.channels))
 
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, masks: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
@@ -92,7 +102,8 @@ class Corrupter(nn.Module):
     def render(self, tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The tokenizer's image of `tokens` as the networks see images like `like` (size, channels, dtype,
         normalisation)."""
-        pixels = match_channels(resize(self.tokenizer.decode(tokens), like.shape[-2:]), like.shape[1])
+        with full_precision(tokens):
+            pixels = match_channels(resize(self.tokenizer.decode(tokens).float(), like.shape[-2:]), like.shape[1])
         return (pixels.to(like.dtype) - self.mean) / self.std
 
     @torch.no_grad()
