@@ -118,6 +118,21 @@ def test_the_masks_differ_between_the_branches_and_lambda_zero_is_pixels_only() 
     torch.testing.assert_close(out.loss, out.metrics["loss_mim"])
 
 
+def test_a_frozen_patch_projection_stays_at_its_random_init_in_both_branches() -> None:
+    method, batch = tiny_symmim("method.freeze_patch_embed=true")
+    patch = method.online.timm_model().patch_embed
+    assert not any(p.requires_grad for p in patch.parameters())
+    grouped = {id(p) for g in method.param_groups() for p in g.params}
+    assert not any(id(p) in grouped for p in patch.parameters())
+    method.training_step(batch, Progress(0, 0, 10, 1)).loss.backward()
+    assert all(p.grad is None for p in patch.parameters())
+    assert method.online.timm_model().blocks[0].attn.qkv.weight.grad is not None
+    momentum = method.momentum_encoder.timm_model().patch_embed
+    assert all(torch.equal(a, b) for a, b in zip(patch.parameters(), momentum.parameters(), strict=True))
+    trainable, _ = tiny_symmim()
+    assert all(p.requires_grad for p in trainable.online.timm_model().patch_embed.parameters())
+
+
 def test_the_momentum_encoder_follows_the_online_one() -> None:
     method, _ = tiny_symmim()
     before = method.momentum_encoder.mask_token.clone()

@@ -59,6 +59,9 @@ class SymMIMConfig(MethodConfig):
     """Weight of the contrastive loss (0: pixel reconstruction alone)."""
     momentum: float = 0.99
     """EMA momentum at the start; a cosine to 1 over training."""
+    freeze_patch_embed: bool = False
+    """Keep the patch projection at its random initialisation (MoCo v3's fix for the instability of contrastive
+    ViT training at large lr and batch; the ViT-L recipe sets it)."""
 
     def validate(self, prefix: str = "method") -> None:
         super().validate(prefix)
@@ -90,6 +93,14 @@ class SymMIM(Method):
         self.pixel_head = nn.Linear(dim, patch * patch * data.channels)
         self.projector = batch_norm_mlp(dim, cfg.projector_hidden_dim, cfg.projector_dim, num_layers=3)
         self.predictor = batch_norm_mlp(cfg.projector_dim, cfg.predictor_hidden_dim, cfg.projector_dim, num_layers=2)
+        if cfg.freeze_patch_embed:
+            patch_embed = getattr(self.online.timm_model(), "patch_embed", None)
+            check(
+                patch_embed is not None,
+                "method.freeze_patch_embed",
+                f"{cfg.backbone.name} has no patch_embed to freeze; set it false",
+            )
+            patch_embed.requires_grad_(False)
         self.momentum_encoder = build_backbone(cfg.backbone, data.channels, mask_token=True, drop_path_rate=0.0)
         self.momentum_encoder.requires_grad_(False)
         self.momentum_projector = frozen_copy(self.projector)
