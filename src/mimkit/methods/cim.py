@@ -86,7 +86,8 @@ class CIMConfig(MethodConfig):
     """Overrides of that recipe, e.g. ["data.root=${data.root}"]: fit it on the run's own folder of images."""
     token_patch: int | None = None
     """Pixels per token side at the enhancer's input; None: the enhancer's patch size (set it for CNNs, e.g. 16)."""
-    views: MaskedViewConfig = field(default_factory=lambda: MaskedViewConfig(color_jitter_p=0.0))
+    views: MaskedViewConfig = field(default_factory=MaskedViewConfig)
+    """BEiT's inputs: random resized crop, flip, ColorJitter(0.4, 0.4, 0.4) on every (RGB) image."""
     mask: MaskConfig = field(default_factory=lambda: MaskConfig(ratios=[(0.45, 0.05)]))
     """Generator mask: BEiT blocks over 40-50 % of the tokens, the smallest block 16 tokens on a 14 x 14 grid."""
     sampling: Sampling = "sample"
