@@ -175,6 +175,7 @@ def views_of_every_kind(augment_on: str) -> dict[str, Any]:
         "multi-crop": MultiCropViews(IBOT, RGB, (4, 4), mask, augment_on),  # type: ignore[arg-type]
         "multi-crop 1 channel": MultiCropViews(IBOT, GRAY, (4, 4), mask, augment_on),  # type: ignore[arg-type]
         "paired": PairedMaskedViews(IBOT, RGB, (4, 4), mask, mask, augment_on),  # type: ignore[arg-type]
+        "paired with plain crops": PairedMaskedViews(IBOT, RGB, (4, 4), mask, mask, augment_on, plain=True),  # type: ignore[arg-type]
         "masked": MaskedView(MaskedViewConfig(size=32), RGB, (4, 4), mask, augment_on),  # type: ignore[arg-type]
         "seeded": SeededViews(MaskedView(MaskedViewConfig(size=32), RGB, (4, 4), mask, augment_on)),  # type: ignore[arg-type]
     }
@@ -200,6 +201,24 @@ def test_device_mode_gives_the_worker_modes_views(kind: str) -> None:
         for a, b in zip(values, others, strict=True):
             assert a.dtype == b.dtype and a.shape == b.shape, key
             assert torch.allclose(a.float(), b.float(), atol=1e-4), key
+
+
+def test_plain_crops_are_the_augmented_crops_before_their_photometric_steps() -> None:
+    """The same draws with and without plain crops; the plain one is the crop and flip, normalised: equal to the
+    augmented view where no photometric step applied (IBOT's first view is always blurred, so it differs)."""
+    views = batch(views_of_every_kind("worker")["paired with plain crops"], 3)
+    plain_free = batch(views_of_every_kind("worker")["paired"], 3)
+    assert all(torch.equal(a, b) for a, b in zip(views["views"], plain_free["views"], strict=True))
+    first, first_plain = views["views"][0], views["views_plain"][0]
+    assert first.shape == first_plain.shape and not torch.allclose(first, first_plain)
+    device = views_of_every_kind("device")["paired with plain crops"]
+    samples = []
+    for index in range(6):
+        with seeded(3, 1, index):
+            samples.append((device(photo(index, 3), 1), 0, index))
+    crops = collate(samples)["views"]["views"][0]  # uint8, before the device finishes them
+    expected = (crops.float() / 255 - torch.tensor(RGB.mean).view(1, 3, 1, 1)) / torch.tensor(RGB.std).view(1, 3, 1, 1)
+    assert torch.allclose(first_plain, expected, atol=1e-5)
 
 
 def test_device_mode_workers_send_uint8_crops_and_parameters() -> None:

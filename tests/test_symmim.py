@@ -133,6 +133,23 @@ def test_a_frozen_patch_projection_stays_at_its_random_init_in_both_branches() -
     assert all(p.requires_grad for p in trainable.online.timm_model().patch_embed.parameters())
 
 
+def test_crop_targets_regress_the_crops_before_their_photometric_steps() -> None:
+    augmented, batch = tiny_symmim("data.channels=3")
+    cropped, crop_batch = tiny_symmim("data.channels=3", "method.pixel_target=crop")
+    assert "views_plain" not in batch["views"] and len(crop_batch["views"]["views_plain"]) == 2
+    assert all(torch.equal(a, b) for a, b in zip(batch["views"]["views"], crop_batch["views"]["views"], strict=True))
+
+    def loss_mim(method: SymMIM, views: dict) -> float:
+        torch.manual_seed(1)  # the same drop-path draws for every call
+        with torch.no_grad():
+            return float(method.training_step(views, Progress(0, 0, 10, 1)).metrics["loss_mim"])
+
+    reference = loss_mim(augmented, batch)
+    assert loss_mim(cropped, crop_batch) != pytest.approx(reference)
+    crop_batch["views"]["views_plain"] = crop_batch["views"]["views"]  # targets = inputs: the augmented loss
+    assert loss_mim(cropped, crop_batch) == pytest.approx(reference)
+
+
 def test_the_momentum_encoder_follows_the_online_one() -> None:
     method, _ = tiny_symmim()
     before = method.momentum_encoder.mask_token.clone()

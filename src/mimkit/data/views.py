@@ -13,7 +13,7 @@ import torch
 from torchvision.transforms import v2
 
 from mimkit.config import check
-from mimkit.data.augment import CropAugment, finish
+from mimkit.data.augment import NOTHING_APPLIED, CropAugment, finish
 from mimkit.data.info import DataInfo
 from mimkit.data.masking import MaskGenerator
 
@@ -133,11 +133,18 @@ class AugmentedViews:
 
     augmented_keys: tuple[str, ...] = ()
     """Keys of the views whose values are crops (a list of them, or one)."""
+    plain_keys: tuple[str, ...] = ()
+    """Keys among them whose crops are also delivered without photometric steps, only normalised, under
+    `<key>_plain` (pixel targets of the crops before colour, blur and solarization)."""
 
     def __init__(self, data: DataInfo, augment_on: AugmentOn) -> None:
         if augment_on not in ("worker", "device"):
             raise ValueError(f"augment_on: {augment_on!r} is not one of worker, device")
         self.mean, self.std, self.augment_on = data.mean, data.std, augment_on
+
+    def _plain(self, crops: torch.Tensor) -> torch.Tensor:
+        """Normalised uint8 crops (B, C, H, W), no photometric step."""
+        return finish(crops, torch.tensor([NOTHING_APPLIED] * len(crops)), self.mean, self.std)
 
     def _crops(self, image: torch.Tensor, augments: list[CropAugment], key: str, views: dict[str, Any]) -> None:
         """Draw each crop of `augments` from `image` into `views[key]` (in order: the draws consume the seed's
@@ -145,6 +152,8 @@ class AugmentedViews:
         drawn = [augment.draw(image) for augment in augments]
         if self.augment_on == "worker":
             views[key] = [finish(crop[None], params[None], self.mean, self.std)[0] for crop, params in drawn]
+            if key in self.plain_keys:
+                views[f"{key}_plain"] = [self._plain(crop[None])[0] for crop, _ in drawn]
         else:
             views[key] = [crop for crop, _ in drawn]
             views[f"{key}_params"] = [params for _, params in drawn]
@@ -158,9 +167,13 @@ class AugmentedViews:
             crops, params = views[key], views.pop(f"{key}_params")
             if isinstance(crops, torch.Tensor):
                 views[key] = finish(crops, params, self.mean, self.std)
+                if key in self.plain_keys:
+                    views[f"{key}_plain"] = self._plain(crops)
             else:  # every crop of one key has one size: one call for all of them
                 finished = finish(torch.cat(crops), torch.cat(params), self.mean, self.std)
                 views[key] = list(finished.split(len(crops[0])))
+                if key in self.plain_keys:
+                    views[f"{key}_plain"] = list(self._plain(torch.cat(crops)).split(len(crops[0])))
         return views
 
 
@@ -211,10 +224,13 @@ class PairedMaskedViews(AugmentedViews):
         online: MaskGenerator,
         momentum: MaskGenerator,
         augment_on: AugmentOn = "worker",
+        plain: bool = False,
     ) -> None:
+        """`plain`: also deliver each crop without its photometric steps (`views_plain`)."""
         super().__init__(data, augment_on)
         self.views = global_augments(cfg)
         self.grid, self.online, self.momentum = grid, online, momentum
+        self.plain_keys = ("views",) if plain else ()
 
     def __call__(self, image: torch.Tensor, epoch: int) -> dict[str, list[torch.Tensor]]:
         views: dict[str, Any] = {}

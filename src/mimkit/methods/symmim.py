@@ -17,7 +17,7 @@ Algorithm, per batch:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -59,6 +59,9 @@ class SymMIMConfig(MethodConfig):
     """Weight of the contrastive loss (0: pixel reconstruction alone)."""
     momentum: float = 0.99
     """EMA momentum at the start; a cosine to 1 over training."""
+    pixel_target: Literal["augmented", "crop"] = "augmented"
+    """What the pixel head regresses: the augmented input itself (blurred, maybe solarized), or the same crop and
+    flip before the photometric steps (MAE's and SimMIM's targets, whose inputs have no others)."""
     freeze_patch_embed: bool = False
     """Keep the patch projection at its random initialisation (MoCo v3's fix for the instability of contrastive
     ViT training at large lr and batch; the ViT-L recipe sets it)."""
@@ -114,7 +117,8 @@ class SymMIM(Method):
     def views(self, augment_on: AugmentOn = "worker") -> PairedMaskedViews:
         cfg = self.cfg
         masks = MaskGenerator(cfg.online_mask), MaskGenerator(cfg.momentum_mask)
-        return PairedMaskedViews(cfg.views, self.data, self.grid, *masks, augment_on=augment_on)
+        plain = cfg.pixel_target == "crop"
+        return PairedMaskedViews(cfg.views, self.data, self.grid, *masks, augment_on=augment_on, plain=plain)
 
     def mask_configs(self) -> dict[str, tuple[MaskConfig, tuple[int, int]]]:
         return {
@@ -131,7 +135,7 @@ class SymMIM(Method):
 
         tokens = self.online(images, mask=online_masks)
         predicted = self.pixel_head(tokens[:, prefix:])
-        targets = normalize_patches(patchify(images, self.online.patch_size))
+        targets = normalize_patches(patchify(self._target_images(views, images), self.online.patch_size))
         loss_mim = masked_mse(predicted, targets, online_masks)
 
         features = self.online.pooled(tokens)
@@ -151,17 +155,22 @@ class SymMIM(Method):
         }
         return StepOutput(loss_mim + self.cfg.lambda_con * loss_con, metrics)
 
+    def _target_images(self, views: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
+        """The images whose patches the pixel head regresses (`pixel_target`), (2B, C, H, W) like `images`."""
+        return torch.cat(views["views_plain"]) if self.cfg.pixel_target == "crop" else images
+
     @torch.no_grad()
     def reconstruct(self, views: dict[str, Any]) -> Reconstruction:
         """The online encoder's pixels for the first view under its mask, brought back from per-patch normalised
-        values with each original patch's mean and standard deviation (as MAE's figures do)."""
+        values with each target patch's mean and standard deviation (as MAE's figures do), beside the target."""
         images, masks = views["views"][0], views["online_masks"][0]
+        targets = views["views_plain"][0] if self.cfg.pixel_target == "crop" else images
         patch = self.online.patch_size
         predicted = self.pixel_head(self.online(images, mask=masks)[:, self.online.num_prefix_tokens :])
-        patches = patchify(images, patch)
+        patches = patchify(targets, patch)
         scale = (patches.var(-1, keepdim=True, unbiased=True) + 1e-6).sqrt()
         pixels = unpatchify(predicted * scale + patches.mean(-1, keepdim=True), patch, *images.shape[-2:])
-        return Reconstruction(images, pixels, masks)
+        return Reconstruction(targets, pixels, masks)
 
     @torch.no_grad()
     def after_step(self, progress: Progress) -> None:
