@@ -51,6 +51,11 @@ def add(commands: argparse._SubParsersAction) -> None:
     for name in ("strategy", "precision", "accelerator"):
         p.add_argument(f"--{name}", choices=train_choices(name), help=f"train.{name}")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the method at the recipe's shapes on the CPU, measure one step, print its cost and exit",
+    )
     p.add_argument("--fields", metavar="METHOD", help="list every config field of a method's recipes and exit")
     p.set_defaults(run=run)
 
@@ -101,6 +106,12 @@ def run(args: argparse.Namespace) -> int:
         cfg.resume = args.resume or cfg.output_dir
     if args.print_config:
         print(dump_yaml(cfg), end="")
+        return 0
+    if args.dry_run:
+        from mimkit.engine.dry_run import dry_run
+
+        print(f"dry run of {args.config or args.resume}: {cfg.method.name}, one step on the CPU")
+        print("\n".join(dry_run(cfg).lines()))
         return 0
     from mimkit.engine.stop import TrainingStopped
     from mimkit.engine.train import NonFiniteLossError, pretrain  # heavy imports only when training
