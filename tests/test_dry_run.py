@@ -1,7 +1,8 @@
-"""`mimkit pretrain --dry-run`: a recipe's cost measured on one CPU step, before any run."""
+"""Before the first step: `mimkit pretrain --dry-run` (a recipe's cost, one CPU step) and a run's start-up time."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,12 @@ def test_data_that_is_not_here_still_gives_the_models_cost(tmp_path: Path, capsy
     assert main([*args, f"data.root={missing}", "data.channels=1"]) == 0
     out = capsys.readouterr().out
     assert "GFLOPs" in out and "not readable here" in out and str(missing) in out
+
+
+def test_a_run_logs_how_long_it_took_to_start(tmp_path: Path) -> None:
+    from mimkit.engine.train import pretrain
+
+    run = pretrain(load_run_config(TOY, [f"output_dir={tmp_path / 'run'}", "train.epochs=1"]))
+    line = next(line for line in (run / "train.log").read_text().splitlines() if "start-up" in line)
+    total, imports, set_up = (float(x) for x in re.findall(r"([\d.]+) s", line))
+    assert total == pytest.approx(imports + set_up, abs=0.11) and set_up >= 0

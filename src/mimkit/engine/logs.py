@@ -24,6 +24,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from mimkit import IMPORTED_AT
+
 log = logging.getLogger("mimkit")
 METRICS_FILE = "metrics.csv"
 
@@ -108,6 +110,14 @@ class MetricsCSV(Logger):
 
 def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
+
+
+def log_start_up(set_up_began: float) -> None:
+    """How long a run took to reach its first step: the imports (since mimkit was imported) and its set-up (data,
+    networks, optimizer, a restored checkpoint) since `set_up_began`."""
+    now = time.perf_counter()
+    imports, set_up = set_up_began - IMPORTED_AT, now - set_up_began
+    log.info("start-up %.1f s: imports %.1f s, set-up %.1f s", now - IMPORTED_AT, imports, set_up)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:

@@ -21,7 +21,7 @@ from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.feed import FeedMeter, build_feed
 from mimkit.engine.health import HealthWatch, read_health
 from mimkit.engine.lock import own_run_folder
-from mimkit.engine.logs import MetricsCSV, ProgressDisplay, log, setup_logging
+from mimkit.engine.logs import MetricsCSV, ProgressDisplay, log, log_start_up, setup_logging
 from mimkit.engine.optim import Hyperparameters, build_optimizer
 from mimkit.engine.resume import check_resume_changes, readable_resume, resolve_resume
 from mimkit.engine.runtime import environment, make_fabric, release_process_group, setup_for_training
@@ -66,6 +66,7 @@ def pretrain(cfg: RunConfig, callbacks: Sequence[EpochCallback] = (), *, force: 
     optimisation's); its config.yaml is rewritten only once its checkpoint is restored. The run folder is refused
     when it holds images or lies inside data.root, and is owned by this run while it trains (`mimkit.engine.lock`).
     """
+    started = time.perf_counter()
     resume_path, saved = readable_resume(resume) if (resume := resolve_resume(cfg)) is not None else (None, None)
     notices = check_resume_changes(saved["config"], cfg, force) if saved is not None else []
     run_dir = Path(cfg.output_dir)
@@ -84,6 +85,7 @@ def pretrain(cfg: RunConfig, callbacks: Sequence[EpochCallback] = (), *, force: 
             (run_dir / "environment.yaml").write_text(
                 yaml.safe_dump(environment(fabric, cfg.train.precision), sort_keys=False)
             )
+        log_start_up(started)
         finished = trainer.fit()
     release_process_group()
     return finished
