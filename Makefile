@@ -8,7 +8,7 @@ READY := $(VENV)/.ready
 FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup data test demo lint bench wheelhouse clean
+.PHONY: setup data test test-full demo lint bench wheelhouse clean
 
 setup: $(READY)
 
@@ -31,6 +31,11 @@ data: $(READY)
 
 test: data
 	$(PY) -m pytest -q
+
+# Every ImageNet recipe at its real shapes (2 steps at batch 2 on synthetic 224-px images, fp32 and bf16, then a
+# resume): about an hour on 2 cores, not part of `make test`.
+test-full: data
+	$(PY) -m pytest -q --full-shapes tests/test_full_shapes.py
 
 demo: data
 	$(MIMKIT) pretrain -c cim/resnet_tiny_fmnist_demo output_dir=$(DEMO_DIR) resume=auto

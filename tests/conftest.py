@@ -16,6 +16,24 @@ REFERENCE_CASES = {"ibot_case": "ibot_loss", "dtm_case": "dtm_morph"}
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--full-shapes",
+        action="store_true",
+        help="also run the ImageNet recipes at their real shapes (tests marked full_shape; `make test-full`)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked full_shape take about an hour on 2 cores: only `--full-shapes` (`make test-full`) runs them."""
+    if config.getoption("--full-shapes"):
+        return
+    skip = pytest.mark.skip(reason="an ImageNet recipe at its real shapes: make test-full")
+    for item in items:
+        if "full_shape" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Tests taking `ibot_case` / `dtm_case` run once per case file found, so new cases need no code."""
     for argument, folder in REFERENCE_CASES.items():
