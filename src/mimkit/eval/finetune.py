@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from mimkit.config import ConfigError, apply_overrides, read_yaml, to_dict
+from mimkit.config import ConfigError, read_yaml, to_dict
 from mimkit.data.loader import ViewDataset, eval_loader
 from mimkit.data.sources import ImageSource, build_source
 from mimkit.data.views import EvalView
@@ -29,7 +29,6 @@ from mimkit.engine.logs import log, read_metrics
 from mimkit.engine.train import pretrain
 from mimkit.methods.base import Method
 from mimkit.methods.finetune import Finetune
-from mimkit.methods.saved import resolve_checkpoint
 from mimkit.recipes import find_recipe
 from mimkit.runs import RunConfig, load_run, load_run_config
 
@@ -93,11 +92,9 @@ def pretrained(init: str | Path, *, random_init: bool = False) -> Pretrained:
     run = load_run(init, random_init=True)  # the weights are loaded by the task, from the checkpoint
     encoder = run.encoder()
     name, args = encoder.timm_spec()
-    checkpoint = str(resolve_checkpoint(init))
     data = {**to_dict(run.cfg.data), "limit": None}
-    return Pretrained(
-        None if random_init else checkpoint, name, args, encoder.image_size, data, run.cfg.seed, run.run_dir
-    )
+    weights = None if random_init else str(run.checkpoint)  # the checkpoint read (another if last.ckpt is damaged)
+    return Pretrained(weights, name, args, encoder.image_size, data, run.cfg.seed, run.run_dir)
 
 
 def protocol_name(protocol: str) -> str:
@@ -132,7 +129,7 @@ def finetune_config(
         "output_dir": str(output_dir or start.folder / "finetune" / label),
         "resume": "auto" if resume else None,
     }
-    return load_run_config(None, overrides, base=apply_overrides(base, []))
+    return load_run_config(None, overrides, base=base)
 
 
 class FinetuneScoring:
