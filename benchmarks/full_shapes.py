@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,6 +93,7 @@ def run_recipe(name: str, precision: str, work: Path, files: dict[str, list[str]
 
     rows = [r for r in read_metrics(out) if "loss" in r]
     second = rows[1]
+    shutil.rmtree(out / "checkpoints")  # up to 4 GB each (ViT-L): the logs stay
     return {
         "recipe": name,
         "precision": precision,
