@@ -33,7 +33,7 @@ test: data
 	$(PY) -m pytest -q
 
 # Every ImageNet recipe at its real shapes (2 steps at batch 2 on synthetic 224-px images, fp32 and bf16, then a
-# resume): about an hour on 2 cores, not part of `make test`.
+# resume): about 15 minutes on 2 cores and 9 GB of memory, not part of `make test`.
 test-full: data
 	$(PY) -m pytest -q --full-shapes tests/test_full_shapes.py
 

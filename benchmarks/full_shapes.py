@@ -1,7 +1,7 @@
 """Every ImageNet recipe at its real shapes on this CPU: 2 steps at batch 2 on synthetic 224-px images, then a resume
 for 2 more, in float32 and bf16-mixed; each recipe's parameters, step time and peak memory.
 
-    python benchmarks/full_shapes.py --out full_shapes.json        # every recipe, both precisions (~1 hour, 2 cores)
+    python benchmarks/full_shapes.py --out full_shapes.json        # every recipe, both precisions (~12 min, 2 cores)
     python benchmarks/full_shapes.py --recipes cim/resnet50_imagenet_respix --precisions 32-true
 
 DTM's OpenCLIP teacher and CIM's DALL-E tokenizer come from random-weight files of the published layouts, written

@@ -25,7 +25,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked full_shape take about an hour on 2 cores: only `--full-shapes` (`make test-full`) runs them."""
+    """Tests marked full_shape take about 15 minutes on 2 cores: only `--full-shapes` (`make test-full`) runs them."""
     if config.getoption("--full-shapes"):
         return
     skip = pytest.mark.skip(reason="an ImageNet recipe at its real shapes: make test-full")
