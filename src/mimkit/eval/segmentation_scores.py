@@ -1,0 +1,58 @@
+"""Scores of a semantic segmentation: mean IoU, pixel accuracy and per-class IoU from one confusion matrix.
+
+The conventions of mmsegmentation and DINOv2's linear segmentation probe: pixels whose target is `ignore_index`
+count nowhere; a class's IoU is |prediction ∩ target| / |prediction ∪ target| over all evaluated pixels of the
+split (summed over images, not averaged per image); a class that appears neither in the targets nor in the
+predictions has no IoU and is left out of the mean; pixel accuracy is the share of evaluated pixels predicted right.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = 255
+"""The label of pixels that are not scored (ADE20K's and VOC's convention for 'unlabelled' and borders)."""
+
+
+def confusion_matrix(
+    prediction: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """(classes, classes) int64 counts, rows the target class, columns the predicted one, of label maps of one
+    shape (any batch layout); target pixels equal to `ignore_index` are skipped. A target id outside
+    [0, num_classes) that is not `ignore_index` is an error: a label map from another class list."""
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
+    kept = target != ignore_index
+    truth, guess = target[kept].long(), prediction[kept].long()
+    if len(truth) and (truth.min() < 0 or truth.max() >= num_classes):
+        raise ValueError(
+            f"target ids must lie in [0, {num_classes}) or be {ignore_index} (ignored); found {int(truth.max())}"
+        )
+    flat = truth * num_classes + guess.clamp(0, num_classes - 1)
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+@dataclass(frozen=True)
+class SegmentationScores:
+    per_class_iou: tuple[float, ...]
+    """IoU of each class, NaN for a class present neither in the targets nor in the predictions."""
+    pixel_accuracy: float
+
+    @property
+    def miou(self) -> float:
+        """Mean IoU over the classes that have one."""
+        present = [iou for iou in self.per_class_iou if not math.isnan(iou)]
+        return sum(present) / len(present) if present else math.nan
+
+    @classmethod
+    def from_confusion(cls, confusion: torch.Tensor) -> SegmentationScores:
+        counts = confusion.double()
+        hits = counts.diagonal()
+        union = counts.sum(0) + counts.sum(1) - hits
+        iou = torch.where(union > 0, hits / union.clamp(min=1), torch.full_like(hits, math.nan))
+        total = counts.sum()
+        accuracy = float(hits.sum() / total) if total > 0 else math.nan
+        return cls(tuple(float(x) for x in iou), accuracy)
