@@ -50,6 +50,19 @@ class ImageSource(ABC):
         """Every image's label, when known without decoding (for k-NN banks and class balance)."""
         return None
 
+    def label_map(self, index: int) -> torch.Tensor:
+        """Image `index`'s (H, W) int64 map of segmentation classes (class 0: background, class k + 1: the image
+        class k), for dense evaluation; a DataError for sources that have none."""
+        raise DataError(
+            f"{self.info.name} has no label maps; dense evaluation needs a source that has them "
+            "(synthetic, fashion-mnist; docs/data.md)"
+        )
+
+    def segmentation_classes(self) -> tuple[str, ...]:
+        """The names of the label maps' classes: background, then the image classes."""
+        names = self.info.class_names or tuple(str(k) for k in range(self.info.num_classes or 0))
+        return ("background", *names)
+
     @classmethod
     def check_config(cls, data: Any, prefix: str) -> None:
         """Raise a ConfigError naming the field when the shared data fields do not suit this source (its section
@@ -84,6 +97,9 @@ class Subset(ImageSource):
     def labels(self) -> torch.Tensor | None:
         labels = self.source.labels()
         return None if labels is None else labels[self.indices]
+
+    def label_map(self, index: int) -> torch.Tensor:
+        return self.source.label_map(self.indices[index])
 
     def groups(self) -> list[list[int]] | None:
         base = self.source.groups()

@@ -60,6 +60,16 @@ class SyntheticShapes(ImageSource):
         )
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
+        image, _, label = self._draw(index)
+        return image, label
+
+    def label_map(self, index: int) -> torch.Tensor:
+        """The shape's pixels labelled with its class + 1, the noise around it 0."""
+        _, shape, label = self._draw(index)
+        return shape.long() * (label + 1)
+
+    def _draw(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Image `index`, its shape's (H, W) bool mask and its class."""
         label = index % self.num_classes
         g = torch.Generator().manual_seed(self.split_offset + index)
         s = self.size
@@ -79,7 +89,7 @@ class SyntheticShapes(ImageSource):
         noise = torch.rand(self.channels, s, s, generator=g) * 60
         tint = torch.rand(self.channels, 1, 1, generator=g) * 100 + 155
         image = noise + shape.float() * tint
-        return image.clamp(0, 255).to(torch.uint8), label
+        return image.clamp(0, 255).to(torch.uint8), shape, label
 
     def labels(self) -> torch.Tensor:
         return torch.arange(len(self)) % self.num_classes
