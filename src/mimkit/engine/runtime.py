@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +73,16 @@ class DirectCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         with open(path, "wb") as handle:
             torch.save(checkpoint, handle)
+
+
+@contextmanager
+def process_group_released() -> Iterator[None]:
+    """Release the process group on every way out of a run: finished, refused (a run folder in use), failed or
+    stopped; a refused DDP run aborted at exit as a finished one did."""
+    try:
+        yield
+    finally:
+        release_process_group()
 
 
 def release_process_group() -> None:

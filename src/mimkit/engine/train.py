@@ -24,7 +24,7 @@ from mimkit.engine.lock import own_run_folder
 from mimkit.engine.logs import MetricsCSV, ProgressDisplay, log, log_start_up, setup_logging
 from mimkit.engine.optim import Hyperparameters, build_optimizer
 from mimkit.engine.resume import check_resume_changes, readable_resume, resolve_resume
-from mimkit.engine.runtime import environment, make_fabric, release_process_group, setup_for_training
+from mimkit.engine.runtime import environment, make_fabric, process_group_released, setup_for_training
 from mimkit.engine.step import StepResult, train_step
 from mimkit.engine.stop import StopRequest, TrainingStopped
 from mimkit.methods.base import Method, method_class
@@ -74,7 +74,7 @@ def pretrain(cfg: RunConfig, callbacks: Sequence[EpochCallback] = (), *, force: 
     ckpt.ensure_writable(run_dir, "output_dir", OUTPUT_FIX)
     fabric = make_fabric(cfg.train, run_dir)
     fabric.launch()
-    with own_run_folder(run_dir, fabric) as lock_warnings:  # one process per run folder, before any write
+    with process_group_released(), own_run_folder(run_dir, fabric) as lock_warnings:  # one process per run folder
         setup_logging(run_dir, fabric.global_rank)
         for notice in [*notices, *lock_warnings]:
             log.warning("%s", notice)
@@ -87,7 +87,6 @@ def pretrain(cfg: RunConfig, callbacks: Sequence[EpochCallback] = (), *, force: 
             )
         log_start_up(started)
         finished = trainer.fit()
-    release_process_group()
     return finished
 
 

@@ -77,12 +77,10 @@ def launched_processes() -> Iterator[int]:
     """Under torchrun, the processes share out the feature extraction (each gets every feature back); yields this
     process's rank, 0 alone: only rank 0 prints and saves."""
     from mimkit.distributed import join_launched_processes
-    from mimkit.engine.runtime import release_process_group
+    from mimkit.engine.runtime import process_group_released
 
-    try:
+    with process_group_released():
         yield join_launched_processes()
-    finally:
-        release_process_group()
 
 
 def warn(notices: list[str]) -> None:
