@@ -18,14 +18,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from mimkit.config import ConfigError
 from mimkit.data.info import DataError, DataInfo
 from mimkit.data.loader import collate, seeded
-from mimkit.data.sources import ImageSource, build_source
+from mimkit.data.sources import ImageSource, build_source, photo_stats
 from mimkit.engine.checkpoint import checkpoint_bytes
 from mimkit.methods.base import Method, method_class
 from mimkit.runs import RunConfig
 from mimkit.schedules import Progress
 
 MEASURED_IMAGES = 2
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -114,8 +113,7 @@ def _data(cfg: RunConfig) -> tuple[ImageSource | None, DataInfo, str]:
         return source, source.info, ""
     except (DataError, ConfigError, FileNotFoundError, OSError) as error:
         channels = cfg.data.channels or 3
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
-        info = DataInfo(cfg.data.source, channels, 0, None, None, mean, std)
+        info = DataInfo(cfg.data.source, channels, 0, None, None, *photo_stats(channels))
         return None, info, f"not readable here ({error}); steps per epoch follow from its image count"
 
 

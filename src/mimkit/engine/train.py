@@ -86,8 +86,7 @@ def pretrain(cfg: RunConfig, callbacks: Sequence[EpochCallback] = (), *, force: 
                 yaml.safe_dump(environment(fabric, cfg.train.precision), sort_keys=False)
             )
         log_start_up(started)
-        finished = trainer.fit()
-    return finished
+        return trainer.fit()
 
 
 class Trainer:

@@ -72,19 +72,18 @@ def extract_features(
     batch_size: int = 256,
     num_workers: int = 0,
     device: torch.device | str = "cpu",
-    process: int | None = None,
     description: str | None = None,
 ) -> Features:
-    """Run `encoder` over every image of `source` (sharded across processes when distributed; `process`: this
-    one's rank, by default the process group's).
+    """Run `encoder` over every image of `source` (sharded across the process group's ranks when distributed).
 
     `description` shows a progress bar with that label.
     """
     was_training = encoder.training
     encoder.eval()
     dataset = ViewDataset(source, EvalView(source.info, image_size), seed=0)
-    this = rank() if process is None else process
-    loader = eval_loader(dataset, batch_size=batch_size, num_workers=num_workers, num_replicas=world_size(), rank=this)
+    loader = eval_loader(
+        dataset, batch_size=batch_size, num_workers=num_workers, num_replicas=world_size(), rank=rank()
+    )
     features, labels, indices, skipped = [], [], [], []
     batches = track(loader, description=description, transient=True) if description else loader
     for batch in batches:

@@ -27,13 +27,13 @@ from mimkit.data.sources import ImageSource, build_source
 from mimkit.data.views import EvalView
 from mimkit.engine.logs import log, read_metrics
 from mimkit.engine.train import pretrain
+from mimkit.export import CONFIG_FILE, WEIGHTS_FILE
 from mimkit.methods.base import Method
 from mimkit.methods.finetune import Finetune
 from mimkit.recipes import find_recipe
 from mimkit.runs import RunConfig, load_run, load_run_config
 
 BEST_WEIGHTS, BEST_RECORD = "best.safetensors", "best.json"
-EXPORT_CONFIG, EXPORT_WEIGHTS = "config.json", "model.safetensors"
 
 
 @dataclass
@@ -84,8 +84,8 @@ class Pretrained:
 def pretrained(init: str | Path, *, random_init: bool = False) -> Pretrained:
     """Read what a fine-tune needs from a run folder, a checkpoint, or a `mimkit export` folder."""
     folder = Path(init)
-    if (folder / EXPORT_CONFIG).is_file() and (folder / EXPORT_WEIGHTS).is_file():
-        config = json.loads((folder / EXPORT_CONFIG).read_text())
+    if (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
+        config = json.loads((folder / CONFIG_FILE).read_text())
         args = dict(config.get("model_args") or {})
         size = int(config["pretrained_cfg"]["input_size"][-1])
         return Pretrained(None if random_init else str(folder), config["architecture"], args, size, {}, 0, folder)

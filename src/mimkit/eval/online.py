@@ -34,7 +34,7 @@ class OnlineKNN:
         if (epoch + 1) % self.every or not self.labelled():
             return {}
         with fabric.autocast():
-            accuracy = self.accuracy(method.encoder(), fabric.device, fabric.global_rank)
+            accuracy = self.accuracy(method.encoder(), fabric.device)
         log.info("epoch %d: online k-NN top-1 %.2f%%", epoch, 100 * accuracy)
         return {"knn_top1": accuracy}
 
@@ -47,12 +47,12 @@ class OnlineKNN:
         return bool(self.splits[0].info.num_classes)
 
     @torch.no_grad()
-    def accuracy(self, encoder: Encoder, device: torch.device, rank: int = 0) -> float:
+    def accuracy(self, encoder: Encoder, device: torch.device) -> float:
         """Top-1 accuracy (a fraction) of the weighted k-NN on [CLS] features; every rank gets the same value."""
         self.labelled()
         assert self.splits is not None
         train_source, test_source = self.splits
-        args = (encoder_image_size(encoder, train_source), "cls", self.batch_size, self.num_workers, device, rank)
+        args = (encoder_image_size(encoder, train_source), "cls", self.batch_size, self.num_workers, device)
         train = extract_features(encoder, train_source, *args)
         test = extract_features(encoder, test_source, *args)
         classes = train_source.info.num_classes or 0

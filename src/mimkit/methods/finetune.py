@@ -12,7 +12,6 @@ With `freeze`, only the head trains on the frozen encoder (iBOT's augmented line
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from mimkit.models.classifier import Classifier, Pool
 from mimkit.models.drop_path import seed_drop_paths
 from mimkit.models.encoder import Encoder
 from mimkit.models.families import family_of
+from mimkit.models.teachers import EMA, frozen_copy
 from mimkit.schedules import Progress
 
 
@@ -138,7 +138,8 @@ class Finetune(Method):
         )
         if cfg.freeze:
             encoder.requires_grad_(False)
-        self.ema = copy.deepcopy(self.classifier).requires_grad_(False) if cfg.ema_decay else None
+        self.ema = frozen_copy(self.classifier) if cfg.ema_decay else None
+        self._averaging = EMA(self.classifier, self.ema) if self.ema is not None else None
 
     @classmethod
     def from_saved(cls, cfg: MethodConfig, data: DataInfo, saved: Any) -> Method:
@@ -204,10 +205,9 @@ class Finetune(Method):
 
     @torch.no_grad()
     def after_step(self, progress: Progress) -> None:
-        if self.ema is None:
+        """The EMA of the weights; BatchNorm statistics are copied, not averaged."""
+        if self._averaging is None:
             return
-        trained = dict(self.classifier.named_parameters())
-        averaged = [(p, trained[n]) for n, p in self.ema.named_parameters()]
-        torch._foreach_lerp_([a for a, _ in averaged], [t for _, t in averaged], 1.0 - self.cfg.ema_decay)
+        self._averaging.update(self.cfg.ema_decay)
         for kept, current in zip(self.ema.buffers(), self.classifier.buffers(), strict=True):
             kept.copy_(current)

@@ -135,7 +135,7 @@ class SymMIM(Method):
 
         tokens = self.online(images, mask=online_masks)
         predicted = self.pixel_head(tokens[:, prefix:])
-        targets = normalize_patches(patchify(self._target_images(views, images), self.online.patch_size))
+        targets = normalize_patches(patchify(torch.cat(self._targets(views)), self.online.patch_size))
         loss_mim = masked_mse(predicted, targets, online_masks)
 
         features = self.online.pooled(tokens)
@@ -155,16 +155,16 @@ class SymMIM(Method):
         }
         return StepOutput(loss_mim + self.cfg.lambda_con * loss_con, metrics)
 
-    def _target_images(self, views: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
-        """The images whose patches the pixel head regresses (`pixel_target`), (2B, C, H, W) like `images`."""
-        return torch.cat(views["views_plain"]) if self.cfg.pixel_target == "crop" else images
+    def _targets(self, views: dict[str, Any]) -> list[torch.Tensor]:
+        """Per view, the images whose patches the pixel head regresses (`pixel_target`)."""
+        return views["views_plain"] if self.cfg.pixel_target == "crop" else views["views"]
 
     @torch.no_grad()
     def reconstruct(self, views: dict[str, Any]) -> Reconstruction:
         """The online encoder's pixels for the first view under its mask, brought back from per-patch normalised
         values with each target patch's mean and standard deviation (as MAE's figures do), beside the target."""
         images, masks = views["views"][0], views["online_masks"][0]
-        targets = views["views_plain"][0] if self.cfg.pixel_target == "crop" else images
+        targets = self._targets(views)[0]
         patch = self.online.patch_size
         predicted = self.pixel_head(self.online(images, mask=masks)[:, self.online.num_prefix_tokens :])
         patches = patchify(targets, patch)

@@ -42,8 +42,12 @@ def run_finetune(args: argparse.Namespace) -> int:
     from mimkit.eval.finetune import eval_source, finetune_config, pretrained, protocol_name, run_finetune_config
     from mimkit.eval.results import save_result
 
-    fields = {"epochs": "train.epochs", "batch_size": "data.global_batch", "num_workers": "data.num_workers"}
-    fields["limit"] = "data.limit"
+    fields = {
+        "epochs": "train.epochs",
+        "batch_size": "data.global_batch",
+        "num_workers": "data.num_workers",
+        "limit": "data.limit",
+    }
     shortcuts = [f"{key}={getattr(args, name)}" for name, key in fields.items() if getattr(args, name) is not None]
     start = pretrained(args.run_path, random_init=args.random_init)
     cfg = finetune_config(start, args.protocol, [*args.overrides, *shortcuts], output_dir=args.out, resume=args.resume)

@@ -10,6 +10,7 @@ from mimkit.data.sources.base import (
     Subset,
     convert_channels,
     describe,
+    photo_stats,
 )
 from mimkit.data.sources.build import build_source, held_out_split, same_images_notice
 from mimkit.data.sources.fashion_mnist import FashionMNISTSource
@@ -40,6 +41,7 @@ __all__ = [
     "convert_channels",
     "describe",
     "held_out_split",
+    "photo_stats",
     "register_source",
     "same_images_notice",
     "source_class",

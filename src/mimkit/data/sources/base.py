@@ -120,6 +120,12 @@ def convert_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
     return (image[:3].float() * weights).sum(0, keepdim=True).round().clamp(0, 255).to(torch.uint8)
 
 
+def photo_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation statistics of photos whose own are unknown: ImageNet's for RGB, their gray level for one
+    channel."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (GRAY_MEAN, GRAY_STD)
+
+
 def channel_stats(
     channels: int, source_channels: int, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:

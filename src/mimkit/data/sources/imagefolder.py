@@ -13,13 +13,10 @@ from mimkit.config import check
 from mimkit.data.config import DataConfig
 from mimkit.data.info import DataError, DataInfo
 from mimkit.data.sources.base import (
-    GRAY_MEAN,
-    GRAY_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     ImageSource,
     decode_file,
     missing_split_error,
+    photo_stats,
 )
 from mimkit.data.sources.image_modes import folder_channels
 from mimkit.data.sources.registry import register_source
@@ -42,7 +39,7 @@ class ImageFolderSource(ImageSource):
         if not self.files:
             raise DataError(f"no images found under {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
         self.channels = cfg.channels or folder_channels(root, self.files, strict=cfg.strict)
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.channels == 3 else (GRAY_MEAN, GRAY_STD)
+        mean, std = photo_stats(self.channels)
         self.info = DataInfo(
             f"imagefolder:{root}",
             self.channels,

@@ -16,13 +16,10 @@ from mimkit.config import check
 from mimkit.data.config import DataConfig
 from mimkit.data.info import DataError, DataInfo
 from mimkit.data.sources.base import (
-    GRAY_MEAN,
-    GRAY_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     ImageSource,
     decode_file,
     missing_split_error,
+    photo_stats,
 )
 from mimkit.data.sources.registry import register_source
 
@@ -50,7 +47,7 @@ class ShardSource(ImageSource):
         self.keys = [m[0] for shard in index["shards"] for m in shard["members"]]
         self.channels = cfg.channels or index["channels"]
         classes = tuple(index["classes"])
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.channels == 3 else (GRAY_MEAN, GRAY_STD)
+        mean, std = photo_stats(self.channels)
         self.info = DataInfo(
             f"shards:{folder}", self.channels, len(self.members), None, len(classes) or None, mean, std, classes
         )

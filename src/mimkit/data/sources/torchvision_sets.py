@@ -15,14 +15,11 @@ from mimkit.data.config import DataConfig
 from mimkit.data.info import DataError, DataInfo, UnreadableImage
 from mimkit.data.sources.base import (
     DECODE_ERRORS,
-    GRAY_MEAN,
-    GRAY_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     WIDE_MODES,
     ImageSource,
     convert_channels,
     decode,
+    photo_stats,
 )
 from mimkit.data.sources.registry import register_source
 
@@ -81,7 +78,7 @@ class TorchvisionSource(ImageSource):
             raise DataError(f"{self.name}: the first image cannot be read ({error.reason})") from None
         self.channels = cfg.channels or first.shape[0]
         classes = tuple(getattr(self.dataset, "classes", ()) or ())
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.channels == 3 else (GRAY_MEAN, GRAY_STD)
+        mean, std = photo_stats(self.channels)
         self.info = DataInfo(
             self.name,
             self.channels,
