@@ -329,16 +329,24 @@ class EvalView:
     resize smaller ones, then normalise (or, with `pixels`, keep values in [0, 1]: what tokenizers read)."""
 
     def __init__(self, data: DataInfo, size: int, crop_ratio: float = 0.875, pixels: bool = False) -> None:
-        self.size = size
-        self.resize_large = v2.Resize(round(size / crop_ratio), interpolation=BICUBIC, antialias=True)
-        self.resize_small = v2.Resize(size, interpolation=BICUBIC, antialias=True)
+        self.size, self.crop_ratio = size, crop_ratio
         self.crop = v2.CenterCrop(size)
         scale = v2.ToDtype(torch.float32, scale=True)
         self.normalize = scale if pixels else v2.Compose([scale, v2.Normalize(data.mean, data.std)])
 
     def __call__(self, image: torch.Tensor, epoch: int = 0) -> torch.Tensor:
+        return self.normalize(self._geometry(image, BICUBIC))
+
+    def label_map(self, labels: torch.Tensor) -> torch.Tensor:
+        """An image's (H, W) label map through the same resize and crop as the image, by nearest neighbour (a
+        bicubic one would invent ids between classes): the targets of its view's pixels."""
+        resized = self._geometry(labels[None].float(), v2.InterpolationMode.NEAREST_EXACT)
+        return resized[0].round().to(labels.dtype)
+
+    def _geometry(self, image: torch.Tensor, interpolation: v2.InterpolationMode) -> torch.Tensor:
         height, width = image.shape[-2:]
-        if (height, width) != (self.size, self.size):
-            resize = self.resize_large if min(height, width) > self.size else self.resize_small
-            image = self.crop(resize(image))
-        return self.normalize(image)
+        if (height, width) == (self.size, self.size):
+            return image
+        side = round(self.size / self.crop_ratio) if min(height, width) > self.size else self.size
+        resized = v2.functional.resize(image, side, interpolation=interpolation, antialias=interpolation == BICUBIC)
+        return self.crop(resized)

@@ -105,17 +105,22 @@ def extract_features(
         log.warning(
             "%s: skipped %d unreadable image(s), e.g. %s", source.info.name, len(skipped), ", ".join(skipped[:3])
         )
-    return _in_dataset_order(torch.cat(features), torch.cat(labels), torch.cat(indices), len(source))
+    ordered, ordered_labels = in_dataset_order(
+        (torch.cat(features), torch.cat(labels)), torch.cat(indices), len(source)
+    )
+    return Features(ordered, ordered_labels)
 
 
-def _in_dataset_order(features: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, total: int) -> Features:
-    """Gather the shards of all processes and drop the duplicates DistributedSampler pads with."""
+def in_dataset_order(tensors: tuple[torch.Tensor, ...], indices: torch.Tensor, total: int) -> tuple[torch.Tensor, ...]:
+    """Rows of `tensors` (this process's share, image `indices[i]` in row i) gathered from every process, in
+    dataset order, on the CPU; the duplicates DistributedSampler pads with are dropped."""
     if world_size() > 1:
-        features, labels, indices = (_gather_uneven(t) for t in (features, labels, indices))
+        tensors = tuple(_gather_uneven(t) for t in tensors)
+        indices = _gather_uneven(indices)
     order = torch.full((total,), -1, dtype=torch.long, device=indices.device)
     order[indices] = torch.arange(len(indices), device=indices.device)
     kept = order[order >= 0]
-    return Features(features[kept].cpu(), labels[kept].cpu())
+    return tuple(t[kept].cpu() for t in tensors)
 
 
 def _gather_uneven(tensor: torch.Tensor) -> torch.Tensor:

@@ -74,7 +74,7 @@ class LinearProbeSweep(nn.Module):
         return torch.einsum("bd,hdc->hbc", x, self.weight) + self.bias[:, None, :]
 
 
-class _SweepSGD:
+class SweepSGD:
     """SGD with momentum and per-head lrs: a (H, 1, ...) lr multiplies each head's update.
 
     Same update as `torch.optim.SGD` (dampening 0, no Nesterov) run on each head separately. Weight decay
@@ -199,7 +199,7 @@ def train_linear_probes(
     generator = torch.Generator().manual_seed(seed)
     probe = LinearProbeSweep(dim, num_classes, len(lrs), generator=generator).to(device)
     probe.standardise_with(train_x)
-    optimizer = _SweepSGD(probe, torch.tensor(lrs, dtype=torch.float32, device=device), momentum, weight_decay)
+    optimizer = SweepSGD(probe, torch.tensor(lrs, dtype=torch.float32, device=device), momentum, weight_decay)
     train_y = train_y.to(device, torch.long)
     n = train_x.shape[0]
     total_steps = epochs * math.ceil(n / batch_size)

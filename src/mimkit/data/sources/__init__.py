@@ -1,5 +1,6 @@
 """Image sources, one registered module each: Fashion-MNIST (IDX files), folders of images, shard folders,
-torchvision sets and synthetic shapes. A new source is one new module that registers itself (docs/data.md)."""
+torchvision sets, synthetic shapes and folders of images with label maps.
+A new source is one new module that registers itself (docs/data.md)."""
 
 from mimkit.data.sources.base import (
     GRAY_MEAN,
@@ -16,6 +17,7 @@ from mimkit.data.sources.build import build_source, held_out_split, same_images_
 from mimkit.data.sources.fashion_mnist import FashionMNISTSource
 from mimkit.data.sources.imagefolder import IMAGE_EXTENSIONS, ImageFolderSource
 from mimkit.data.sources.registry import register_source, source_class, source_names
+from mimkit.data.sources.segfolder import SegFolderConfig, SegFolderSource
 from mimkit.data.sources.shards import SHARD_FORMAT, SHARD_INDEX, ShardSource
 from mimkit.data.sources.synthetic import SyntheticConfig, SyntheticShapes
 from mimkit.data.sources.torchvision_sets import TorchvisionConfig, TorchvisionSource
@@ -31,6 +33,8 @@ __all__ = [
     "FashionMNISTSource",
     "ImageFolderSource",
     "ImageSource",
+    "SegFolderConfig",
+    "SegFolderSource",
     "ShardSource",
     "Subset",
     "SyntheticConfig",

@@ -59,9 +59,19 @@ class ImageSource(ABC):
         )
 
     def segmentation_classes(self) -> tuple[str, ...]:
-        """The names of the label maps' classes: background, then the image classes."""
+        """The names of the label maps' classes, id 0 first: background, then the image classes."""
         names = self.info.class_names or tuple(str(k) for k in range(self.info.num_classes or 0))
         return ("background", *names)
+
+    def label_map_where(self, index: int) -> str:
+        """Where image `index`'s label map comes from (a file, for sources that read them), for error messages."""
+        return f"{self.info.name} label map {index}"
+
+    def check_label_maps(self) -> None:
+        """Raise a DataError naming the file and the fix when a label map cannot serve (wrong size, colour-coded),
+        from what is cheap to read (file headers); before a dense evaluation extracts anything. Sources that draw
+        their maps have nothing to check."""
+        self.label_map(0)
 
     @classmethod
     def check_config(cls, data: Any, prefix: str) -> None:
@@ -100,6 +110,15 @@ class Subset(ImageSource):
 
     def label_map(self, index: int) -> torch.Tensor:
         return self.source.label_map(self.indices[index])
+
+    def label_map_where(self, index: int) -> str:
+        return self.source.label_map_where(self.indices[index])
+
+    def segmentation_classes(self) -> tuple[str, ...]:
+        return self.source.segmentation_classes()
+
+    def check_label_maps(self) -> None:
+        self.source.check_label_maps()
 
     def groups(self) -> list[list[int]] | None:
         base = self.source.groups()

@@ -1,0 +1,255 @@
+"""Linear segmentation probe on frozen patch tokens (DINOv2's "linear" protocol, simplified; docs/evaluation.md).
+
+Each token of the frozen encoder's grid goes through one linear layer (after a fixed per-channel standardisation,
+the affine-free BatchNorm of DINOv2's head), the (classes, h, w) logits are upsampled bilinearly to the label map,
+and cross-entropy is taken over the pixels that are not `IGNORE_INDEX`. As the linear probe, H heads, one per
+learning rate, train together on the same batches (`LinearProbeSweep`): head h is the probe lr h alone would give.
+Tokens are extracted once and kept in memory: (images, h, w, D) float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from rich.progress import track
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from mimkit.data.info import DataError, UnreadableImage
+from mimkit.data.loader import Skipped, eval_loader
+from mimkit.data.sources import ImageSource
+from mimkit.data.views import EvalView
+from mimkit.distributed import rank, world_size
+from mimkit.eval.features import in_dataset_order
+from mimkit.eval.linear import DEFAULT_LRS, LinearProbeSweep, SweepSGD
+from mimkit.eval.segmentation_scores import IGNORE_INDEX, SegmentationScores, confusion_matrix
+from mimkit.models.encoder import Encoder
+
+
+@dataclass
+class TokenMaps:
+    """Frozen tokens of a split on their grid and the label maps of the same views."""
+
+    tokens: Tensor
+    """(N, h, w, D) float32."""
+    targets: Tensor
+    """(N, H, W) uint8 class ids, `IGNORE_INDEX` where not scored."""
+
+
+class PatchPixels(Encoder):
+    """The pixel baseline of dense probing: each token is its patch's normalised pixels, on the grid of the encoder
+    it stands in for, so a linear probe of it sees exactly what the encoder saw and nothing learned."""
+
+    num_prefix_tokens = 0
+
+    def __init__(self, patch_size: int, image_size: int) -> None:
+        super().__init__()
+        self.patch_size, self.image_size = patch_size, image_size
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, tokens, C * patch_size**2); an image whose sides the patch does not divide is padded with zeros (its
+        mean, once normalised) to whole patches, as a CNN's strided grid covers its border."""
+        p = self.patch_size
+        padded = F.pad(images, (0, -images.shape[-1] % p, 0, -images.shape[-2] % p))
+        return F.unfold(padded, p, stride=p).transpose(1, 2)
+
+
+def token_grid(num_tokens: int, height: int, width: int, patch_size: int) -> tuple[int, int]:
+    """The (h, w) grid of an encoder's `num_tokens` patch tokens for an image of height x width pixels."""
+    for grid in ((height // patch_size, width // patch_size), (-(-height // patch_size), -(-width // patch_size))):
+        if grid[0] * grid[1] == num_tokens:
+            return grid
+    raise ValueError(f"{num_tokens} tokens do not tile a {height}x{width} image at {patch_size} pixels per token")
+
+
+class LabelledViews(Dataset):
+    """Each image's evaluation view with its label map through the same resize and crop; a label map that cannot
+    serve (another size, ids beyond the classes) comes back as Skipped with the reason, so the consumer stops with
+    it rather than a worker's traceback."""
+
+    def __init__(self, source: ImageSource, view: EvalView, num_classes: int) -> None:
+        self.source, self.view, self.num_classes = source, view, num_classes
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[tuple[Tensor, Tensor], int, int] | Skipped:
+        index = key[1] if isinstance(key, tuple) else key  # the loaders' samplers yield (epoch, index)
+        try:
+            image, _ = self.source.load(index)
+        except UnreadableImage as error:
+            return Skipped(error.where, error.reason)
+        where = self.source.label_map_where(index)
+        try:
+            labels = self.source.label_map(index)
+        except DataError as error:
+            return Skipped(where, str(error))
+        if labels.shape != image.shape[-2:]:
+            return Skipped(
+                where,
+                f"the label map is {labels.shape[1]}x{labels.shape[0]} but its image is {image.shape[2]}x"
+                f"{image.shape[1]}; label maps need their image's size (resize with nearest-neighbour interpolation)",
+            )
+        wrong = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.num_classes))]
+        if len(wrong):
+            return Skipped(
+                where,
+                f"ids {sorted(set(wrong.tolist()))[:5]} lie outside the {self.num_classes} classes (0 to "
+                f"{self.num_classes - 1}; {IGNORE_INDEX} is not scored); name every class in the class list, or "
+                f"set such pixels to {IGNORE_INDEX}",
+            )
+        return (self.view(image), self.view.label_map(labels).to(torch.uint8)), -1, index
+
+
+@torch.no_grad()
+def extract_token_maps(
+    encoder: Encoder,
+    source: ImageSource,
+    image_size: int,
+    num_classes: int,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    description: str | None = None,
+) -> TokenMaps:
+    """Patch tokens of every image of `source` on their grid, with the label maps, in dataset order (shared out over
+    the process group's ranks when distributed). Any unreadable image or unusable label map is a DataError."""
+    was_training = encoder.training
+    encoder.eval()
+    dataset = LabelledViews(source, EvalView(source.info, image_size), num_classes)
+    loader = eval_loader(
+        dataset, batch_size=batch_size, num_workers=num_workers, num_replicas=world_size(), rank=rank()
+    )
+    tokens, targets, indices = [], [], []
+    for batch in track(loader, description=description, transient=True) if description else loader:
+        if batch["skipped"]:
+            raise DataError(f"dense evaluation of {source.info.name}: {batch['skipped'][0]}")
+        images, maps = batch["views"]
+        found = encoder(images.to(device, non_blocking=True))[:, encoder.num_prefix_tokens :]
+        grid = token_grid(found.shape[1], *images.shape[-2:], encoder.patch_size)
+        tokens.append(found.float().unflatten(1, grid))
+        targets.append(maps.to(device))
+        indices.append(batch["index"].to(device))
+    encoder.train(was_training)
+    ordered = in_dataset_order((torch.cat(tokens), torch.cat(targets)), torch.cat(indices), len(source))
+    return TokenMaps(*ordered)
+
+
+@dataclass
+class SegmentationProbeResult:
+    """Scores of every head of a sweep on the evaluation split, and the lr chosen by its mIoU (ties: listed first)."""
+
+    lrs: list[float]
+    scores: list[SegmentationScores]
+    best_lr: float
+    best: SegmentationScores
+    probe: LinearProbeSweep | None = field(default=None, repr=False, compare=False)
+    """The trained sweep; head i was trained with lrs[i]."""
+
+    def to_markdown(self) -> str:
+        """One row per lr (scores in percent); the selected lr in bold."""
+        lines = ["| lr | mIoU % | pixel acc. % |", "|---:|---:|---:|"]
+        for lr, scores in zip(self.lrs, self.scores, strict=True):
+            cells = [f"{lr:g}", f"{100 * scores.miou:.2f}", f"{100 * scores.pixel_accuracy:.2f}"]
+            if lr == self.best_lr:
+                cells = [f"**{c}**" for c in cells]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+
+def _upsampled_logits(probe: LinearProbeSweep, tokens: Tensor, size: Sequence[int]) -> Tensor:
+    """(heads, B, classes, H, W) logits of (B, h, w, D) tokens, bilinearly upsampled to the label maps' size."""
+    batch, grid = tokens.shape[0], tokens.shape[1:3]
+    logits = probe(tokens.flatten(0, 2))  # (heads, B*h*w, classes)
+    maps = logits.unflatten(1, (batch, *grid)).permute(0, 1, 4, 2, 3).flatten(0, 1)
+    upsampled = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+    return upsampled.unflatten(0, (probe.num_heads, batch))
+
+
+@torch.no_grad()
+def predict_label_maps(probe: LinearProbeSweep, encoder: Encoder, images: Tensor) -> Tensor:
+    """(B, H, W) class ids that head 0 of `probe` predicts for evaluation views `images` (B, C, H, W)."""
+    tokens = encoder(images)[:, encoder.num_prefix_tokens :]
+    grid = token_grid(tokens.shape[1], *images.shape[-2:], encoder.patch_size)
+    return _upsampled_logits(probe, tokens.float().unflatten(1, grid), images.shape[-2:])[0].argmax(1)
+
+
+@torch.no_grad()
+def score_heads(probe: LinearProbeSweep, split: TokenMaps, batch_size: int = 64) -> list[SegmentationScores]:
+    """Every head's scores over the whole split (one confusion matrix per head, summed over images)."""
+    num_classes = probe.bias.shape[1]
+    device = probe.weight.device
+    confusion = torch.zeros(probe.num_heads, num_classes, num_classes, dtype=torch.long, device=device)
+    for start in range(0, len(split.tokens), batch_size):
+        target = split.targets[start : start + batch_size].to(device)
+        predicted = _upsampled_logits(probe, split.tokens[start : start + batch_size].to(device), target.shape[-2:])
+        for head, guess in enumerate(predicted.argmax(2)):
+            confusion[head] += confusion_matrix(guess, target, num_classes)
+    return [SegmentationScores.from_confusion(counts.cpu()) for counts in confusion]
+
+
+def train_segmentation_probes(
+    train: TokenMaps,
+    test: TokenMaps,
+    num_classes: int,
+    lrs: Sequence[float] = DEFAULT_LRS,
+    epochs: int = 20,
+    batch_size: int = 64,
+    seed: int = 0,
+    *,
+    standardise: bool = True,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    description: str | None = None,
+) -> SegmentationProbeResult:
+    """Train one linear head per lr on `train`'s tokens and label maps, in one pass, and score them on `test`.
+
+    SGD with momentum, cosine decay of every lr to 0, per-pixel cross-entropy averaged over the scored pixels of a
+    batch, shuffled batches of images. Runs on `train.tokens`' device; deterministic given `seed`. `standardise`
+    off: a plain linear layer of the raw tokens."""
+    if not lrs or min(lrs) <= 0:
+        raise ValueError(f"lrs: need at least one lr, all > 0; got {tuple(lrs)}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1; got {epochs}, {batch_size}")
+    if len(train.tokens) == 0 or len(test.tokens) == 0:
+        raise ValueError("train and test need at least one image each")
+    device = train.tokens.device
+    generator = torch.Generator().manual_seed(seed)
+    probe = LinearProbeSweep(train.tokens.shape[-1], num_classes, len(lrs), generator=generator).to(device)
+    if standardise:
+        probe.standardise_with(train.tokens.flatten(0, 2))
+    optimizer = SweepSGD(probe, torch.tensor(lrs, dtype=torch.float32, device=device), momentum, weight_decay)
+    n = len(train.tokens)
+    total_steps = epochs * math.ceil(n / batch_size)
+    step = 0
+    epoch_range = track(range(epochs), description=description, transient=True) if description else range(epochs)
+    for _ in epoch_range:
+        order = torch.randperm(n, generator=generator).to(device)
+        for start in range(0, n, batch_size):
+            batch = order[start : start + batch_size]
+            target = train.targets[batch].to(device).long()
+            scored = int((target != IGNORE_INDEX).sum())
+            if scored:
+                logits = _upsampled_logits(probe, train.tokens[batch], target.shape[-2:])
+                per_head = target.expand(probe.num_heads, *target.shape)
+                # Sum over heads of each head's mean loss: head h's gradient is that of its own loss.
+                loss = (
+                    F.cross_entropy(
+                        logits.flatten(0, 1), per_head.flatten(0, 1), ignore_index=IGNORE_INDEX, reduction="sum"
+                    )
+                    / scored
+                )
+                grads = torch.autograd.grad(loss, [probe.weight, probe.bias])
+                optimizer.step(grads, 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+            step += 1
+    scores = score_heads(probe, test, batch_size)
+    best = max(range(len(lrs)), key=lambda i: (_finite(scores[i].miou), -i))
+    return SegmentationProbeResult([float(lr) for lr in lrs], scores, float(lrs[best]), scores[best], probe)
+
+
+def _finite(value: float) -> float:
+    return -1.0 if math.isnan(value) else value
