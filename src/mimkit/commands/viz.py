@@ -1,4 +1,4 @@
-"""`mimkit viz`: figures of a run (attention, masks, patch PCA, training curves) and its HTML report."""
+"""`mimkit viz`: figures of a run (attention, masks, patch PCA, segmentation, training curves) and its HTML report."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from mimkit.models.encoder import Encoder
     from mimkit.runs import LoadedRun
 
-FIGURES = ("attention", "masks", "reconstructions", "panels", "pca", "embedding", "curves", "report")
+FIGURES = ("attention", "masks", "reconstructions", "panels", "pca", "embedding", "segmentation", "curves", "report")
 """What `--what` can name, in the order they are made (the report last: it shows the figures made before)."""
 
 EPILOG = """examples:
@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         "panels": _panels,
         "pca": _pca,
         "embedding": _embedding,
+        "segmentation": _segmentation,
         "curves": _curves,
     }
     for name in FIGURES:
@@ -236,6 +237,40 @@ def _panels(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:
         return None
     info = method.data
     return panels_figure([(panel.title, panel.values) for panel in panels], info.mean, info.std)
+
+
+def _segmentation(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:
+    """What the probe of `mimkit eval segment` predicts for a few eval images, beside their label maps."""
+    import torch
+
+    from mimkit.data.info import DataError, UnreadableImage
+    from mimkit.data.views import EvalView
+    from mimkit.eval.dense import PROBE_FILE, load_probe
+    from mimkit.eval.features import encoder_image_size
+    from mimkit.eval.segment import predict_label_maps
+    from mimkit.viz.segmentation import segmentation_figure
+
+    path = loaded.run_dir / "eval" / PROBE_FILE
+    if not path.is_file():
+        print(f"segmentation: no {path} (mimkit eval segment RUN trains it); skipped")
+        return None
+    probe, classes, about = load_probe(path)
+    if (about["checkpoint"], about["modified"]) != (str(loaded.checkpoint), loaded.checkpoint.stat().st_mtime_ns):
+        print(f"segmentation: {path} was trained on another checkpoint; run mimkit eval segment again; skipped")
+        return None
+    encoder = loaded.encoder().eval()
+    spread = _spread_images(loaded, args, args.images)
+    view = EvalView(spread.info, encoder_image_size(encoder, spread))
+    try:
+        pairs = [(spread.load(i)[0], spread.label_map(i)) for i in range(len(spread))]
+    except (DataError, UnreadableImage) as error:
+        print(f"segmentation: {error}; skipped")
+        return None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    images = torch.stack([view(image) for image, _ in pairs]).to(device)
+    truth = torch.stack([view.label_map(labels) for _, labels in pairs])
+    predicted = predict_label_maps(probe.to(device), encoder.to(device), images)
+    return segmentation_figure(images, truth, predicted, classes, spread.info.mean, spread.info.std)
 
 
 def _curves(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:

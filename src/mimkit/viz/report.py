@@ -24,6 +24,8 @@ CAPTIONS = {
     "masks": "Crops as the method's own views make them, with the masked patches shaded.",
     "pca": "First three principal components of the patch tokens (fitted over these images) as RGB.",
     "reconstructions": "Originals, masked inputs and the pixel head's reconstructions.",
+    "segmentation": "Eval images, their label maps and what the linear segmentation probe of mimkit eval segment "
+    "predicts from the frozen patch tokens.",
     "panels": "The method's inputs and outputs, one image per row (CIM: generator mask, tokenizer reconstruction, "
     "corrupted image, ResPix output or RevDet probabilities beside the truly replaced tokens).",
 }
