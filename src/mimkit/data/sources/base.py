@@ -55,7 +55,7 @@ class ImageSource(ABC):
         class k), for dense evaluation; a DataError for sources that have none."""
         raise DataError(
             f"{self.info.name} has no label maps; dense evaluation needs a source that has them "
-            "(synthetic, fashion-mnist; docs/data.md)"
+            "(synthetic, fashion-mnist, segfolder; docs/data.md)"
         )
 
     def segmentation_classes(self) -> tuple[str, ...]:
