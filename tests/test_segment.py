@@ -266,3 +266,19 @@ def test_eval_segment_refuses_data_without_label_maps(
         r"plain has no label maps; dense evaluation needs a source that has them \(synthetic, fashion-mnist, segfolder",
         *("eval", "segment", str(run_dir), "data.source=imagefolder", "data.synthetic=null", f"data.root={folder}"),
     )
+
+
+def test_the_command_s_default_lrs_are_the_library_s() -> None:
+    from mimkit.commands.eval import segment as segment_command
+    from mimkit.eval import segment
+
+    assert segment_command.SEGMENT_LRS == segment.SEGMENT_LRS
+
+
+def test_separable_upsampling_equals_bilinear_interpolation() -> None:
+    from mimkit.eval.segment import bilinear_weights
+
+    maps = torch.randn(3, 5, 4, 6)
+    expected = torch.nn.functional.interpolate(maps, size=(28, 30), mode="bilinear", align_corners=False)
+    found = torch.einsum("nchw,Hh,Ww->ncHW", maps, bilinear_weights(28, 4), bilinear_weights(30, 6))
+    torch.testing.assert_close(found, expected)

@@ -20,8 +20,9 @@ from mimkit.config import ConfigError
 from mimkit.data.sources import ImageSource, same_images_notice
 from mimkit.eval.features import encoder_image_size
 from mimkit.eval.frozen import FeatureOptions, data_record, eval_device, run_label
-from mimkit.eval.linear import DEFAULT_LRS, LinearProbeSweep
+from mimkit.eval.linear import LinearProbeSweep
 from mimkit.eval.segment import (
+    SEGMENT_LRS,
     PatchPixels,
     SegmentationProbeResult,
     TokenMaps,
@@ -42,8 +43,8 @@ class SegmentConfig:
     standardisation of the tokens (the BN before DINOv2's linear head; off: a plain linear layer), and the
     baselines (the run's random init, and each patch's own pixels on the same grid)."""
 
-    lrs: tuple[float, ...] = DEFAULT_LRS
-    epochs: int = 20
+    lrs: tuple[float, ...] = SEGMENT_LRS
+    epochs: int = 10
     standardise: bool = True
     baselines: bool = False
     features: FeatureOptions = field(default_factory=lambda: FeatureOptions(batch_size=64))

@@ -25,14 +25,16 @@ def confusion_matrix(
     [0, num_classes) that is not `ignore_index` is an error: a label map from another class list."""
     if prediction.shape != target.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
-    kept = target != ignore_index
-    truth, guess = target[kept].long(), prediction[kept].long()
-    if len(truth) and (truth.min() < 0 or truth.max() >= num_classes):
+    truth = target.long()
+    ignored = truth == ignore_index
+    wrong = ignored.logical_not() & ((truth < 0) | (truth >= num_classes))
+    if wrong.any():
         raise ValueError(
-            f"target ids must lie in [0, {num_classes}) or be {ignore_index} (ignored); found {int(truth.max())}"
+            f"target ids must lie in [0, {num_classes}) or be {ignore_index} (ignored); found {int(truth[wrong][0])}"
         )
-    flat = truth * num_classes + guess.clamp(0, num_classes - 1)
-    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    cells = num_classes * num_classes
+    flat = (truth * num_classes + prediction.long().clamp(0, num_classes - 1)).masked_fill(ignored, cells)
+    return torch.bincount(flat.flatten(), minlength=cells + 1)[:cells].view(num_classes, num_classes)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,9 @@ from mimkit.commands.eval.common import (
     warn,
     writable_results,
 )
-from mimkit.commands.eval.linear import DEFAULT_LRS
+
+SEGMENT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+"""Same as `mimkit.eval.segment.SEGMENT_LRS` (repeated here to keep torch out of the parser; a test checks)."""
 
 
 def add(evaluations: argparse._SubParsersAction) -> None:
@@ -25,8 +27,8 @@ def add(evaluations: argparse._SubParsersAction) -> None:
         run_segment,
         overrides="data overrides, e.g. data.source=segfolder data.root=/data/ADEChallengeData2016",
     )
-    segment.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS), help="lrs to sweep (%(default)s)")
-    segment.add_argument("--epochs", type=int, default=20, help="SGD epochs over the token maps (%(default)s)")
+    segment.add_argument("--lrs", type=float, nargs="+", default=list(SEGMENT_LRS), help="lrs to sweep (%(default)s)")
+    segment.add_argument("--epochs", type=int, default=10, help="SGD epochs over the token maps (%(default)s)")
     segment.add_argument(
         "--no-standardise",
         dest="standardise",
