@@ -19,6 +19,7 @@ from torch import nn
 
 from mimkit.cli import main
 from mimkit.config import ConfigError, apply_overrides, from_dict
+from mimkit.data.views import EvalView
 from mimkit.engine.runtime import EncoderBlocks
 from mimkit.engine.train import pretrain
 from mimkit.methods import method_names
@@ -245,3 +246,20 @@ def test_viz_draws_what_the_encoder_has(trained: tuple[str, str, Path], tmp_path
         with Image.open(path) as image:
             assert image.width > 0
     assert (out / "index.html").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_dense_evaluation_reads_every_family_s_token_grid(name: str) -> None:
+    from mimkit.data.config import DataConfig
+    from mimkit.data.sources import SyntheticConfig, build_source
+    from mimkit.eval.segment import extract_token_maps
+
+    encoder = encoder_of(name)
+    source = build_source(DataConfig(source="synthetic", options=SyntheticConfig(images=3, size=SIZE, classes=2)), "x")
+    maps = extract_token_maps(encoder, source, SIZE, 3, batch_size=2)
+    h, w = encoder.grid(SIZE, SIZE)
+    assert maps.tokens.shape == (3, h, w, encoder.embed_dim) and maps.targets.shape == (3, SIZE, SIZE)
+    assert torch.equal(maps.targets[1].long(), source.label_map(1))
+    with torch.no_grad():
+        expected = encoder(EvalView(source.info, SIZE)(source.load(2)[0])[None])[0, encoder.num_prefix_tokens :]
+    torch.testing.assert_close(maps.tokens[2].flatten(0, 1), expected)

@@ -18,7 +18,7 @@ from mimkit.data.info import DataError, DataInfo
 from mimkit.data.sources import SegFolderConfig, SegFolderSource
 from mimkit.data.views import EvalView
 from mimkit.engine.train import pretrain
-from mimkit.eval.segment import PatchPixels, TokenMaps, token_grid, train_segmentation_probes
+from mimkit.eval.segment import PatchPixels, TokenMaps, train_segmentation_probes
 from mimkit.eval.segmentation_scores import IGNORE_INDEX
 from mimkit.runs import load_run_config
 from support import IBOT_RECIPE, QUIET_CPU_RUN, SYNTHETIC_28, TINY_IBOT_HEADS
@@ -57,20 +57,13 @@ def test_each_head_of_a_sweep_is_the_probe_its_lr_alone_gives() -> None:
     assert sweep.scores[1] == alone.scores[0]
 
 
-def test_token_grids_of_vits_and_strided_cnns() -> None:
-    assert token_grid(16, 28, 28, 7) == (4, 4)  # a ViT: the patch divides the image
-    assert token_grid(16, 28, 28, 8) == (4, 4)  # a CNN of stride 8 covers the border with a partial cell
-    assert token_grid(6, 32, 48, 16) == (2, 3)
-    with pytest.raises(ValueError, match="do not tile"):
-        token_grid(10, 28, 28, 7)
-
-
 def test_patch_pixels_are_each_patch_s_own_pixels_on_the_encoder_s_grid() -> None:
     images = torch.randn(2, 3, 28, 28)
     tokens = PatchPixels(7, 28)(images)
     assert tokens.shape == (2, 16, 3 * 49)
     torch.testing.assert_close(tokens[1, 5], images[1, :, 7:14, 7:14].flatten())  # row 1, column 1
-    padded = PatchPixels(8, 28)(images)  # 28 px at stride 8: 4x4 cells, the last ones padded
+    padded = PatchPixels(8, 28)(images)  # 28 px at stride 8: 4x4 cells, the last ones padded, as a CNN's grid
+    assert PatchPixels(8, 28).grid(28, 28) == (4, 4) == PatchPixels(7, 28).grid(28, 28)
     assert padded.shape == (2, 16, 3 * 64)
     torch.testing.assert_close(padded[0, 15].view(3, 8, 8)[:, :4, :4], images[0, :, 24:, 24:])
     assert padded[0, 15].view(3, 8, 8)[:, 4:, :].abs().sum() == 0

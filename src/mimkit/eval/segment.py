@@ -61,13 +61,8 @@ class PatchPixels(Encoder):
         padded = F.pad(images, (0, -images.shape[-1] % p, 0, -images.shape[-2] % p))
         return F.unfold(padded, p, stride=p).transpose(1, 2)
 
-
-def token_grid(num_tokens: int, height: int, width: int, patch_size: int) -> tuple[int, int]:
-    """The (h, w) grid of an encoder's `num_tokens` patch tokens for an image of height x width pixels."""
-    for grid in ((height // patch_size, width // patch_size), (-(-height // patch_size), -(-width // patch_size))):
-        if grid[0] * grid[1] == num_tokens:
-            return grid
-    raise ValueError(f"{num_tokens} tokens do not tile a {height}x{width} image at {patch_size} pixels per token")
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        return -(-height // self.patch_size), -(-width // self.patch_size)
 
 
 class LabelledViews(Dataset):
@@ -134,8 +129,7 @@ def extract_token_maps(
             raise DataError(f"dense evaluation of {source.info.name}: {batch['skipped'][0]}")
         images, maps = batch["views"]
         found = encoder(images.to(device, non_blocking=True))[:, encoder.num_prefix_tokens :]
-        grid = token_grid(found.shape[1], *images.shape[-2:], encoder.patch_size)
-        tokens.append(found.float().unflatten(1, grid))
+        tokens.append(found.float().unflatten(1, encoder.grid(*images.shape[-2:])))
         targets.append(maps.to(device))
         indices.append(batch["index"].to(device))
     encoder.train(was_training)
@@ -186,7 +180,7 @@ def _upsampled_logits(probe: LinearProbeSweep, tokens: Tensor, size: Sequence[in
 def predict_label_maps(probe: LinearProbeSweep, encoder: Encoder, images: Tensor) -> Tensor:
     """(B, H, W) class ids that head 0 of `probe` predicts for evaluation views `images` (B, C, H, W)."""
     tokens = encoder(images)[:, encoder.num_prefix_tokens :]
-    grid = token_grid(tokens.shape[1], *images.shape[-2:], encoder.patch_size)
+    grid = encoder.grid(*images.shape[-2:])
     return _upsampled_logits(probe, tokens.float().unflatten(1, grid), images.shape[-2:])[0].argmax(1)
 
 
