@@ -11,11 +11,12 @@ start from the same initial weights, so they differ only in their lr.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from rich.progress import track
 from torch import Tensor, nn
 
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
@@ -74,7 +75,7 @@ class LinearProbeSweep(nn.Module):
         return torch.einsum("bd,hdc->hbc", x, self.weight) + self.bias[:, None, :]
 
 
-class SweepSGD:
+class _SweepSGD:
     """SGD with momentum and per-head lrs: a (H, 1, ...) lr multiplies each head's update.
 
     Same update as `torch.optim.SGD` (dampening 0, no Nesterov) run on each head separately. Weight decay
@@ -96,6 +97,44 @@ class SweepSGD:
                 buf.add_(param, alpha=decay)
             lr = (self.lrs * lr_factor).view(-1, *([1] * (param.ndim - 1)))
             param.sub_(lr * buf)
+
+
+def check_sweep(lrs: Sequence[float], epochs: int, batch_size: int) -> None:
+    if not lrs or min(lrs) <= 0:
+        raise ValueError(f"lrs: need at least one lr, all > 0; got {tuple(lrs)}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1; got {epochs}, {batch_size}")
+
+
+def fit_sweep(
+    probe: LinearProbeSweep,
+    lrs: Sequence[float],
+    num_samples: int,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    batch_loss: Callable[[Tensor], Tensor | None],
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    description: str | None = None,
+) -> None:
+    """Train every head of `probe` with its own lr: SGD with momentum over shuffled batches of sample indices (the
+    last one may be smaller), every lr decayed to 0 by a cosine over all steps. `batch_loss(indices)` is the sum over
+    heads of each head's mean loss on the batch, so each head's gradient is that of its own loss; None skips the
+    step (it still counts in the schedule)."""
+    device = probe.weight.device
+    optimizer = _SweepSGD(probe, torch.tensor(lrs, dtype=torch.float32, device=device), momentum, weight_decay)
+    total_steps = epochs * math.ceil(num_samples / batch_size)
+    step = 0
+    passes = track(range(epochs), description=description, transient=True) if description else range(epochs)
+    for _ in passes:
+        order = torch.randperm(num_samples, generator=generator).to(device)
+        for start in range(0, num_samples, batch_size):
+            loss = batch_loss(order[start : start + batch_size])
+            if loss is not None:
+                grads = torch.autograd.grad(loss, [probe.weight, probe.bias])
+                optimizer.step(grads, 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+            step += 1
 
 
 @dataclass
@@ -190,32 +229,19 @@ def train_linear_probes(
         raise ValueError("val_x and val_y: give both or neither")
     if val_x is not None and val_y is not None:
         _check_split(val_x, val_y, "val", dim, num_classes)
-    if not lrs or min(lrs) <= 0:
-        raise ValueError(f"lrs: need at least one lr, all > 0; got {tuple(lrs)}")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1; got {epochs}, {batch_size}")
-
+    check_sweep(lrs, epochs, batch_size)
     device = train_x.device
     generator = torch.Generator().manual_seed(seed)
     probe = LinearProbeSweep(dim, num_classes, len(lrs), generator=generator).to(device)
     probe.standardise_with(train_x)
-    optimizer = SweepSGD(probe, torch.tensor(lrs, dtype=torch.float32, device=device), momentum, weight_decay)
     train_y = train_y.to(device, torch.long)
-    n = train_x.shape[0]
-    total_steps = epochs * math.ceil(n / batch_size)
-    step = 0
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator).to(device)
-        for start in range(0, n, batch_size):
-            batch = order[start : start + batch_size]
-            logits = probe(train_x[batch])
-            targets = train_y[batch].repeat(probe.num_heads)
-            # Sum over heads of each head's mean loss: head h's gradient is that of its own loss.
-            loss = F.cross_entropy(logits.flatten(0, 1), targets, reduction="sum") / batch.numel()
-            grads = torch.autograd.grad(loss, [probe.weight, probe.bias])
-            optimizer.step(grads, 0.5 * (1 + math.cos(math.pi * step / total_steps)))
-            step += 1
 
+    def batch_loss(batch: Tensor) -> Tensor:
+        logits = probe(train_x[batch])
+        targets = train_y[batch].repeat(probe.num_heads)
+        return F.cross_entropy(logits.flatten(0, 1), targets, reduction="sum") / batch.numel()
+
+    fit_sweep(probe, lrs, train_x.shape[0], epochs, batch_size, generator, batch_loss, momentum, weight_decay)
     top1, top5 = _accuracies(probe, test_x, test_y)
     val_top1 = _accuracies(probe, val_x, val_y)[0] if val_x is not None and val_y is not None else None
     selection = val_top1 if val_top1 is not None else top1

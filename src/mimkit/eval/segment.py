@@ -25,7 +25,7 @@ from mimkit.data.sources import ImageSource
 from mimkit.data.views import EvalView
 from mimkit.distributed import rank, world_size
 from mimkit.eval.features import in_dataset_order
-from mimkit.eval.linear import LinearProbeSweep, SweepSGD
+from mimkit.eval.linear import LinearProbeSweep, check_sweep, fit_sweep
 from mimkit.eval.segmentation_scores import IGNORE_INDEX, SegmentationScores, confusion_matrix
 from mimkit.models.encoder import Encoder
 
@@ -217,10 +217,7 @@ def train_segmentation_probes(
     SGD with momentum, cosine decay of every lr to 0, per-pixel cross-entropy averaged over the scored pixels of a
     batch, shuffled batches of images. Runs on `train.tokens`' device; deterministic given `seed`. `standardise`
     off: a plain linear layer of the raw tokens."""
-    if not lrs or min(lrs) <= 0:
-        raise ValueError(f"lrs: need at least one lr, all > 0; got {tuple(lrs)}")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1; got {epochs}, {batch_size}")
+    check_sweep(lrs, epochs, batch_size)
     if len(train.tokens) == 0 or len(test.tokens) == 0:
         raise ValueError("train and test need at least one image each")
     device = train.tokens.device
@@ -228,30 +225,22 @@ def train_segmentation_probes(
     probe = LinearProbeSweep(train.tokens.shape[-1], num_classes, len(lrs), generator=generator).to(device)
     if standardise:
         probe.standardise_with(train.tokens.flatten(0, 2))
-    optimizer = SweepSGD(probe, torch.tensor(lrs, dtype=torch.float32, device=device), momentum, weight_decay)
-    n = len(train.tokens)
-    total_steps = epochs * math.ceil(n / batch_size)
-    step = 0
-    epoch_range = track(range(epochs), description=description, transient=True) if description else range(epochs)
-    for _ in epoch_range:
-        order = torch.randperm(n, generator=generator).to(device)
-        for start in range(0, n, batch_size):
-            batch = order[start : start + batch_size]
-            target = train.targets[batch].to(device).long()
-            scored = int((target != IGNORE_INDEX).sum())
-            if scored:
-                logits = _upsampled_logits(probe, train.tokens[batch], target.shape[-2:])
-                per_head = target.expand(probe.num_heads, *target.shape)
-                # Sum over heads of each head's mean loss: head h's gradient is that of its own loss.
-                loss = (
-                    F.cross_entropy(
-                        logits.flatten(0, 1), per_head.flatten(0, 1), ignore_index=IGNORE_INDEX, reduction="sum"
-                    )
-                    / scored
-                )
-                grads = torch.autograd.grad(loss, [probe.weight, probe.bias])
-                optimizer.step(grads, 0.5 * (1 + math.cos(math.pi * step / total_steps)))
-            step += 1
+
+    def batch_loss(batch: Tensor) -> Tensor | None:
+        target = train.targets[batch].to(device).long()
+        scored = int((target != IGNORE_INDEX).sum())
+        if not scored:
+            return None
+        logits = _upsampled_logits(probe, train.tokens[batch], target.shape[-2:])
+        per_head = target.expand(probe.num_heads, *target.shape)
+        summed = F.cross_entropy(
+            logits.flatten(0, 1), per_head.flatten(0, 1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        return summed / scored
+
+    fit_sweep(
+        probe, lrs, len(train.tokens), epochs, batch_size, generator, batch_loss, momentum, weight_decay, description
+    )
     scores = score_heads(probe, test, batch_size)
     best = max(range(len(lrs)), key=lambda i: (_finite(scores[i].miou), -i))
     return SegmentationProbeResult([float(lr) for lr in lrs], scores, float(lrs[best]), scores[best], probe)
