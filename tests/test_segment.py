@@ -191,6 +191,11 @@ def test_eval_segment_with_baselines_saves_scores_history_and_a_drawable_probe(
         assert 0 < saved["miou"] <= 1 and saved["miou"] == max(row["miou"] for row in saved["table"])
     assert main(["runs", "show", str(run_dir)]) == 0
     assert "eval segment_raw_pixels" in capsys.readouterr().out
+    from mimkit.run_summary import result_rows, summarize
+
+    rows = result_rows([summarize(run_dir)])
+    pretrained = json.loads((run_dir / "eval" / "segment.json").read_text())["miou"]
+    assert rows["segment mIoU (%)"] == [pytest.approx(100 * pretrained)] and "segment top-1 (%)" not in rows
     assert main(["viz", str(run_dir), "--what", "segmentation", "--images", "2"]) == 0
     assert (run_dir / "report" / "segmentation.png").stat().st_size > 1000
 

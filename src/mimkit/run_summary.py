@@ -138,14 +138,16 @@ def config_differences(summaries: Sequence[RunSummary]) -> dict[str, list[Any]]:
 
 
 def result_rows(summaries: Sequence[RunSummary]) -> dict[str, list[float | None]]:
-    """Training time, last loss and each evaluation's score (top-1, a fraction) for each run."""
+    """Training time, last loss and each evaluation's score (a fraction: top-1, or the metric its record names, e.g.
+    mIoU) for each run."""
     evaluations = sorted(set().union(*(s.evaluations for s in summaries)))
     rows: dict[str, list[float | None]] = {
         "training minutes": [s.train_minutes for s in summaries],
         "last loss": [s.last_loss[1] if s.last_loss else None for s in summaries],
     }
     for name in evaluations:
-        rows[f"{name} top-1 (%)"] = [
+        metric = next(s.evaluations[name].get("metric", "top-1") for s in summaries if name in s.evaluations)
+        rows[f"{name} {metric} (%)"] = [
             100 * s.evaluations[name]["score"] if name in s.evaluations else None for s in summaries
         ]
     return rows

@@ -66,9 +66,11 @@ def save_result(
     headline: str,
     score: float,
     data: dict[str, Any] | None = None,
+    metric: str = "top-1",
 ) -> Path:
     """Write the latest `evaluation` result and append it to the history with a one-line `headline`, its `score`
-    (the evaluation's main top-1, a fraction: what `mimkit runs compare` sets side by side) and, in the result,
+    (the evaluation's main number, a fraction: what `mimkit runs compare` sets side by side), the `metric` that
+    number is (top-1, mIoU) and, in the result,
     the `data` it was computed on (`evaluated_data`)."""
     if data is not None:
         result = {**result, "data": data}
@@ -81,6 +83,7 @@ def save_result(
         "evaluation": evaluation,
         "headline": headline,
         "score": score,
+        "metric": metric,
     }
     path = folder / HISTORY
     with path.open("a+b") as history:  # appends go to the end; only the last byte is read

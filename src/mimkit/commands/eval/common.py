@@ -121,6 +121,7 @@ def save_result_of(
     *,
     data: dict[str, Any],
     label: str = "pretrained",
+    metric: str = "top-1",
 ) -> None:
     """Save a result with the data it was computed on (`data_record`); says on stderr when it replaces one computed
     on other data."""
@@ -130,5 +131,5 @@ def save_result_of(
     evaluation = f"{name}{result_suffix(label)}"
     if (notice := replaced_notice(run.run_dir, evaluation, data)) is not None:
         print(f"mimkit: warning: {notice}", file=sys.stderr)
-    out = save_result(run.run_dir, evaluation, result, headline, score, data)
+    out = save_result(run.run_dir, evaluation, result, headline, score, data, metric)
     print(f"saved {out} (and a line in {out.parent / 'history.jsonl'})")

@@ -85,7 +85,7 @@ def run_segment(args: argparse.Namespace) -> int:
             f"{label}: mIoU {100 * probes.best.miou:.2f}, pixel accuracy {100 * probes.best.pixel_accuracy:.2f} "
             f"(lr {probes.best_lr:g} chosen on the eval split)"
         )
-        save_result_of(run, "segment", record, headline, probes.best.miou, data=result.data, label=label)
+        save_result_of(run, "segment", record, headline, probes.best.miou, data=result.data, label=label, metric="mIoU")
     if PRETRAINED in result.rows:
         save_probe(run.run_dir / "eval" / PROBE_FILE, result, PRETRAINED, run.checkpoint)
         print(f"its best probe: {run.run_dir / 'eval' / PROBE_FILE} (draw it: mimkit viz RUN --what segmentation)")
