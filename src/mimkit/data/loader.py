@@ -229,9 +229,10 @@ def ignore_interrupts(_worker_id: int) -> None:
 
 
 def eval_loader(
-    dataset: ViewDataset, *, batch_size: int, num_workers: int, num_replicas: int = 1, rank: int = 0
+    dataset: Dataset, *, batch_size: int, num_workers: int, num_replicas: int = 1, rank: int = 0
 ) -> DataLoader:
-    """Every image once, in order (padded by DistributedSampler across ranks; callers de-duplicate)."""
+    """Every image once, in order (padded by DistributedSampler across ranks; callers de-duplicate). `dataset` takes
+    the sampler's (epoch, index) keys and returns what `collate` batches, as ViewDataset does."""
     sampler = EpochSampler(len(dataset), shuffle=False, seed=0, num_replicas=num_replicas, rank=rank)
     return DataLoader(
         dataset,
