@@ -1,4 +1,5 @@
-"""`mimkit eval ...`: judge the encoder of a pretraining run by k-NN, linear probe or full fine-tuning.
+"""`mimkit eval ...`: judge the encoder of a pretraining run by k-NN, linear probe, full fine-tuning or a linear
+segmentation probe of its patch tokens.
 
 Each evaluation is one module of this package with an `add(evaluations)` that builds its sub-command (found when
 the parser is built): adding an evaluation is a file. Parsers are built without
@@ -22,7 +23,9 @@ def evaluation_modules() -> list[str]:
 
 
 def add(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("eval", help="evaluate a run's encoder: k-NN, linear probe, fine-tuning")
+    p = commands.add_parser(
+        "eval", help="evaluate a run's encoder: k-NN, linear probe, fine-tuning, segmentation probe"
+    )
     evaluations = p.add_subparsers(title="evaluations", metavar="EVAL", required=True)
     for name in evaluation_modules():
         importlib.import_module(f"{__package__}.{name}").add(evaluations)
