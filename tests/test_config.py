@@ -282,7 +282,7 @@ def test_a_config_built_in_python_gets_its_source_defaults() -> None:
         (
             ["data.source=synthtic"],
             "data.source: unknown source 'synthtic'; did you mean 'synthetic'? "
-            "(registered: fashion-mnist, imagefolder, shards, synthetic, torchvision)",
+            "(registered: fashion-mnist, imagefolder, segfolder, shards, synthetic, torchvision)",
         ),
         (
             ["data.source=fashion-mnist"],
@@ -315,7 +315,7 @@ def test_the_torch_free_check_leaves_source_sections_to_the_full_check() -> None
 
 def test_describe_fields_lists_every_source_section() -> None:
     rows = {name: (type_name, default) for name, type_name, default, _ in describe_fields(RunConfig)}
-    assert rows["data.source"] == ("fashion-mnist|imagefolder|shards|synthetic|torchvision", "fashion-mnist")
+    assert rows["data.source"] == ("fashion-mnist|imagefolder|segfolder|shards|synthetic|torchvision", "fashion-mnist")
     assert rows["data.synthetic.size"] == ("int", 32) and rows["data.torchvision.name"] == ("str or null", None)
     assert "data.options" not in rows
 

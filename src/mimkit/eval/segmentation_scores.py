@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = 255
-"""The label of pixels that are not scored (ADE20K's and VOC's convention for 'unlabelled' and borders)."""
+from mimkit.data.sources.base import IGNORE_INDEX
 
 
 def confusion_matrix(

@@ -24,6 +24,8 @@ WIDE_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 """PIL modes with more than 8 bits per pixel, which PIL's own conversion to 8 bits would clip."""
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 """What PIL raises for a damaged, truncated, unknown or too large (decompression bomb) file."""
+IGNORE_INDEX = 255
+"""The label-map id of pixels that are not scored (ADE20K's and VOC's convention for 'unlabelled' and borders)."""
 
 
 class ImageSource(ABC):
@@ -51,8 +53,9 @@ class ImageSource(ABC):
         return None
 
     def label_map(self, index: int) -> torch.Tensor:
-        """Image `index`'s (H, W) int64 map of segmentation classes (class 0: background, class k + 1: the image
-        class k), for dense evaluation; a DataError for sources that have none."""
+        """Image `index`'s (H, W) int64 map of segmentation class ids (named by `segmentation_classes`; IGNORE_INDEX
+        where not scored), for dense evaluation; a DataError for sources that have none. Sources that label their
+        images' classes: 0 is the background, k + 1 the image class k."""
         raise DataError(
             f"{self.info.name} has no label maps; dense evaluation needs a source that has them "
             "(synthetic, fashion-mnist, segfolder; docs/data.md)"

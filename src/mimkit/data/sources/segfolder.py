@@ -22,13 +22,18 @@ from PIL import Image
 from mimkit.config import check
 from mimkit.data.config import DataConfig
 from mimkit.data.info import DataError, DataInfo
-from mimkit.data.sources.base import DECODE_ERRORS, ImageSource, decode_file, missing_split_error, photo_stats
+from mimkit.data.sources.base import (
+    DECODE_ERRORS,
+    IGNORE_INDEX,
+    ImageSource,
+    decode_file,
+    missing_split_error,
+    photo_stats,
+)
 from mimkit.data.sources.image_modes import folder_channels
 from mimkit.data.sources.imagefolder import IMAGE_EXTENSIONS
 from mimkit.data.sources.registry import register_source
 
-IGNORED = 255
-"""The label of pixels that are not scored."""
 ID_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
 """PIL modes whose pixel values are class ids (a palette image: its indices)."""
 
@@ -99,7 +104,7 @@ class SegFolderSource(ImageSource):
         except DECODE_ERRORS as error:
             raise DataError(f"{path}: the label map cannot be read ({type(error).__name__}: {error})") from None
         if self.options.reduce_zero_label:
-            ids = np.where((ids == 0) | (ids == IGNORED), IGNORED, ids - 1)
+            ids = np.where((ids == 0) | (ids == IGNORE_INDEX), IGNORE_INDEX, ids - 1)
         return torch.from_numpy(ids)
 
     def label_map_where(self, index: int) -> str:
@@ -140,8 +145,8 @@ def _read_classes(path: Path) -> tuple[str, ...]:
             "ADE20K's 150 with data.segfolder.reduce_zero_label=true, VOC's 21 with background first)"
         )
     names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
-    if not 0 < len(names) < IGNORED:
-        raise DataError(f"{path}: names {len(names)} classes; a segmentation needs 1 to {IGNORED - 1}")
+    if not 0 < len(names) < IGNORE_INDEX:
+        raise DataError(f"{path}: names {len(names)} classes; a segmentation needs 1 to {IGNORE_INDEX - 1}")
     return names
 
 
