@@ -1,4 +1,5 @@
-"""`mimkit eval knn|linear|finetune` end to end on a tiny iBOT run over synthetic shapes; last-4 [CLS] features."""
+"""`mimkit eval knn|linear|finetune|segment` end to end on a tiny iBOT run over synthetic shapes; last-4 [CLS]
+features."""
 
 from __future__ import annotations
 
@@ -268,13 +269,17 @@ def test_finetune_writes_accuracies_and_weights(run_dir: Path, capsys: pytest.Ca
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("evaluation", ["knn", "linear"])
+@pytest.mark.parametrize("evaluation", ["knn", "linear", "segment"])
 def test_two_processes_under_torchrun_share_the_features_and_agree_with_one(
     evaluation: str, run_dir: Path, tmp_path: Path
 ) -> None:
     """Each process extracts half of every split; the gathered features give the single process's accuracies."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "OMP_NUM_THREADS": "1"}
-    options = ["--k", "1", "3"] if evaluation == "knn" else ["--epochs", "2", "--lrs", "0.1", "--variant", "cls"]
+    options = {
+        "knn": ["--k", "1", "3"],
+        "linear": ["--epochs", "2", "--lrs", "0.1", "--variant", "cls"],
+        "segment": ["--epochs", "2", "--lrs", "0.1", "1"],
+    }[evaluation]
     results = []
     for launcher in (["-m", "mimkit"], ["-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mimkit"]):
         command = [sys.executable, *launcher, "eval", evaluation, str(run_dir), *options, "--num-workers", "0"]
@@ -284,6 +289,7 @@ def test_two_processes_under_torchrun_share_the_features_and_agree_with_one(
     one, two = results
     key = "accuracy" if evaluation == "knn" else "table"
     assert one[key] == two[key]
+    assert evaluation != "segment" or one["per_class_iou"] == two["per_class_iou"]
 
 
 def test_history_skips_a_line_cut_by_a_crash(tmp_path: Path) -> None:
