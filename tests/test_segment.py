@@ -4,7 +4,10 @@ its bad-input errors, and `mimkit eval segment` / `mimkit viz --what segmentatio
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -278,3 +281,19 @@ def test_separable_upsampling_equals_bilinear_interpolation() -> None:
     expected = torch.nn.functional.interpolate(maps, size=(28, 30), mode="bilinear", align_corners=False)
     found = torch.einsum("nchw,Hh,Ww->ncHW", maps, bilinear_weights(28, 4), bilinear_weights(30, 6))
     torch.testing.assert_close(found, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_bad_label_map_seen_by_one_torchrun_process_stops_both(run_dir: Path, tmp_path: Path) -> None:
+    """The process that reads the bad map says which; the other stops too instead of waiting in the gather."""
+    overrides = damaged_segfolder("label-ids-beyond-classes", tmp_path / "data")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mimkit"]
+    command = [*launcher, "eval", "segment", str(run_dir), *overrides, "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert re.search(SEGMENTATION_CASES["label-ids-beyond-classes"], done.stderr), done.stderr[-3000:]
+    assert "mimkit: error: dense evaluation of segfolder:" in done.stderr and "another process found bad data" in (
+        done.stderr
+    )

@@ -23,7 +23,7 @@ from mimkit.data.info import DataError, UnreadableImage
 from mimkit.data.loader import Skipped, eval_loader
 from mimkit.data.sources import ImageSource
 from mimkit.data.views import EvalView
-from mimkit.distributed import rank, world_size
+from mimkit.distributed import all_gather_cat, rank, world_size
 from mimkit.eval.features import in_dataset_order
 from mimkit.eval.linear import LinearProbeSweep, check_sweep, fit_sweep
 from mimkit.eval.segmentation_scores import IGNORE_INDEX, SegmentationScores, confusion_matrix
@@ -123,16 +123,22 @@ def extract_token_maps(
     loader = eval_loader(
         dataset, batch_size=batch_size, num_workers=num_workers, num_replicas=world_size(), rank=rank()
     )
-    tokens, targets, indices = [], [], []
+    tokens, targets, indices, problem = [], [], [], None
     for batch in track(loader, description=description, transient=True) if description else loader:
-        if batch["skipped"]:
-            raise DataError(f"dense evaluation of {source.info.name}: {batch['skipped'][0]}")
+        problem = problem or (batch["skipped"] or [None])[0]
+        if problem and world_size() == 1:
+            break
+        if problem:  # read on, without the encoder, so that every process reaches the check below
+            continue
         images, maps = batch["views"]
         found = encoder(images.to(device, non_blocking=True))[:, encoder.num_prefix_tokens :]
         tokens.append(found.float().unflatten(1, encoder.grid(*images.shape[-2:])))
         targets.append(maps.to(device))
         indices.append(batch["index"].to(device))
     encoder.train(was_training)
+    failed = all_gather_cat(torch.tensor([problem is not None], device=device))
+    if problem or failed.any():
+        raise DataError(f"dense evaluation of {source.info.name}: {problem or 'another process found bad data'}")
     ordered = in_dataset_order((torch.cat(tokens), torch.cat(targets)), torch.cat(indices), len(source))
     return TokenMaps(*ordered)
 
