@@ -51,6 +51,16 @@ def test_the_probe_learns_a_linearly_separable_toy_task() -> None:
     assert "**0.1**" in result.to_markdown()
 
 
+def test_without_standardisation_the_head_reads_the_raw_tokens() -> None:
+    train = toy_token_maps(32, 3, seed=4)
+    train.tokens += 5.0  # far from zero mean: standardisation would move it
+    plain = train_segmentation_probes(train, train, 3, lrs=(0.1,), epochs=2, batch_size=16, standardise=False)
+    assert plain.probe is not None
+    assert torch.equal(plain.probe.mean, torch.zeros(8)) and torch.equal(plain.probe.std, torch.ones(8))
+    standardised = train_segmentation_probes(train, train, 3, lrs=(0.1,), epochs=2, batch_size=16)
+    assert standardised.probe is not None and standardised.probe.mean.min() > 4
+
+
 def test_each_head_of_a_sweep_is_the_probe_its_lr_alone_gives() -> None:
     train, test = toy_token_maps(24, 4, seed=2), toy_token_maps(8, 4, seed=3)
     sweep = train_segmentation_probes(train, test, 4, lrs=(0.01, 0.3), epochs=3, batch_size=8)

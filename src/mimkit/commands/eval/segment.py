@@ -41,7 +41,7 @@ def add(evaluations: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also probe the run's random init and each patch's raw pixels on the same token grid",
     )
-    data_options(segment, batch_size=64, workers=0, what="images per token-extraction and probe SGD batch")
+    data_options(segment, batch_size=64, workers=0, what="token-extraction and probe SGD batch (images)")
 
 
 def run_segment(args: argparse.Namespace) -> int:
