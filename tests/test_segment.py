@@ -142,6 +142,18 @@ def test_palette_label_maps_are_read_as_their_indices_and_zero_can_be_ignored(tm
     np.testing.assert_array_equal(reduced, np.where(ids == 0, IGNORE_INDEX, ids.astype(np.int64) - 1))
 
 
+def test_reduce_zero_label_keeps_unscored_pixels_and_out_of_range_ids(tmp_path: Path) -> None:
+    write_segfolder(tmp_path)
+    ids = np.array([[0, 1, 2], [255, 256, 3]], dtype=np.uint16)
+    Image.fromarray(np.kron(ids, np.ones((14, 10), np.uint16))[:28, :28]).save(
+        tmp_path / "annotations" / "train" / "000.png"
+    )
+    reduced = segfolder(tmp_path, reduce_zero_label=True).label_map(0)
+    assert reduced[0, :10].unique().tolist() == [IGNORE_INDEX] and reduced[0, 10:20].unique().tolist() == [0]
+    assert reduced[14, :10].unique().tolist() == [IGNORE_INDEX]  # 255 stays unscored
+    assert reduced[14, 10:20].unique().tolist() == [256]  # 256 is not folded into 255: the id check reports it
+
+
 def test_colour_coded_label_maps_are_refused_with_the_way_to_convert_them(tmp_path: Path) -> None:
     write_segfolder(tmp_path)
     path = tmp_path / "annotations" / "train" / "002.png"
@@ -210,7 +222,15 @@ def test_eval_segment_with_baselines_saves_scores_history_and_a_drawable_probe(
     pretrained = json.loads((run_dir / "eval" / "segment.json").read_text())["miou"]
     assert rows["segment mIoU (%)"] == [pytest.approx(100 * pretrained)] and "segment top-1 (%)" not in rows
     assert main(["viz", str(run_dir), "--what", "segmentation", "--images", "2"]) == 0
-    assert (run_dir / "report" / "segmentation.png").stat().st_size > 1000
+    figure = run_dir / "report" / "segmentation.png"
+    assert figure.stat().st_size > 1000
+    figure.unlink()
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    os.utime(checkpoint, ns=(checkpoint.stat().st_atime_ns, checkpoint.stat().st_mtime_ns + 10**9))  # trained on
+    capsys.readouterr()
+    assert main(["viz", str(run_dir), "--what", "segmentation", "--images", "2"]) == 0
+    assert "was trained on another checkpoint; run mimkit eval segment again; skipped" in capsys.readouterr().out
+    assert not figure.exists()
 
 
 def test_eval_segment_on_a_segmentation_folder(
@@ -266,9 +286,15 @@ def test_bad_segmentation_data_stops_eval_segment_before_any_probe_trains(
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("a probe was trained")
 
+    def results() -> dict[str, int]:
+        return (
+            {p.name: p.stat().st_mtime_ns for p in (run_dir / "eval").glob("*")} if (run_dir / "eval").exists() else {}
+        )
+
+    before = results()
     monkeypatch.setattr(mimkit.eval.dense, "train_segmentation_probes", never)
     assert_refused(capsys, SEGMENTATION_CASES[case], "eval", "segment", str(run_dir), *overrides)
-    assert not (tmp_path / "data" / "eval").exists()
+    assert results() == before  # nothing written to RUN/eval: no result, no history line, no probe
 
 
 def test_every_segmentation_case_is_in_the_troubleshooting_page() -> None:

@@ -244,6 +244,7 @@ def _segmentation(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:
     import torch
 
     from mimkit.data.info import DataError, UnreadableImage
+    from mimkit.data.sources import label_size_problem
     from mimkit.data.views import EvalView
     from mimkit.eval.dense import PROBE_FILE, load_probe
     from mimkit.eval.features import encoder_image_size
@@ -262,7 +263,13 @@ def _segmentation(loaded: LoadedRun, args: argparse.Namespace) -> Figure | None:
     spread = _spread_images(loaded, args, args.images)
     view = EvalView(spread.info, encoder_image_size(encoder, spread))
     try:
+        if spread.segmentation_classes() != classes:
+            raise DataError(f"{path} was trained on other classes than this data's; evaluate it on this data first")
         pairs = [(spread.load(i)[0], spread.label_map(i)) for i in range(len(spread))]
+        for i, (image, labels) in enumerate(pairs):
+            if labels.shape != image.shape[-2:]:
+                problem = label_size_problem(tuple(labels.shape), tuple(image.shape[-2:]))
+                raise DataError(f"{spread.label_map_where(i)}: {problem}")
     except (DataError, UnreadableImage) as error:
         print(f"segmentation: {error}; skipped")
         return None

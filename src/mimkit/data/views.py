@@ -341,7 +341,7 @@ class EvalView:
         """An image's (H, W) label map through the same resize and crop as the image, by nearest neighbour (a
         bicubic one would invent ids between classes): the targets of its view's pixels."""
         resized = self._geometry(labels[None].float(), v2.InterpolationMode.NEAREST_EXACT)
-        return resized[0].round().to(labels.dtype)
+        return resized[0].to(labels.dtype)
 
     def _geometry(self, image: torch.Tensor, interpolation: v2.InterpolationMode) -> torch.Tensor:
         height, width = image.shape[-2:]

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from mimkit.config import ConfigError
+from mimkit.data.info import DataError
 from mimkit.data.sources import ImageSource, same_images_notice
+from mimkit.data.sources.base import IGNORE_INDEX
 from mimkit.eval.features import encoder_image_size
 from mimkit.eval.frozen import FeatureOptions, data_record, eval_device, run_label
 from mimkit.eval.linear import LinearProbeSweep
@@ -53,7 +55,7 @@ class SegmentConfig:
 @dataclass
 class SegmentResult:
     rows: dict[str, SegmentationProbeResult]
-    """Per row (pretrained or random init; with baselines also random init and raw pixels) its probes' scores."""
+    """Its probes' scores per row: "pretrained" and, with baselines, "random init" and "raw pixels"."""
     classes: tuple[str, ...]
     grid: tuple[int, int]
     """Tokens per side of the encoder's grid at `image_size`."""
@@ -74,27 +76,27 @@ def segment_probe(run: LoadedRun, cfg: SegmentConfig, random_init: LoadedRun | N
         raise ConfigError(
             f"the splits {run.cfg.data.split} and {run.cfg.data.eval_split} name different segmentation classes"
         )
+    if len(classes) >= IGNORE_INDEX:
+        raise ConfigError(f"{len(classes)} segmentation classes; ids must stay below {IGNORE_INDEX} (not scored)")
     encoder = run.encoder()
     encoders: dict[str, Encoder] = {run_label(run): encoder}
     if cfg.baselines:
         if random_init is None:
             raise ValueError("segment_probe: baselines need the run opened with random_init=True")
-        size = encoder_image_size(encoder, splits[0])
-        encoders |= {"random init": random_init.encoder(), RAW_PIXELS: PatchPixels(encoder.patch_size, size)}
-    rows, grid, size = {}, (0, 0), 0
+        pixels = PatchPixels(encoder.patch_size, encoder_image_size(encoder, splits[0]))
+        encoders |= {"random init": random_init.encoder(), RAW_PIXELS: pixels}
+    rows = {}
     for label, model in encoders.items():
         train, test = _token_maps(model, splits, cfg.features, len(classes), label)
-        grid, size = (train.tokens.shape[1], train.tokens.shape[2]), train.targets.shape[-1]
-        device = eval_device()
+        if model is encoder:  # the baselines use the same grid and maps
+            grid, size = (train.tokens.shape[1], train.tokens.shape[2]), train.targets.shape[-1]
+        if not (test.targets != IGNORE_INDEX).any():
+            raise DataError(f"the {run.cfg.data.eval_split} split's label maps have no scored pixel (all 255)")
         rows[label] = train_segmentation_probes(
-            TokenMaps(train.tokens.to(device), train.targets.to(device)),
-            test,
-            len(classes),
-            cfg.lrs,
-            cfg.epochs,
-            cfg.features.batch_size,
+            *(train, test, len(classes), cfg.lrs, cfg.epochs, cfg.features.batch_size),
             standardise=cfg.standardise,
             description=f"{label}: probes",
+            device=eval_device(),
         )
     notice = same_images_notice(run.cfg.data)
     record = data_record(

@@ -100,6 +100,7 @@ class _SweepSGD:
 
 
 def check_sweep(lrs: Sequence[float], epochs: int, batch_size: int) -> None:
+    """A ValueError naming the argument when a sweep cannot train."""
     if not lrs or min(lrs) <= 0:
         raise ValueError(f"lrs: need at least one lr, all > 0; got {tuple(lrs)}")
     if epochs < 1 or batch_size < 1:
@@ -122,6 +123,8 @@ def fit_sweep(
     last one may be smaller), every lr decayed to 0 by a cosine over all steps. `batch_loss(indices)` is the sum over
     heads of each head's mean loss on the batch, so each head's gradient is that of its own loss; None skips the
     step (it still counts in the schedule)."""
+    if len(lrs) != probe.num_heads:
+        raise ValueError(f"{len(lrs)} lrs for a probe of {probe.num_heads} heads")
     device = probe.weight.device
     optimizer = _SweepSGD(probe, torch.tensor(lrs, dtype=torch.float32, device=device), momentum, weight_decay)
     total_steps = epochs * math.ceil(num_samples / batch_size)

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from mimkit.data.info import DataError, UnreadableImage
 from mimkit.data.loader import Skipped, eval_loader
-from mimkit.data.sources import ImageSource
+from mimkit.data.sources import ImageSource, label_size_problem
 from mimkit.data.views import EvalView
 from mimkit.distributed import all_gather_cat, rank, world_size
 from mimkit.eval.features import in_dataset_order
@@ -88,11 +88,7 @@ class LabelledViews(Dataset):
         except DataError as error:
             return Skipped(where, str(error))
         if labels.shape != image.shape[-2:]:
-            return Skipped(
-                where,
-                f"the label map is {labels.shape[1]}x{labels.shape[0]} but its image is {image.shape[2]}x"
-                f"{image.shape[1]}; label maps need their image's size (resize with nearest-neighbour interpolation)",
-            )
+            return Skipped(where, label_size_problem(tuple(labels.shape), tuple(image.shape[-2:])))
         wrong = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.num_classes))]
         if len(wrong):
             return Skipped(
@@ -123,6 +119,7 @@ def extract_token_maps(
     loader = eval_loader(
         dataset, batch_size=batch_size, num_workers=num_workers, num_replicas=world_size(), rank=rank()
     )
+    kept_on = device if world_size() > 1 else "cpu"  # the gather needs them on the device; alone, host memory
     tokens, targets, indices, problem = [], [], [], None
     for batch in track(loader, description=description, transient=True) if description else loader:
         problem = problem or (batch["skipped"] or [None])[0]
@@ -132,9 +129,9 @@ def extract_token_maps(
             continue
         images, maps = batch["views"]
         found = encoder(images.to(device, non_blocking=True))[:, encoder.num_prefix_tokens :]
-        tokens.append(found.float().unflatten(1, encoder.grid(*images.shape[-2:])))
-        targets.append(maps.to(device))
-        indices.append(batch["index"].to(device))
+        tokens.append(found.float().unflatten(1, encoder.grid(*images.shape[-2:])).to(kept_on))
+        targets.append(maps.to(kept_on))
+        indices.append(batch["index"].to(kept_on))
     encoder.train(was_training)
     failed = all_gather_cat(torch.tensor([problem is not None], device=device))
     if problem or failed.any():
@@ -184,10 +181,10 @@ def _upsampled_logits(probe: LinearProbeSweep, tokens: Tensor, size: Sequence[in
 
 @torch.no_grad()
 def predict_label_maps(probe: LinearProbeSweep, encoder: Encoder, images: Tensor) -> Tensor:
-    """(B, H, W) class ids that head 0 of `probe` predicts for evaluation views `images` (B, C, H, W)."""
+    """(B, H, W) class ids (on the CPU) that head 0 of `probe` predicts for evaluation views `images` (B, C, H, W)."""
     tokens = encoder(images)[:, encoder.num_prefix_tokens :]
     grid = encoder.grid(*images.shape[-2:])
-    return _upsampled_logits(probe, tokens.float().unflatten(1, grid), images.shape[-2:])[0].argmax(1)
+    return _upsampled_logits(probe, tokens.float().unflatten(1, grid), images.shape[-2:])[0].argmax(1).cpu()
 
 
 @torch.no_grad()
@@ -217,27 +214,30 @@ def train_segmentation_probes(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     description: str | None = None,
+    device: torch.device | str | None = None,
 ) -> SegmentationProbeResult:
     """Train one linear head per lr on `train`'s tokens and label maps, in one pass, and score them on `test`.
 
     SGD with momentum, cosine decay of every lr to 0, per-pixel cross-entropy averaged over the scored pixels of a
-    batch, shuffled batches of images. Runs on `train.tokens`' device; deterministic given `seed`. `standardise`
-    off: a plain linear layer of the raw tokens."""
+    batch, shuffled batches of images. Runs on `device` (default: the tokens'), each batch moved there from wherever
+    the token maps are kept (the CPU, for splits larger than the accelerator); deterministic given `seed`.
+    `standardise` off: a plain linear layer of the raw tokens."""
     check_sweep(lrs, epochs, batch_size)
     if len(train.tokens) == 0 or len(test.tokens) == 0:
         raise ValueError("train and test need at least one image each")
-    device = train.tokens.device
+    device = train.tokens.device if device is None else torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     probe = LinearProbeSweep(train.tokens.shape[-1], num_classes, len(lrs), generator=generator).to(device)
     if standardise:
         probe.standardise_with(train.tokens.flatten(0, 2))
 
     def batch_loss(batch: Tensor) -> Tensor | None:
-        target = train.targets[batch].to(device).long()
+        target = train.targets[batch.to(train.targets.device)].to(device).long()
         scored = int((target != IGNORE_INDEX).sum())
         if not scored:
             return None
-        logits = _upsampled_logits(probe, train.tokens[batch], target.shape[-2:])
+        tokens = train.tokens[batch.to(train.tokens.device)].to(device)
+        logits = _upsampled_logits(probe, tokens, target.shape[-2:])
         per_head = target.expand(probe.num_heads, *target.shape)
         summed = F.cross_entropy(
             logits.flatten(0, 1), per_head.flatten(0, 1), ignore_index=IGNORE_INDEX, reduction="sum"

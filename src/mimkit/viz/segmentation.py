@@ -46,6 +46,7 @@ def segmentation_figure(
     that appear."""
     colours = class_colours(len(classes))
     shown = to_display(images, mean, std)
+    truth, predicted = truth.cpu(), predicted.cpu()
     figure, axes = figure_grid(len(shown), 3)
     for row, image in enumerate(shown):
         show(axes[row, 0], image, "image" if row == 0 else None)

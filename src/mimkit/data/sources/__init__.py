@@ -11,6 +11,7 @@ from mimkit.data.sources.base import (
     Subset,
     convert_channels,
     describe,
+    label_size_problem,
     photo_stats,
 )
 from mimkit.data.sources.build import build_source, held_out_split, same_images_notice
@@ -45,6 +46,7 @@ __all__ = [
     "convert_channels",
     "describe",
     "held_out_split",
+    "label_size_problem",
     "photo_stats",
     "register_source",
     "same_images_notice",

@@ -72,8 +72,8 @@ class ImageSource(ABC):
 
     def check_label_maps(self) -> None:
         """Raise a DataError naming the file and the fix when a label map cannot serve (wrong size, colour-coded),
-        from what is cheap to read (file headers); before a dense evaluation extracts anything. Sources that draw
-        their maps have nothing to check."""
+        from what is cheap to read (file headers); before a dense evaluation extracts anything. By default: whether
+        the source has label maps at all (its first), as sources that draw their maps have nothing else to check."""
         self.label_map(0)
 
     @classmethod
@@ -203,6 +203,14 @@ def decode_file(where: str, open_image: Callable[[], Image.Image], channels: int
             return decode(image, channels)
     except DECODE_ERRORS as error:
         raise UnreadableImage(where, f"{type(error).__name__}: {error}") from None
+
+
+def label_size_problem(label: tuple[int, ...], image: tuple[int, ...], image_name: str = "its image") -> str:
+    """What is wrong with a label map of (H, W) `label` for an image of (H, W) `image`, and the fix."""
+    return (
+        f"the label map is {label[1]}x{label[0]} but {image_name} is {image[1]}x{image[0]}; label maps need their "
+        "image's size (resize them with nearest-neighbour interpolation, which keeps ids whole)"
+    )
 
 
 def describe(source: ImageSource) -> str:

@@ -27,6 +27,7 @@ from mimkit.data.sources.base import (
     IGNORE_INDEX,
     ImageSource,
     decode_file,
+    label_size_problem,
     missing_split_error,
     photo_stats,
 )
@@ -76,7 +77,7 @@ class SegFolderSource(ImageSource):
         missing = [str(p) for p in self.label_files if not p.is_file()]
         if missing:
             raise DataError(
-                f"{len(missing)} of {len(self.files)} images under {image_root} have no label map, e.g. "
+                f"{len(missing):,} of {len(self.files):,} images under {image_root} have no label map, e.g. "
                 f"{', '.join(missing[:3])}; every image needs its PNG at the same relative path under {label_root}"
             )
         self.channels = cfg.channels or folder_channels(image_root, self.files, strict=cfg.strict)
@@ -103,8 +104,8 @@ class SegFolderSource(ImageSource):
                 ids = np.asarray(image).astype(np.int64)
         except DECODE_ERRORS as error:
             raise DataError(f"{path}: the label map cannot be read ({type(error).__name__}: {error})") from None
-        if self.options.reduce_zero_label:
-            ids = np.where((ids == 0) | (ids == IGNORE_INDEX), IGNORE_INDEX, ids - 1)
+        if self.options.reduce_zero_label:  # 0 and 255 are not scored; 256 (16-bit maps) stays out of range
+            ids = np.where((ids == 0) | (ids == IGNORE_INDEX), IGNORE_INDEX, np.where(ids == 256, ids, ids - 1))
         return torch.from_numpy(ids)
 
     def label_map_where(self, index: int) -> str:
@@ -120,11 +121,8 @@ class SegFolderSource(ImageSource):
                 with Image.open(label_path) as label, Image.open(image_path) as image:
                     _check_mode(label, label_path)
                     if label.size != image.size:
-                        raise DataError(
-                            f"{label_path}: the label map is {label.width}x{label.height} but its image {image_path} "
-                            f"is {image.width}x{image.height}; label maps need their image's size (resize them "
-                            "with nearest-neighbour interpolation, which keeps ids whole)"
-                        )
+                        sizes = (label.height, label.width), (image.height, image.width)
+                        raise DataError(f"{label_path}: {label_size_problem(*sizes, f'its image {image_path}')}")
             except DECODE_ERRORS as error:
                 raise DataError(f"{label_path} or its image cannot be read ({type(error).__name__}: {error})") from None
 
