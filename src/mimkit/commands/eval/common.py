@@ -96,7 +96,18 @@ def random_init_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def writable_results(run: LoadedRun) -> None:
+def opened_runs(args: argparse.Namespace) -> tuple[LoadedRun, LoadedRun | None]:
+    """The run to evaluate (at its initialisation with `--random-init`), refused before any work when its results
+    cannot be written, and with `--baselines` the same run opened at its initialisation."""
+    from mimkit.runs import load_run
+
+    run = load_run(args.run_path, args.overrides, random_init=getattr(args, "random_init", False))
+    _writable_results(run)
+    baselines = getattr(args, "baselines", False)
+    return run, load_run(args.run_path, args.overrides, random_init=True) if baselines else None
+
+
+def _writable_results(run: LoadedRun) -> None:
     """Fail before evaluating when RUN/eval cannot take the results: a read-only or full run folder, or one that lies
     inside the data it evaluates on (or holds images)."""
     from mimkit.data.output_folder import check_output_folder

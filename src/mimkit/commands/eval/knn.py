@@ -14,9 +14,9 @@ from mimkit.commands.eval.common import (
     evaluation_parser,
     feature_options,
     launched_processes,
+    opened_runs,
     save_result_of,
     warn,
-    writable_results,
 )
 
 if TYPE_CHECKING:
@@ -58,11 +58,8 @@ def run_knn(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from mimkit.eval.frozen import KnnConfig, evaluate_knn
-    from mimkit.runs import load_run
 
-    run = load_run(args.run_path, args.overrides)
-    writable_results(run)
-    random_init = load_run(args.run_path, args.overrides, random_init=True) if args.baselines else None
+    run, random_init = opened_runs(args)
     cfg = KnnConfig(
         ks=None if args.k is None else tuple(args.k),
         temperature=args.temperature,

@@ -10,10 +10,10 @@ from mimkit.commands.eval.common import (
     evaluation_parser,
     feature_options,
     launched_processes,
+    opened_runs,
     random_init_option,
     save_result_of,
     warn,
-    writable_results,
 )
 
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
@@ -51,10 +51,8 @@ def add(evaluations: argparse._SubParsersAction) -> None:
 def run_linear(args: argparse.Namespace) -> int:
     check_options(args)
     from mimkit.eval.frozen import LinearConfig, linear_probe
-    from mimkit.runs import load_run
 
-    run = load_run(args.run_path, args.overrides, random_init=args.random_init)
-    writable_results(run)
+    run, _ = opened_runs(args)
     cfg = LinearConfig(
         variant=args.variant,
         lrs=tuple(args.lrs),

@@ -10,9 +10,9 @@ from mimkit.commands.eval.common import (
     evaluation_parser,
     feature_options,
     launched_processes,
+    opened_runs,
     save_result_of,
     warn,
-    writable_results,
 )
 
 SEGMENT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -48,11 +48,8 @@ def run_segment(args: argparse.Namespace) -> int:
     check_options(args)
     from mimkit.eval.dense import PROBE_FILE, SegmentConfig, result_record, save_probe, segment_probe
     from mimkit.eval.frozen import PRETRAINED
-    from mimkit.runs import load_run
 
-    run = load_run(args.run_path, args.overrides)
-    writable_results(run)
-    random_init = load_run(args.run_path, args.overrides, random_init=True) if args.baselines else None
+    run, random_init = opened_runs(args)
     cfg = SegmentConfig(
         lrs=tuple(args.lrs),
         epochs=args.epochs,
