@@ -9,7 +9,6 @@ splits, with its baselines; `mimkit eval segment` parses its options into `Segme
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from mimkit.data.sources.base import IGNORE_INDEX
 from mimkit.eval.features import encoder_image_size
 from mimkit.eval.frozen import FeatureOptions, data_record, eval_device, run_label
 from mimkit.eval.linear import LinearProbeSweep
+from mimkit.eval.results import replace_atomically
 from mimkit.eval.segment import (
     SEGMENT_LRS,
     PatchPixels,
@@ -168,9 +168,7 @@ def save_probe(path: Path, result: SegmentResult, label: str, checkpoint: Path) 
         "modified": checkpoint.stat().st_mtime_ns,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_probe(path: Path) -> tuple[LinearProbeSweep, tuple[str, ...], dict[str, Any]]:

@@ -12,7 +12,6 @@ split after every epoch, sharded over the processes, keeping the best epoch's we
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from mimkit.data.sources import ImageSource, build_source
 from mimkit.data.views import EvalView
 from mimkit.engine.logs import log, read_metrics
 from mimkit.engine.train import pretrain
+from mimkit.eval.results import replace_atomically
 from mimkit.export import CONFIG_FILE, WEIGHTS_FILE
 from mimkit.methods.base import Method
 from mimkit.methods.finetune import Finetune
@@ -193,9 +193,7 @@ class FinetuneScoring:
             (BEST_WEIGHTS, lambda path: save_file(weights, str(path))),
             (BEST_RECORD, lambda path: path.write_text(json.dumps(self.best, indent=2))),
         ):
-            tmp = self.run_dir / f".{name}.tmp"
-            write(tmp)
-            os.replace(tmp, self.run_dir / name)
+            replace_atomically(self.run_dir / name, write)
 
 
 def eval_source(cfg: RunConfig) -> ImageSource:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence, Sized
+from collections.abc import Callable, Sequence, Sized
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,14 @@ def replaced_notice(run_dir: Path, evaluation: str, data: dict[str, Any]) -> str
         f"{latest}: replaces the {evaluation} result of {when} on {describe_data(earlier)} with one on "
         f"{describe_data(data)}; the old one stays in {latest.parent / HISTORY}"
     )
+
+
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write` a hidden temporary file beside `path`, then swap it in: a reader (or a crash) sees the old file or the
+    new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def save_result(
